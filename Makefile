@@ -1,0 +1,33 @@
+# Everything a fresh machine needs: `make serve` and `make test` each set up what they use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+WOOLLY := $(VENV)/bin/woolly
+STAMP := $(VENV)/.installed
+
+.PHONY: install models serve test test-fast reliability bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,peer]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+models: $(STAMP)
+	$(WOOLLY) pull smollm2-135m-instruct
+	$(WOOLLY) pull gemma3-270m
+
+serve: $(STAMP)
+	$(WOOLLY) pull smollm2-135m-instruct
+	$(WOOLLY) serve
+
+test: models
+	$(PY) -m pytest -q tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q tests -m "not real and not slow"
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis
