@@ -29,9 +29,9 @@ TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TO
 @dataclass(frozen=True)
 class ModelMetadata:
     name: str
-    author: str
-    description: str
-    license: str
+    author: str | None
+    description: str | None
+    license: str | None
     parameters: int          # number of weights over all tensors
     quantization: str        # e.g. "Q4_1", "Q4_K_M"
     file_size: int           # bytes
@@ -134,6 +134,10 @@ def read_vocabulary(g: GGUFFile) -> Vocabulary:
     )
 
 
+def _text(v) -> str | None:
+    return v if isinstance(v, str) and v else None
+
+
 class Model:
     """A memory-mapped GGUF model. Cheap to open; tensors are read on demand."""
 
@@ -184,9 +188,9 @@ class Model:
         ctx = g.get(f"{self.architecture}.context_length")
         return ModelMetadata(
             name=str(g.get("general.name", self.name)),
-            author=str(g.get("general.author", g.get("general.organization", ""))),
-            description=str(g.get("general.description", "")),
-            license=str(g.get("general.license", "")),
+            author=_text(g.get("general.author", g.get("general.organization"))),
+            description=_text(g.get("general.description")),
+            license=_text(g.get("general.license")),
             parameters=sum(t.n_elements for t in self.tensors.values()),
             quantization=quant,
             file_size=g.file_size,
