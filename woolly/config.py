@@ -1,0 +1,157 @@
+"""Server configuration: `woolly.config.yaml`, overridden by `WOOLLY_*` variables, then flags.
+
+The sections follow the API reference (server, models, inference, cache, logging,
+security). Values are validated by msgspec; a bad file is one clear `InvalidRequest`.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+import yaml
+
+from woolly.errors import InvalidRequest
+
+
+class Cors(msgspec.Struct, forbid_unknown_fields=True):
+    enabled: bool = False
+    origins: list[str] = msgspec.field(default_factory=list)
+
+
+class ServerSection(msgspec.Struct, forbid_unknown_fields=True):
+    host: str = "127.0.0.1"      # loopback unless configured otherwise
+    port: int = 11434
+    cors: Cors = msgspec.field(default_factory=Cors)
+    max_body_bytes: int = 1 << 20
+    max_queue: int = 64          # requests waiting for a slot before "busy"
+
+
+class ModelsSection(msgspec.Struct, forbid_unknown_fields=True):
+    directory: str | None = None  # default: ~/.cache/woolly/models (WOOLLY_MODELS_DIR)
+    preload: list[str] = msgspec.field(default_factory=list)
+    default: str = "smollm2-135m-instruct"
+
+
+class Gpu(msgspec.Struct, forbid_unknown_fields=True):
+    enabled: bool = False
+    layers: int = 0
+
+
+class Cpu(msgspec.Struct, forbid_unknown_fields=True):
+    threads: int | None = None
+
+
+class InferenceSection(msgspec.Struct, forbid_unknown_fields=True):
+    max_batch_size: int = 4
+    max_sequence_length: int = 2048
+    residency: Literal["dense", "quantized"] = "dense"
+    gpu: Gpu = msgspec.field(default_factory=Gpu)
+    cpu: Cpu = msgspec.field(default_factory=Cpu)
+
+
+class CacheSection(msgspec.Struct, forbid_unknown_fields=True):
+    enabled: bool = True
+    size: int = 1 << 30
+    ttl: int = 3600
+
+
+class LoggingSection(msgspec.Struct, forbid_unknown_fields=True):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "text"] = "text"
+    output: str = "stdout"       # stdout, stderr, or a file path
+
+
+class RateLimiting(msgspec.Struct, forbid_unknown_fields=True):
+    enabled: bool = False
+    requests_per_minute: int = 60
+
+
+class SecuritySection(msgspec.Struct, forbid_unknown_fields=True):
+    api_key_required: bool = False
+    api_keys: list[str] = msgspec.field(default_factory=list)
+    rate_limiting: RateLimiting = msgspec.field(default_factory=RateLimiting)
+
+
+class WoollyConfig(msgspec.Struct, forbid_unknown_fields=True):
+    server: ServerSection = msgspec.field(default_factory=ServerSection)
+    models: ModelsSection = msgspec.field(default_factory=ModelsSection)
+    inference: InferenceSection = msgspec.field(default_factory=InferenceSection)
+    cache: CacheSection = msgspec.field(default_factory=CacheSection)
+    logging: LoggingSection = msgspec.field(default_factory=LoggingSection)
+    security: SecuritySection = msgspec.field(default_factory=SecuritySection)
+
+
+# WOOLLY_* variable -> (path in the config, type)
+ENV_VARS: dict[str, tuple[tuple[str, ...], type]] = {
+    "WOOLLY_HOST": (("server", "host"), str),
+    "WOOLLY_PORT": (("server", "port"), int),
+    "WOOLLY_MODELS_DIR": (("models", "directory"), str),
+    "WOOLLY_GPU_ENABLED": (("inference", "gpu", "enabled"), bool),
+    "WOOLLY_GPU_LAYERS": (("inference", "gpu", "layers"), int),
+    "WOOLLY_CPU_THREADS": (("inference", "cpu", "threads"), int),
+    "WOOLLY_LOG_LEVEL": (("logging", "level"), str),
+    "WOOLLY_LOG_FORMAT": (("logging", "format"), str),
+    "WOOLLY_API_KEY": (("security", "api_keys"), list),
+    "WOOLLY_RATE_LIMIT": (("security", "rate_limiting", "requests_per_minute"), int),
+}
+
+
+def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def _parse_env(name: str, raw: str, kind: type) -> Any:
+    if kind is bool:
+        if raw.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+            raise InvalidRequest(f"{name} must be true or false, got {raw!r}")
+        return raw.lower() in ("1", "true", "yes", "on")
+    if kind is int:
+        try:
+            return int(raw)
+        except ValueError:
+            raise InvalidRequest(f"{name} must be an integer, got {raw!r}") from None
+    if kind is list:
+        return [k for k in (s.strip() for s in raw.split(",")) if k]
+    return raw
+
+
+def load_config(path: str | os.PathLike | None = None, env: dict[str, str] | None = None,
+                overrides: dict[tuple[str, ...], Any] | None = None) -> WoollyConfig:
+    """File (if any; default ./woolly.config.yaml when present), then environment, then flags."""
+    env = os.environ if env is None else env
+    tree: dict = {}
+    if path is None and Path("woolly.config.yaml").is_file():
+        path = "woolly.config.yaml"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise InvalidRequest(f"config file not found: {p}")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise InvalidRequest(f"config file {p.name} is not valid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise InvalidRequest(f"config file {p.name} must be a mapping of sections")
+    for name, (cpath, kind) in ENV_VARS.items():
+        if env.get(name):
+            _set(tree, cpath, _parse_env(name, env[name], kind))
+    for cpath, value in (overrides or {}).items():
+        if value is not None:
+            _set(tree, cpath, value)
+    try:
+        cfg = msgspec.convert(tree, WoollyConfig, strict=False)
+    except msgspec.ValidationError as e:
+        raise InvalidRequest(f"invalid configuration: {e}") from None
+    if cfg.security.api_keys and not cfg.security.api_key_required and env.get("WOOLLY_API_KEY"):
+        cfg.security.api_key_required = True  # setting a key means wanting it checked
+    if cfg.security.api_key_required and not cfg.security.api_keys:
+        raise InvalidRequest("security.api_key_required is set but no key is configured (WOOLLY_API_KEY)")
+    if not 0 < cfg.server.port < 65536:
+        raise InvalidRequest(f"server.port {cfg.server.port} is out of range")
+    if cfg.inference.max_batch_size < 1 or cfg.inference.max_sequence_length < 16:
+        raise InvalidRequest("inference.max_batch_size must be >= 1 and max_sequence_length >= 16")
+    return cfg
