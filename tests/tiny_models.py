@@ -1,0 +1,261 @@
+"""Tiny random-weight GGUF models for fast tests, written with `gguf.GGUFWriter`.
+
+`write_tiny_model(path, arch="llama" | "gemma3", qtype=...)` writes a complete model the
+loader (and llama.cpp) accepts: every metadata key the family needs, a small but valid
+vocabulary, weight matrices in `qtype`, norms and other 1-D tensors in F32, tied output.
+Weights are N(0, 0.02) and norms near 1, so a forward pass stays numerically sane.
+
+- llama: a GPT-2-style byte-level BPE vocabulary (3 specials, 256 byte symbols, merges
+  learnt from a fixed corpus), ChatML template, pre-tokenizer "smollm" (as SmolLM2).
+- gemma3: a SentencePiece-style vocabulary (`tokenizer.ggml.model = llama`) with scores,
+  <0xHH> byte tokens and <start_of_turn>/<end_of_turn>, no chat template (as Gemma 3).
+
+F32/F16/BF16 and the 32-weight block formats are quantized with `gguf.quants.quantize`
+(ggml's reference quantizers); K-quants, which gguf cannot quantize, are random valid
+blocks whose scales keep the weights within about +-0.04.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from woolly.formats.quants import BLOCK_SIZE, QK_K, QuantizationType
+
+CORPUS = (
+    "The quick brown fox jumps over the lazy dog. The dog sleeps in the sun, and the fox runs "
+    "into the forest. Hello world! This is a tiny model for tests: it says hello, then it says "
+    "the end. There is the thing that the others think is in there, then the three of them "
+    "went to the theatre together."
+)
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
+    " + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+K_QUANTS = (QuantizationType.Q2_K, QuantizationType.Q3_K, QuantizationType.Q4_K,
+            QuantizationType.Q5_K, QuantizationType.Q6_K)
+# K-quant blocks: offset of the f16 `d` (and `dmin`, or None) and the largest |scale * code|.
+_K_LAYOUT = {
+    QuantizationType.Q2_K: (80, 82, 15 * 3),
+    QuantizationType.Q3_K: (108, None, 32 * 4),
+    QuantizationType.Q4_K: (0, 2, 63 * 15),
+    QuantizationType.Q5_K: (0, 2, 63 * 31),
+    QuantizationType.Q6_K: (208, None, 127 * 32),
+}
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map (byte-level BPE symbols)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def learn_merges(words: list[list[str]], n_merges: int) -> list[tuple[str, str]]:
+    """Plain BPE training: repeatedly merge the most frequent adjacent pair (ties: smallest pair)."""
+    words = [list(w) for w in words]
+    merges = []
+    for _ in range(n_merges):
+        pairs = Counter((a, b) for w in words for a, b in zip(w, w[1:]))
+        if not pairs:
+            break
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        merges.append(best)
+        for w in words:
+            i = 0
+            while i < len(w) - 1:
+                if (w[i], w[i + 1]) == best:
+                    w[i:i + 2] = [w[i] + w[i + 1]]
+                i += 1
+    return merges
+
+
+def _corpus_words(space: str) -> list[str]:
+    """The corpus split before each space, the space written as `space` (Ġ or ▁)."""
+    words = CORPUS.split(" ")
+    return [words[0]] + [space + w for w in words[1:]]
+
+
+def bpe_vocabulary(n_merges: int = 64) -> dict:
+    """GPT-2-style vocabulary: specials, then the 256 byte symbols, then one token per merge."""
+    byte_map = bytes_to_unicode()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    words = [[byte_map[b] for b in w.replace("Ġ", " ").encode("utf-8")] for w in _corpus_words("Ġ")]
+    merges = learn_merges(words, n_merges)
+    tokens = specials + list(byte_map.values()) + [a + b for a, b in merges]
+    assert len(set(tokens)) == len(tokens)
+    types = [3] * len(specials) + [1] * (len(tokens) - len(specials))
+    return dict(model="gpt2", pre="smollm", tokens=tokens, token_type=types, merges=[f"{a} {b}" for a, b in merges],
+                scores=None, bos=1, eos=2, unk=0, pad=2, add_bos=False, add_space_prefix=False,
+                chat_template=CHATML_TEMPLATE)
+
+
+def spm_vocabulary(n_merges: int = 64) -> dict:
+    """SentencePiece-style vocabulary: specials, <0xHH> byte tokens, characters, merged pieces."""
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    words = [list(w) for w in _corpus_words("▁")]
+    chars = sorted({c for w in words for c in w})
+    merges = learn_merges(words, n_merges)
+    pieces = [a + b for a, b in merges]
+    pieces = [p for i, p in enumerate(pieces) if p not in chars and p not in pieces[:i]]
+    tokens = specials + byte_tokens + chars + pieces
+    types = [3, 3, 3, 2, 3, 3] + [6] * 256 + [1] * (len(chars) + len(pieces))
+    # SentencePiece merges the pair whose result scores highest: earlier merges score higher.
+    scores = ([-1000.0] * len(specials) + [0.0] * 256 + [-1000.0 - i for i in range(len(chars))]
+              + [-float(i) for i in range(len(pieces))])
+    return dict(model="llama", pre="default", tokens=tokens, token_type=types, merges=None, scores=scores,
+                bos=2, eos=1, unk=3, pad=0, add_bos=True, add_space_prefix=False, chat_template=None)
+
+
+def _random_k_blocks(rng: np.random.Generator, qtype: QuantizationType, n_blocks: int) -> np.ndarray:
+    """Random bytes with the f16 scale fields set so every weight stays within about +-0.04."""
+    _, ts = BLOCK_SIZE[qtype]
+    blocks = rng.integers(0, 256, size=(n_blocks, ts), dtype=np.uint8)
+    d_at, dmin_at, span = _K_LAYOUT[qtype]
+    d = (rng.uniform(0.5, 1.0, n_blocks) * 0.04 / span).astype(np.float16)
+    blocks[:, d_at:d_at + 2] = d.view(np.uint8).reshape(n_blocks, 2)
+    if dmin_at is not None:
+        dmin = (rng.uniform(0.5, 1.0, n_blocks) * 0.02 / 63).astype(np.float16)
+        blocks[:, dmin_at:dmin_at + 2] = dmin.view(np.uint8).reshape(n_blocks, 2)
+    return blocks
+
+
+def encode_matrix(rng: np.random.Generator, weights: np.ndarray, qtype: QuantizationType) -> tuple[np.ndarray, dict]:
+    """A float matrix [rows, cols] -> (array, add_tensor keyword arguments) in `qtype`."""
+    rows, cols = weights.shape
+    if cols % BLOCK_SIZE[qtype][0]:
+        raise ValueError(f"row length {cols} is not a multiple of {qtype.name}'s block size")
+    if qtype == QuantizationType.F32:
+        return weights.astype(np.float32), {}
+    if qtype == QuantizationType.F16:
+        return weights.astype(np.float16), {}
+    if qtype in K_QUANTS:
+        blocks = _random_k_blocks(rng, qtype, rows * cols // QK_K)
+        return blocks.reshape(rows, -1), {"raw_dtype": gguf.GGMLQuantizationType(int(qtype))}
+    gq = gguf.GGMLQuantizationType(int(qtype))
+    return gguf.quants.quantize(weights.astype(np.float32), gq), {"raw_dtype": gq}
+
+
+def write_tiny_model(
+    path: str | Path,
+    arch: str = "llama",
+    qtype: QuantizationType | str = QuantizationType.Q8_0,
+    seed: int = 0,
+    n_layers: int = 2,
+    d_model: int | None = None,
+    n_heads: int = 4,
+    n_kv_heads: int = 2,
+    head_dim: int | None = None,
+    ffn_dim: int | None = None,
+    n_merges: int = 64,
+    context_length: int = 512,
+    sliding_window: int = 32,
+) -> Path:
+    """Write a tiny random model to `path` and return it.
+
+    Sizes default to d_model 64 / ffn 128 (head_dim d_model // n_heads), or 256 / 256 when
+    `qtype` is a K-quant, whose 256-weight blocks run along every row.
+    """
+    qtype = QuantizationType.parse(qtype)
+    if arch not in ("llama", "gemma3"):
+        raise ValueError(f"unknown tiny architecture {arch!r}")
+    k_quant = qtype in K_QUANTS
+    d_model = d_model or (256 if k_quant else 64)
+    ffn_dim = ffn_dim or (256 if k_quant else 128)
+    head_dim = head_dim or d_model // n_heads
+    q_dim, kv_dim = n_heads * head_dim, n_kv_heads * head_dim
+    vocab = bpe_vocabulary(n_merges) if arch == "llama" else spm_vocabulary(n_merges)
+    n_vocab = len(vocab["tokens"])
+    rng = np.random.default_rng(seed)
+    path = Path(path)
+
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name(f"tiny-{arch}-{qtype.name.lower()}")
+    w.add_block_count(n_layers)
+    w.add_context_length(context_length)
+    w.add_embedding_length(d_model)
+    w.add_feed_forward_length(ffn_dim)
+    w.add_head_count(n_heads)
+    w.add_head_count_kv(n_kv_heads)
+    if arch == "gemma3" or head_dim != d_model // n_heads:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    if arch == "llama":
+        w.add_rope_freq_base(10000.0)
+        w.add_layer_norm_rms_eps(1e-5)
+        w.add_rope_dimension_count(head_dim)
+        w.add_vocab_size(n_vocab)
+    else:
+        w.add_rope_freq_base(1000000.0)
+        w.add_layer_norm_rms_eps(1e-6)
+        w.add_sliding_window(sliding_window)
+    w.add_file_type(_FILE_TYPE[qtype])
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+    w.add_tokenizer_model(vocab["model"])
+    w.add_tokenizer_pre(vocab["pre"])
+    w.add_token_list(vocab["tokens"])
+    w.add_token_types(vocab["token_type"])
+    if vocab["scores"] is not None:
+        w.add_token_scores(vocab["scores"])
+    if vocab["merges"] is not None:
+        w.add_token_merges(vocab["merges"])
+    w.add_bos_token_id(vocab["bos"])
+    w.add_eos_token_id(vocab["eos"])
+    w.add_unk_token_id(vocab["unk"])
+    w.add_pad_token_id(vocab["pad"])
+    w.add_add_bos_token(vocab["add_bos"])
+    w.add_add_eos_token(False)
+    w.add_add_space_prefix(vocab["add_space_prefix"])
+    if vocab["chat_template"]:
+        w.add_chat_template(vocab["chat_template"])
+
+    def matrix(name: str, rows: int, cols: int) -> None:  # numpy order: [rows, cols], rows of length cols
+        data, kw = encode_matrix(rng, rng.normal(0.0, 0.02, (rows, cols)).astype(np.float32), qtype)
+        w.add_tensor(name, data, **kw)
+
+    def norm(name: str, n: int) -> None:
+        w.add_tensor(name, (1.0 + rng.normal(0.0, 0.01, n)).astype(np.float32))
+
+    matrix("token_embd.weight", n_vocab, d_model)
+    norm("output_norm.weight", d_model)
+    for i in range(n_layers):
+        b = f"blk.{i}."
+        norm(b + "attn_norm.weight", d_model)
+        matrix(b + "attn_q.weight", q_dim, d_model)
+        matrix(b + "attn_k.weight", kv_dim, d_model)
+        matrix(b + "attn_v.weight", kv_dim, d_model)
+        matrix(b + "attn_output.weight", d_model, q_dim)
+        norm(b + "ffn_norm.weight", d_model)
+        matrix(b + "ffn_gate.weight", ffn_dim, d_model)
+        matrix(b + "ffn_up.weight", ffn_dim, d_model)
+        matrix(b + "ffn_down.weight", d_model, ffn_dim)
+        if arch == "gemma3":
+            norm(b + "attn_q_norm.weight", head_dim)
+            norm(b + "attn_k_norm.weight", head_dim)
+            norm(b + "post_attention_norm.weight", d_model)
+            norm(b + "post_ffw_norm.weight", d_model)
+
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+# llama.cpp's llama_ftype for a file whose matrices are all `qtype`.
+_FILE_TYPE = {
+    QuantizationType.F32: 0, QuantizationType.F16: 1, QuantizationType.Q4_0: 2, QuantizationType.Q4_1: 3,
+    QuantizationType.Q8_0: 7, QuantizationType.Q5_0: 8, QuantizationType.Q5_1: 9, QuantizationType.Q2_K: 10,
+    QuantizationType.Q3_K: 12, QuantizationType.Q4_K: 15, QuantizationType.Q5_K: 17, QuantizationType.Q6_K: 18,
+    QuantizationType.BF16: 32,
+}
