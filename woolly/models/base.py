@@ -1,0 +1,89 @@
+"""What every decoder family shares: the cache type, attention and MLP blocks, the layer loop.
+
+A family module (llama.py, gemma3.py) supplies an `Architecture`: which GGUF tensors a layer
+needs, under which parameter names, and its `block` function. `decoder_forward` runs the rest.
+
+Parameters are a plain pytree:
+    {"embed": W [V, D], "output_norm": [D], "output": W [V, D] (absent when tied),
+     "layers": [ {name: array or QuantizedWeight, ...} per layer ]}
+A Python loop over unstacked per-layer weights (measured ~15% faster than lax.scan here).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from woolly.arch import ModelConfig
+from woolly.ops.attention import attend, attention_mask, write_cache
+from woolly.ops.norms import rms_norm
+from woolly.ops.qmatmul import embed_rows, linear
+from woolly.ops.rope import rope
+
+
+class KVCache(NamedTuple):
+    """Per-layer key and value buffers, each [B, K, S, H]; row s holds position s."""
+
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
+
+    @property
+    def length(self) -> int:  # S
+        return self.k[0].shape[2]
+
+
+# block(layer_params, x [B,T,D], positions [B,T], k [B,K,S,H], v [B,K,S,H], cfg, layer) -> (x, k, v)
+BlockFn = Callable[..., tuple[jax.Array, jax.Array, jax.Array]]
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str
+    layer_tensors: dict[str, str]   # parameter name -> GGUF tensor name under "blk.{i}."
+    block: BlockFn
+
+
+def self_attention(lp: dict, x: jax.Array, positions: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+                   cfg: ModelConfig, rope_base: float, window: int = 0, qk_norm: bool = False):
+    """Project x [B, T, D] to q/k/v, rotate, store k/v, attend over the cache -> ([B, T, D], k, v)."""
+    B, T, _ = x.shape
+    q = linear(x, lp["wq"]).reshape(B, T, cfg.n_heads, cfg.head_dim)                   # [B, T, N, H]
+    k = linear(x, lp["wk"]).reshape(B, T, cfg.n_kv_heads, cfg.head_dim)                # [B, T, K, H]
+    v = linear(x, lp["wv"]).reshape(B, T, cfg.n_kv_heads, cfg.head_dim)                # [B, T, K, H]
+    if qk_norm:
+        q = rms_norm(q, lp["q_norm"], cfg.rms_eps)
+        k = rms_norm(k, lp["k_norm"], cfg.rms_eps)
+    rope_positions = jnp.maximum(positions, 0)                                          # padding rotates as 0
+    q = rope(q, rope_positions, rope_base, cfg.rope_neox)
+    k = rope(k, rope_positions, rope_base, cfg.rope_neox)
+    k_cache = write_cache(k_cache, k, positions)                                        # [B, K, S, H]
+    v_cache = write_cache(v_cache, v, positions)                                        # [B, K, S, H]
+    mask = attention_mask(positions, k_cache.shape[2], window)                          # [B, T, S]
+    out = attend(q, k_cache, v_cache, mask, cfg.query_scale)                            # [B, T, N, H]
+    return linear(out.reshape(B, T, cfg.q_dim), lp["wo"]), k_cache, v_cache             # [B, T, D]
+
+
+def gated_mlp(lp: dict, x: jax.Array, activation: Callable[[jax.Array], jax.Array]) -> jax.Array:
+    """down(activation(gate(x)) * up(x)): x [B, T, D] -> [B, T, D] through [B, T, F]."""
+    return linear(activation(linear(x, lp["w_gate"])) * linear(x, lp["w_up"]), lp["w_down"])
+
+
+def hidden_states(arch: Architecture, params: dict, tokens: jax.Array, positions: jax.Array,
+                  cache: KVCache, cfg: ModelConfig) -> tuple[jax.Array, KVCache]:
+    """tokens [B, T] at positions [B, T] (-1: padding) -> final-normed states [B, T, D], new cache."""
+    x = embed_rows(params["embed"], tokens).astype(jnp.float32)                         # [B, T, D]
+    if cfg.embed_scale != 1.0:
+        x = x * jnp.float32(cfg.embed_scale)
+    ks, vs = [], []
+    for i, lp in enumerate(params["layers"]):
+        x, k, v = arch.block(lp, x, positions, cache.k[i], cache.v[i], cfg, i)
+        ks.append(k)
+        vs.append(v)
+    return rms_norm(x, params["output_norm"], cfg.rms_eps), KVCache(tuple(ks), tuple(vs))
+
+
+def output_logits(params: dict, h: jax.Array) -> jax.Array:
+    """Final states h [..., D] -> logits [..., V] (the output matrix, or the tied embedding)."""
+    return linear(h, params["output"] if "output" in params else params["embed"])

@@ -1,0 +1,24 @@
+"""KV cache allocation and the bucket policy for sequence lengths."""
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from woolly.arch import ModelConfig
+from woolly.models.base import KVCache
+
+MIN_BUCKET = 16
+
+
+def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
+    """The smallest power of two >= max(n, minimum): prompt lengths and cache lengths."""
+    b = minimum
+    while b < n:
+        b *= 2
+    return b
+
+
+def new_cache(cfg: ModelConfig, slots: int, length: int, dtype=jnp.float32) -> KVCache:
+    """Zeroed cache for `slots` concurrent sequences of up to `length` positions."""
+    shape = (slots, cfg.n_kv_heads, length, cfg.head_dim)                               # [B, K, S, H]
+    return KVCache(tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)),
+                   tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)))

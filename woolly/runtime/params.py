@@ -1,0 +1,42 @@
+"""Build the parameter pytree of a `Model`: GGUF names translated once, residency chosen here."""
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from woolly.model import Model
+from woolly.models.registry import architecture
+from woolly.ops.qmatmul import RESIDENCIES, prepare_weight
+
+
+def _vector(model: Model, name: str):
+    return jnp.asarray(model.tensor(name), dtype=jnp.float32)                           # [E]
+
+
+def _matrix(model: Model, name: str, residency: str):
+    info = model.tensors[name]
+    return prepare_weight(model.raw(name), info.qtype, tuple(info.shape), residency)   # [out, in]
+
+
+def load_params(model: Model, residency: str = "dense") -> dict:
+    """The params pytree of `model`: matrices dense (dequantized on load) or quantized-resident.
+
+    Norm weights and other vectors are always f32. A tied output projection is not stored
+    twice: `output` is simply absent and the model reads `embed`.
+    """
+    if residency not in RESIDENCIES:
+        raise ValueError(f"residency must be one of {RESIDENCIES}, got {residency!r}")
+    cfg = model.config
+    arch = architecture(cfg)
+    params = {"embed": _matrix(model, "token_embd.weight", residency),                # [V, D]
+              "output_norm": _vector(model, "output_norm.weight")}                   # [D]
+    if not cfg.tied_output:
+        params["output"] = _matrix(model, "output.weight", residency)                 # [V, D]
+    layers = []
+    for i in range(cfg.n_layers):
+        lp = {}
+        for key, suffix in arch.layer_tensors.items():
+            name = f"blk.{i}.{suffix}"
+            lp[key] = _vector(model, name) if len(model.tensors[name].shape) == 1 else _matrix(model, name, residency)
+        layers.append(lp)
+    params["layers"] = layers
+    return params
