@@ -23,6 +23,7 @@ import gguf
 import numpy as np
 
 from woolly.formats.quants import BLOCK_SIZE, QK_K, QuantizationType
+from woolly.quantize import FILE_TYPE
 
 CORPUS = (
     "The quick brown fox jumps over the lazy dog. The dog sleeps in the sun, and the fox runs "
@@ -198,7 +199,7 @@ def write_tiny_model(
         w.add_rope_freq_base(1000000.0)
         w.add_layer_norm_rms_eps(1e-6)
         w.add_sliding_window(sliding_window)
-    w.add_file_type(_FILE_TYPE[qtype])
+    w.add_file_type(FILE_TYPE[qtype])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
     w.add_tokenizer_model(vocab["model"])
@@ -251,11 +252,3 @@ def write_tiny_model(
     w.close()
     return path
 
-
-# llama.cpp's llama_ftype for a file whose matrices are all `qtype`.
-_FILE_TYPE = {
-    QuantizationType.F32: 0, QuantizationType.F16: 1, QuantizationType.Q4_0: 2, QuantizationType.Q4_1: 3,
-    QuantizationType.Q8_0: 7, QuantizationType.Q5_0: 8, QuantizationType.Q5_1: 9, QuantizationType.Q2_K: 10,
-    QuantizationType.Q3_K: 12, QuantizationType.Q4_K: 15, QuantizationType.Q5_K: 17, QuantizationType.Q6_K: 18,
-    QuantizationType.BF16: 32,
-}
