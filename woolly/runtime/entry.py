@@ -1,0 +1,129 @@
+"""The jitted entry points: the one place that decides what compiles, and for which shapes.
+
+Shapes are buckets (prompt length, cache length, slot count, output budget); everything
+that changes per call (lengths, positions, slots, budgets, sampling values) is a traced
+array. Each entry point compiles once per combination of bucket shapes and `cfg`.
+Caches are donated, so XLA updates them in place.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from woolly.models import KVCache, forward_hidden, output_logits
+from woolly.runtime.cache import new_cache
+from woolly.runtime.sampling import SamplingParams, push_recent, sample
+
+
+def _slot_rows(cache: KVCache, slot: jax.Array) -> KVCache:
+    return jax.tree.map(lambda c: jax.lax.dynamic_slice_in_dim(c, slot, 1, axis=0), cache)   # [1, K, S, H]
+
+
+def _put_slot_rows(cache: KVCache, rows: KVCache, slot: jax.Array) -> KVCache:
+    return jax.tree.map(lambda c, r: jax.lax.dynamic_update_slice_in_dim(c, r, slot, axis=0), cache, rows)
+
+
+@partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
+def prefill(params, cache: KVCache, tokens: jax.Array, start: jax.Array, length: jax.Array, slot: jax.Array,
+            cfg) -> tuple[jax.Array, KVCache]:
+    """Run tokens[:length] (tokens i32 [T], padded to a bucket) at positions start.. into cache slot
+    `slot`; -> logits of the last real token [V], cache. Longer prompts: call again with start moved on."""
+    T = tokens.shape[0]
+    idx = jnp.arange(T, dtype=jnp.int32)
+    positions = jnp.where(idx < length, start + idx, -1)[None]                              # [1, T]
+    h, rows = forward_hidden(params, tokens[None], positions, _slot_rows(cache, slot), cfg)  # [1, T, D]
+    last = jax.lax.dynamic_index_in_dim(h[0], length - 1, axis=0, keepdims=False)            # [D]
+    return output_logits(params, last), _put_slot_rows(cache, rows, slot)
+
+
+def decode_logits(params, cache: KVCache, tokens: jax.Array, positions: jax.Array, cfg) -> tuple[jax.Array, KVCache]:
+    """One token per slot: tokens i32 [B] at positions i32 [B] (-1: slot inactive, nothing written)
+    -> logits [B, V], cache."""
+    h, cache = forward_hidden(params, tokens[:, None], positions[:, None], cache, cfg)       # [B, 1, D]
+    return output_logits(params, h[:, 0]), cache
+
+
+decode_step = jax.jit(decode_logits, static_argnames=("cfg",), donate_argnames=("cache",))
+
+
+def _decode_and_sample(params, cache, tokens, positions, key, sampling, recent, cfg):
+    logits, cache = decode_logits(params, cache, tokens, positions, cfg)
+    next_tokens = sample(logits, key, sampling, recent)                                      # [B]
+    return next_tokens, logits, cache
+
+
+@partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
+def decode_and_sample(params, cache: KVCache, tokens: jax.Array, positions: jax.Array, key: jax.Array,
+                      sampling: SamplingParams, recent: jax.Array, cfg):
+    """decode_step, then sample the next token of every slot on device
+    -> (next tokens i32 [B], logits [B, V], cache). recent [B, W] is the penalty window."""
+    return _decode_and_sample(params, cache, tokens, positions, key, sampling, recent, cfg)
+
+
+@partial(jax.jit, static_argnames=("cfg", "max_new"), donate_argnames=("cache",))
+def generate(params, cache: KVCache, logits: jax.Array, positions: jax.Array, active: jax.Array,
+             budgets: jax.Array, stop_ids: jax.Array, key: jax.Array, sampling: SamplingParams,
+             recent: jax.Array, cfg, max_new: int):
+    """Whole completions on device (lax.while_loop), for all slots at once.
+
+    logits [B, V]: each slot's next-token logits (from prefill); positions i32 [B]: where the
+    next token goes; active bool [B]; budgets i32 [B] (<= max_new, the static output bucket);
+    stop_ids i32 [E] (-1 padded). A slot stops after emitting a stop id or its budget.
+    -> (tokens i32 [B, max_new], counts i32 [B] (stop token included), cache).
+    """
+    B = logits.shape[0]
+    out = jnp.zeros((B, max_new), jnp.int32)                                                 # [B, max_new]
+    counts = jnp.zeros((B,), jnp.int32)
+
+    def cond(state):
+        step, active = state[0], state[3]
+        return (step < max_new) & jnp.any(active)
+
+    def body(state):
+        step, logits, positions, active, counts, out, cache, key, recent = state
+        key, sub = jax.random.split(key)
+        tok = sample(logits, sub, sampling, recent)                                          # [B]
+        out = jnp.where(active[:, None] & (jnp.arange(max_new)[None] == counts[:, None]), tok[:, None], out)
+        counts = counts + active
+        recent = push_recent(recent, tok, active)
+        active = active & ~jnp.any(tok[:, None] == stop_ids[None], axis=1) & (counts < budgets)
+        logits, cache = decode_logits(params, cache, tok, jnp.where(active, positions, -1), cfg)
+        return step + 1, logits, positions + active, active, counts, out, cache, key, recent
+
+    state = (jnp.int32(0), logits, positions, active & (budgets > 0), counts, out, cache, key, recent)
+    state = jax.lax.while_loop(cond, body, state)
+    return state[5], state[4], state[6]
+
+
+def sequence_logits(params, tokens: jax.Array, cfg) -> jax.Array:
+    """Logits at every position of tokens i32 [B, T] from position 0, no cache kept -> [B, T, V]."""
+    B, T = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    h, _ = forward_hidden(params, tokens, positions, new_cache(cfg, B, T), cfg)
+    return output_logits(params, h)
+
+
+all_logits = jax.jit(sequence_logits, static_argnames=("cfg",))
+
+
+@partial(jax.jit, static_argnames=("cfg",))
+def token_logprobs(params, tokens: jax.Array, cfg) -> jax.Array:
+    """log p(tokens[:, t+1] | tokens[:, :t+1]) for tokens i32 [B, T] -> [B, T-1] (perplexity)."""
+    logits = sequence_logits(params, tokens, cfg)[:, :-1]                             # [B, T-1, V]
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+
+
+@partial(jax.jit, static_argnames=("cfg",))
+def embed(params, tokens: jax.Array, lengths: jax.Array, cfg) -> jax.Array:
+    """Mean of the final (normed) hidden states over tokens[:, :length], L2-normalized.
+    tokens i32 [B, T] (padded to a bucket), lengths i32 [B] -> f32 [B, D]."""
+    B, T = tokens.shape
+    idx = jnp.arange(T, dtype=jnp.int32)[None]                                               # [1, T]
+    valid = idx < lengths[:, None]                                                           # [B, T]
+    positions = jnp.where(valid, idx, -1)
+    h, _ = forward_hidden(params, tokens, positions, new_cache(cfg, B, T), cfg)              # [B, T, D]
+    mean = jnp.sum(h * valid[..., None], axis=1) / jnp.maximum(lengths, 1)[:, None]          # [B, D]
+    return mean / jnp.maximum(jnp.linalg.norm(mean, axis=-1, keepdims=True), 1e-12)

@@ -1,0 +1,100 @@
+"""`Runner`: the thin stateful shell the engine drives — params, one KV cache, host-side bucketing.
+
+Everything it computes goes through the jitted entry points in `entry`; this class only pads
+to buckets, keeps the cache it donates, and converts to and from numpy.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from woolly.model import Model
+from woolly.runtime import entry
+from woolly.runtime.cache import bucket, new_cache
+from woolly.runtime.compile_cache import enable_compile_cache
+from woolly.runtime.params import load_params
+from woolly.runtime.sampling import SamplingParams
+
+MAX_PREFILL_BUCKET = 512   # longer prompts are prefilled in chunks of this many tokens
+PENALTY_WINDOW = 64        # llama.cpp's default repeat_last_n
+
+
+class Runner:
+    """A loaded model with `slots` concurrent sequences of up to `cache_length` positions."""
+
+    def __init__(self, model: Model, residency: str = "dense", slots: int = 1, cache_length: int = 512,
+                 compile_cache: bool = True):
+        if compile_cache:
+            enable_compile_cache()
+        self.model = model
+        self.cfg = model.config
+        self.residency = residency
+        self.params = load_params(model, residency)
+        self.slots = slots
+        self.cache_length = bucket(cache_length)
+        self.cache = new_cache(self.cfg, slots, self.cache_length)
+
+    # -- one step at a time ------------------------------------------------------------
+    def prefill(self, tokens: Sequence[int], slot: int = 0, start: int = 0) -> jax.Array:
+        """Feed tokens into `slot` from position `start` -> next-token logits f32 [V] (on device)."""
+        if not tokens:
+            raise ValueError("prefill needs at least one token")
+        if start + len(tokens) > self.cache_length:
+            raise ValueError(f"{start + len(tokens)} positions exceed the cache length {self.cache_length}")
+        logits = None
+        for i in range(0, len(tokens), MAX_PREFILL_BUCKET):
+            chunk = tokens[i:i + MAX_PREFILL_BUCKET]
+            padded = np.zeros(min(bucket(len(chunk)), MAX_PREFILL_BUCKET), np.int32)     # [T]
+            padded[:len(chunk)] = chunk
+            logits, self.cache = entry.prefill(self.params, self.cache, jnp.asarray(padded), jnp.int32(start + i),
+                                               jnp.int32(len(chunk)), jnp.int32(slot), cfg=self.cfg)
+        return logits
+
+    def decode(self, tokens: Sequence[int], positions: Sequence[int]) -> jax.Array:
+        """One token per slot (position -1: slot idle) -> logits f32 [B, V] (on device)."""
+        logits, self.cache = entry.decode_step(self.params, self.cache, jnp.asarray(tokens, jnp.int32),
+                                               jnp.asarray(positions, jnp.int32), cfg=self.cfg)
+        return logits
+
+    # -- whole completions -------------------------------------------------------------
+    def generate(self, prompts: Sequence[Sequence[int]], max_tokens: int | Sequence[int] = 32,
+                 sampling: SamplingParams | None = None, stop_ids: Sequence[int] = (), seed: int = 0
+                 ) -> list[list[int]]:
+        """Complete one prompt per slot (len(prompts) <= slots) on device; stop ids are included."""
+        n = len(prompts)
+        if not 0 < n <= self.slots:
+            raise ValueError(f"{n} prompts for {self.slots} slots")
+        budgets = np.zeros(self.slots, np.int32)
+        budgets[:n] = max_tokens
+        if max(len(p) for p in prompts) + int(budgets.max()) > self.cache_length:
+            raise ValueError("prompt plus max_tokens exceed the cache length")
+        V = self.cfg.vocab_size
+        logits = jnp.zeros((self.slots, V), jnp.float32)
+        recent = np.full((self.slots, PENALTY_WINDOW), -1, np.int32)
+        positions = np.zeros(self.slots, np.int32)
+        for slot, prompt in enumerate(prompts):
+            logits = logits.at[slot].set(self.prefill(prompt, slot=slot))
+            tail = list(prompt[-PENALTY_WINDOW:])
+            recent[slot, PENALTY_WINDOW - len(tail):] = tail
+            positions[slot] = len(prompt)
+        stops = np.full(max(1, len(stop_ids)), -1, np.int32)
+        stops[:len(stop_ids)] = stop_ids
+        sampling = sampling or SamplingParams.make(self.slots)
+        out, counts, self.cache = entry.generate(
+            self.params, self.cache, logits, jnp.asarray(positions), jnp.asarray(np.arange(self.slots) < n),
+            jnp.asarray(budgets), jnp.asarray(stops), jax.random.PRNGKey(seed), sampling, jnp.asarray(recent),
+            cfg=self.cfg, max_new=bucket(int(budgets.max())))
+        out, counts = np.asarray(out), np.asarray(counts)
+        return [out[i, :counts[i]].tolist() for i in range(n)]
+
+    def embed(self, token_lists: Sequence[Sequence[int]]) -> np.ndarray:
+        """Mean-pooled, L2-normalized final hidden states, one row per token list -> f32 [B, D]."""
+        T = bucket(max(len(t) for t in token_lists))
+        padded = np.zeros((len(token_lists), T), np.int32)
+        for i, t in enumerate(token_lists):
+            padded[i, :len(t)] = t
+        lengths = np.array([len(t) for t in token_lists], np.int32)
+        return np.asarray(entry.embed(self.params, jnp.asarray(padded), jnp.asarray(lengths), cfg=self.cfg))

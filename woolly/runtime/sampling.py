@@ -1,0 +1,97 @@
+"""Token sampling on device, as pure functions of (logits, key, params).
+
+The chain follows llama.cpp's default order: penalties over the recent window, top-k,
+top-p, min-p (on temperature-1 probabilities), then temperature, then a categorical draw.
+A temperature <= 0 means greedy. Every value is a traced per-slot array, so changing
+them never recompiles.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+# top-k at or below this runs on lax.top_k candidates; otherwise the whole vocabulary is sorted.
+TOP_K_CANDIDATES = 128
+NEG_INF = -jnp.inf
+
+
+class SamplingParams(NamedTuple):
+    """Per-slot sampling settings, each an array [B]."""
+
+    temperature: jax.Array         # f32; <= 0: greedy
+    top_k: jax.Array               # i32; <= 0: off
+    top_p: jax.Array               # f32; >= 1: off
+    min_p: jax.Array               # f32; <= 0: off
+    repeat_penalty: jax.Array      # f32; 1: off
+    presence_penalty: jax.Array    # f32; 0: off
+    frequency_penalty: jax.Array   # f32; 0: off
+
+    @classmethod
+    def make(cls, batch: int, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repeat_penalty=1.0,
+             presence_penalty=0.0, frequency_penalty=0.0) -> "SamplingParams":
+        """Host-side constructor: scalars are broadcast to [batch], sequences taken per slot."""
+        def arr(v, dtype):
+            return jnp.broadcast_to(jnp.asarray(v, dtype), (batch,))
+        return cls(arr(temperature, jnp.float32), arr(top_k, jnp.int32), arr(top_p, jnp.float32),
+                   arr(min_p, jnp.float32), arr(repeat_penalty, jnp.float32),
+                   arr(presence_penalty, jnp.float32), arr(frequency_penalty, jnp.float32))
+
+
+def token_counts(recent: jax.Array, vocab_size: int) -> jax.Array:
+    """How often each token occurs in recent [B, W] (-1: empty) -> i32 [B, V]."""
+    B, W = recent.shape
+    slot = jnp.broadcast_to(jnp.arange(B)[:, None], (B, W))                               # [B, W]
+    ids = jnp.where(recent >= 0, recent, vocab_size)                                     # [B, W]; V: dropped
+    return jnp.zeros((B, vocab_size), jnp.int32).at[slot, ids].add(1, mode="drop")
+
+
+def apply_penalties(logits: jax.Array, recent: jax.Array, params: SamplingParams) -> jax.Array:
+    """llama.cpp's penalties on logits [B, V] for tokens in recent [B, W]."""
+    counts = token_counts(recent, logits.shape[-1])                                      # [B, V]
+    seen = counts > 0
+    rp = params.repeat_penalty[:, None]
+    penalized = jnp.where(logits > 0, logits / rp, logits * rp)
+    out = jnp.where(seen, penalized, logits)
+    return (out - counts * params.frequency_penalty[:, None]
+            - seen * params.presence_penalty[:, None])
+
+
+def _sample_from_candidates(logits: jax.Array, key: jax.Array, params: SamplingParams, n_candidates: int):
+    """Draw from the n_candidates largest logits [B, V] after top-k/top-p/min-p -> i32 [B]."""
+    values, ids = jax.lax.top_k(logits, n_candidates)                                    # [B, C] descending
+    rank = jnp.arange(n_candidates)[None, :]                                             # [1, C]
+    k = params.top_k[:, None]
+    keep = (k <= 0) | (rank < k)                                                         # [B, C]
+    probs = jax.nn.softmax(jnp.where(keep, values, NEG_INF), axis=-1)                    # [B, C]
+    cum_before = jnp.cumsum(probs, axis=-1) - probs
+    keep &= (cum_before < params.top_p[:, None]) | (rank == 0)
+    keep &= probs >= params.min_p[:, None] * probs[:, :1]
+    temp = jnp.maximum(params.temperature, 1e-6)[:, None]
+    choice = jax.random.categorical(key, jnp.where(keep, values / temp, NEG_INF), axis=-1)  # [B]
+    return jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0]
+
+
+def sample(logits: jax.Array, key: jax.Array, params: SamplingParams, recent: jax.Array) -> jax.Array:
+    """Next token per slot from logits [B, V]; recent [B, W] feeds the penalties -> i32 [B]."""
+    logits = apply_penalties(logits.astype(jnp.float32), recent, params)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)                               # [B]
+    V = logits.shape[-1]
+    few = min(TOP_K_CANDIDATES, V)
+    small_k = jnp.all((params.top_k > 0) & (params.top_k <= few) | (params.temperature <= 0))
+
+    def drawn(_):
+        return jax.lax.cond(small_k,
+                            lambda: _sample_from_candidates(logits, key, params, few),
+                            lambda: _sample_from_candidates(logits, key, params, V)).astype(jnp.int32)
+
+    all_greedy = jnp.all(params.temperature <= 0)
+    tokens = jax.lax.cond(all_greedy, lambda _: greedy, drawn, None)
+    return jnp.where(params.temperature <= 0, greedy, tokens)
+
+
+def push_recent(recent: jax.Array, tokens: jax.Array, active: jax.Array) -> jax.Array:
+    """Append tokens [B] to the recent window [B, W] of the active slots."""
+    shifted = jnp.concatenate([recent[:, 1:], tokens[:, None]], axis=1)
+    return jnp.where(active[:, None], shifted, recent)
