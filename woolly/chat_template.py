@@ -1,0 +1,241 @@
+"""Chat templates: a conversation rendered to a prompt, and that prompt tokenized safely.
+
+Rendering. The file's `tokenizer.chat_template` (Hugging Face-style Jinja) runs in Jinja2's
+`ImmutableSandboxedEnvironment`, set up as Transformers does (trim_blocks, lstrip_blocks,
+loop controls, a pass-through `{% generation %}` tag) with `messages`,
+`add_generation_prompt`, `bos_token`, `eos_token`, `raise_exception`, `strftime_now` and
+Transformers' `tojson`. A file without a template gets its family's built-in one (Gemma's
+`<start_of_turn>` turns, written to match llama.cpp's built-in "gemma" template), else ChatML.
+Errors: a template that reaches for anything unsafe (`__globals__`, `__class__`, ...) is
+stopped by the sandbox before it runs anything and raises `TokenizerError`, as does a broken
+template or one whose output passes `MAX_PROMPT_CHARS`; `raise_exception(...)` from the
+template and malformed messages raise `InvalidRequest`.
+
+Control tokens come only from the template. `render_chat_spans` renders twice: with the real
+messages, and with each message's content replaced by a random marker. The marked rendering
+shows which text is the template's own; the real rendering is cut at the same places, each
+marker matched to its content as given (or trimmed, as templates often do). `tokenize_chat`
+then tokenizes the real prompt in one piece, with control-token text recognized only inside
+the template's spans: the same ids llama.cpp gets for ordinary content, while a user's
+`<|im_start|>` stays plain text. If a template uses content in ways markers cannot follow
+(branching on it, rewriting it), the spans are unknown: the prompt is then parsed normally
+when no message holds special-token text (nothing to inject), and refused otherwise.
+"""
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from datetime import datetime
+from functools import lru_cache
+from typing import Any, Mapping, Sequence
+
+import jinja2
+import jinja2.ext
+from jinja2.exceptions import SecurityError, TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from woolly.errors import InvalidRequest, TokenizerError, WoollyError
+
+MAX_PROMPT_CHARS = 4_000_000      # a rendered prompt longer than this is refused
+MAX_TEMPLATE_CHARS = 200_000
+
+# llama.cpp's built-in "gemma" template (llm_chat_apply_template): system text folded into the
+# first user turn, "assistant" spoken as "model", content trimmed of ASCII whitespace.
+GEMMA_TEMPLATE = (
+    "{%- set system = namespace(text='') -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}"
+    "{%- set system.text = system.text + (message['content'] | trim(' \\t\\n\\v\\f\\r')) -%}"
+    "{%- else -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\\n' }}"
+    "{%- if system.text and role != 'model' -%}{{ system.text + '\\n\\n' }}{%- set system.text = '' -%}{%- endif -%}"
+    "{{ (message['content'] | trim(' \\t\\n\\v\\f\\r')) + '<end_of_turn>\\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"
+)
+
+CHATML_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+
+BUILTIN_TEMPLATES = {"gemma": GEMMA_TEMPLATE, "gemma2": GEMMA_TEMPLATE, "gemma3": GEMMA_TEMPLATE,
+                     "gemma3n": GEMMA_TEMPLATE}
+
+
+def chat_template_source(model) -> str:
+    """The template `model` renders with: the file's, else the family's built-in, else ChatML."""
+    source = model.vocabulary.chat_template
+    if source:
+        return source
+    return BUILTIN_TEMPLATES.get(getattr(model, "architecture", ""), CHATML_TEMPLATE)
+
+
+def render_chat(model, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True,
+                **template_vars: Any) -> str:
+    """The prompt text for `messages` (each a dict with "role" and "content")."""
+    source = chat_template_source(model)
+    return _render(source, _normalize(messages), add_generation_prompt, _special_texts(model), template_vars)
+
+
+def render_chat_spans(model, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True,
+                      **template_vars: Any) -> tuple[str, list[tuple[int, int]] | None]:
+    """The prompt text and the [start, end) spans of it the template wrote itself (None: unknown)."""
+    source = chat_template_source(model)
+    msgs = _normalize(messages)
+    specials = _special_texts(model)
+    text = _render(source, msgs, add_generation_prompt, specials, template_vars)
+    nonce = secrets.token_hex(8)
+    marked_msgs = [dict(m, content=f"\ue000{nonce}:{k}\ue001") for k, m in enumerate(msgs)]
+    marked = _render(source, marked_msgs, add_generation_prompt, specials, template_vars)
+    parts = re.split(f"\ue000{nonce}:(\\d+)\ue001", marked)
+    literals, slots = parts[0::2], [int(k) for k in parts[1::2]]
+    return text, _align(text, literals, [msgs[k]["content"] for k in slots])
+
+
+def tokenize_chat(model, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True,
+                  **template_vars: Any) -> list[int]:
+    """Prompt ids for `messages`: control tokens only where the template wrote them; BOS added
+    as the file asks unless the template already starts with it."""
+    tok = model.tokenizer
+    text, spans = render_chat_spans(model, messages, add_generation_prompt=add_generation_prompt, **template_vars)
+    if spans is None:
+        for m in _normalize(messages):
+            if tok.tokenize(m["content"], add_bos=False, parse_special=True) != \
+                    tok.tokenize(m["content"], add_bos=False, parse_special=False):
+                raise InvalidRequest("a message contains control-token text, and this chat template rewrites "
+                                     "message content, so it cannot be kept as plain text")
+        ids = tok.tokenize(text, add_bos=False, parse_special=True)
+    else:
+        ids = tok.tokenize(text, add_bos=False, special_spans=spans)
+    bos = tok.special_tokens.bos
+    if model.vocabulary.add_bos and bos is not None and (not ids or ids[0] != bos):
+        ids.insert(0, bos)
+    return ids
+
+
+# -- rendering --------------------------------------------------------------------------
+class _TemplateRaised(Exception):
+    """raise_exception() called by the template."""
+
+
+def _raise_exception(message: Any = "") -> None:
+    raise _TemplateRaised(str(message))
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(str(fmt))
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
+            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+class _GenerationTag(jinja2.ext.Extension):
+    """Transformers' `{% generation %}...{% endgeneration %}`: renders its body unchanged."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        parser.stream.skip(1)
+        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+
+@lru_cache(maxsize=32)
+def _compile(source: str) -> jinja2.Template:
+    if len(source) > MAX_TEMPLATE_CHARS:
+        raise TokenizerError(f"the chat template is {len(source)} characters, over the limit of {MAX_TEMPLATE_CHARS}")
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[_GenerationTag, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now)
+    try:
+        return env.from_string(source)
+    except TemplateError as e:
+        raise TokenizerError(f"the chat template does not compile: {e}") from None
+
+
+def _render(source: str, messages: list[dict], add_generation_prompt: bool, specials: dict[str, str],
+            template_vars: Mapping[str, Any]) -> str:
+    template = _compile(source)
+    context = dict(template_vars)
+    context.update(messages=messages, add_generation_prompt=bool(add_generation_prompt), **specials)
+    chunks: list[str] = []
+    size = 0
+    try:
+        for chunk in template.generate(**context):
+            size += len(chunk)
+            if size > MAX_PROMPT_CHARS:
+                raise TokenizerError(f"the chat template's output passed {MAX_PROMPT_CHARS} characters")
+            chunks.append(chunk)
+    except _TemplateRaised as e:
+        raise InvalidRequest(f"the chat template refused the conversation: {e}") from None
+    except SecurityError as e:
+        raise TokenizerError(f"the chat template tried an unsafe operation and was stopped: {e}") from None
+    except WoollyError:
+        raise
+    except Exception as e:  # a template bug (undefined names, type errors, recursion, ...)
+        raise TokenizerError(f"the chat template failed: {type(e).__name__}: {e}") from None
+    return "".join(chunks)
+
+
+def _special_texts(model) -> dict[str, str]:
+    v = model.vocabulary
+    return {"bos_token": v.tokens[v.bos_id] if v.bos_id is not None else "",
+            "eos_token": v.tokens[v.eos_id] if v.eos_id is not None else ""}
+
+
+def _normalize(messages: Sequence[Mapping[str, Any]]) -> list[dict]:
+    """Messages as plain dicts with string content (text parts joined); raises InvalidRequest."""
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+        raise InvalidRequest("messages must be a list of {role, content} objects")
+    out = []
+    for k, m in enumerate(messages):
+        if not isinstance(m, Mapping):
+            raise InvalidRequest(f"message {k} must be an object with role and content")
+        role, content = m.get("role"), m.get("content")
+        if not isinstance(role, str) or not role:
+            raise InvalidRequest(f"message {k} needs a non-empty string role")
+        if content is None:
+            content = ""
+        elif isinstance(content, list):  # OpenAI-style parts: only text is supported
+            texts = []
+            for part in content:
+                if not (isinstance(part, Mapping) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                    raise InvalidRequest(f"message {k}: only text content parts are supported")
+                texts.append(part["text"])
+            content = "".join(texts)
+        elif not isinstance(content, str):
+            raise InvalidRequest(f"message {k}: content must be a string")
+        out.append({**m, "role": role, "content": content})
+    return out
+
+
+def _align(text: str, literals: list[str], contents: list[str]) -> list[tuple[int, int]] | None:
+    """Spans of `text` that are the template's literals, given literal/content/literal/...
+    order; None where the contents cannot be placed."""
+    if not text.startswith(literals[0]):
+        return None
+    spans: list[tuple[int, int]] = []
+    pos = len(literals[0])
+    if pos:
+        spans.append((0, pos))
+    for content, literal in zip(contents, literals[1:]):
+        for cand in dict.fromkeys((content, content.strip(), content.lstrip(), content.rstrip(),
+                                   content.strip(" \t\n\v\f\r"))):
+            end = pos + len(cand)
+            if text.startswith(cand, pos) and text.startswith(literal, end):
+                break
+        else:
+            return None
+        pos = end
+        if literal:
+            spans.append((pos, pos + len(literal)))
+        pos += len(literal)
+    return spans if pos == len(text) else None
