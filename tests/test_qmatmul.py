@@ -1,0 +1,164 @@
+"""woolly.ops.qmatmul: exact dequantization for every block format, linear() against numpy
+for both residencies and both code paths (CPU kernel, pure XLA), embed_rows, resident bytes."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from woolly.formats.quants import QuantizationType as Q
+from woolly.formats.quants import dequantize
+from woolly.ops import qmatmul as qm
+
+BLOCK_FORMATS = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K]
+
+# Byte ranges of each format's f16 super-scales (d, dmin): set to finite values so random
+# blocks decode to finite weights; every other byte stays random.
+_F16_FIELDS = {
+    Q.Q4_0: [(0, 2)], Q.Q4_1: [(0, 2), (2, 4)], Q.Q5_0: [(0, 2)], Q.Q5_1: [(0, 2), (2, 4)],
+    Q.Q8_0: [(0, 2)], Q.Q2_K: [(80, 82), (82, 84)], Q.Q3_K: [(108, 110)],
+    Q.Q4_K: [(0, 2), (2, 4)], Q.Q5_K: [(0, 2), (2, 4)], Q.Q6_K: [(208, 210)],
+}
+
+
+def random_raw(qtype: Q, shape: tuple[int, int], seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    O, I = shape
+    n = O * I // qtype.block_size
+    raw = rng.integers(0, 256, (n, qtype.type_size), dtype=np.uint8)
+    for a, b in _F16_FIELDS[qtype]:
+        d = (rng.standard_normal(n) * 0.05).astype(np.float16)
+        raw[:, a:b] = d.view(np.uint8).reshape(n, 2)
+    return raw.reshape(-1)
+
+
+def _shapes(qtype: Q):
+    bs = qtype.block_size
+    # an even row count (nibble formats pack row pairs) and an odd one (they fall back to int8)
+    return [(6, 2 * bs), (5, bs)]
+
+
+@pytest.fixture(params=["kernel", "xla"])
+def path(request, monkeypatch):
+    """Run a test through the CPU kernel (where it builds) and through pure XLA."""
+    if request.param == "kernel":
+        if not qm.kernel_available():
+            pytest.skip(f"CPU kernel unavailable: {qm._kernel_state.get('error')}")
+    else:
+        monkeypatch.setattr(qm, "kernel_available", lambda: False)
+    return request.param
+
+
+@pytest.mark.parametrize("qtype", BLOCK_FORMATS, ids=lambda t: t.name)
+def test_quantized_weight_dequantizes_exactly(qtype):
+    for shape in _shapes(qtype):
+        raw = random_raw(qtype, shape)
+        ref = dequantize(raw, qtype, shape)
+        w = qm.prepare_weight(raw, qtype, shape, "quantized")
+        assert isinstance(w, qm.QuantizedWeight)
+        assert w.shape == shape
+        got = np.asarray(jax.jit(lambda w: w.dequantize())(w))
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, ref)
+        dense = qm.prepare_weight(raw, qtype, shape, "dense")
+        np.testing.assert_array_equal(np.asarray(dense), ref)
+
+
+def test_nibble_packing_is_used_for_4bit_formats():
+    for qtype in (Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q3_K, Q.Q2_K):
+        shape = (4, qtype.block_size)
+        w = qm.prepare_weight(random_raw(qtype, shape), qtype, shape, "quantized")
+        assert w.kind == "nib" and w.q.dtype == jnp.uint8 and w.q.shape == (2, shape[1])
+    for qtype in (Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q5_K, Q.Q6_K):
+        shape = (4, qtype.block_size)
+        w = qm.prepare_weight(random_raw(qtype, shape), qtype, shape, "quantized")
+        assert w.kind == "i8" and w.q.dtype == jnp.int8
+
+
+def _check_linear(x: np.ndarray, W: np.ndarray, y: np.ndarray):
+    """y == x @ W.T within float32 rounding of the sum (bound by |x| @ |W|.T)."""
+    x64, W64 = x.astype(np.float64), W.astype(np.float64)
+    ref = x64 @ W64.T
+    scale = np.abs(x64) @ np.abs(W64).T
+    err = np.abs(y.astype(np.float64) - ref)
+    assert y.shape == ref.shape and y.dtype == np.float32
+    assert np.all(err <= 1e-5 * scale + 1e-30), f"max rel err {np.max(err / (scale + 1e-30)):.3g}"
+
+
+@pytest.mark.parametrize("qtype", BLOCK_FORMATS, ids=lambda t: t.name)
+@pytest.mark.parametrize("residency", qm.RESIDENCIES)
+def test_linear_matches_numpy(qtype, residency, path):
+    rng = np.random.default_rng(1)
+    for shape in _shapes(qtype):
+        raw = random_raw(qtype, shape, seed=2)
+        W = dequantize(raw, qtype, shape)
+        w = qm.prepare_weight(raw, qtype, shape, residency)
+        f = jax.jit(qm.linear)
+        for rows in (1, 3, 8, qm.KERNEL_MAX_ROWS + 4):
+            x = rng.standard_normal((rows, shape[1])).astype(np.float32)
+            _check_linear(x, W, np.asarray(f(x, w)))
+        x = rng.standard_normal((2, 1, shape[1])).astype(np.float32)   # leading dims [B, T]
+        y = np.asarray(f(x, w))
+        assert y.shape == (2, 1, shape[0])
+        _check_linear(x.reshape(2, -1), W, y.reshape(2, -1))
+
+
+def test_linear_real_sizes(path):
+    """A decode-sized matrix (several threads' worth of rows) through each path."""
+    rng = np.random.default_rng(3)
+    for qtype, shape in ((Q.Q4_1, (1536, 576)), (Q.Q6_K, (640, 2048)), (Q.Q8_0, (2048, 640))):
+        raw = random_raw(qtype, shape, seed=4)
+        W = dequantize(raw, qtype, shape)
+        for residency in qm.RESIDENCIES:
+            w = qm.prepare_weight(raw, qtype, shape, residency)
+            for rows in (1, 8):
+                x = rng.standard_normal((rows, shape[1])).astype(np.float32)
+                _check_linear(x, W, np.asarray(jax.jit(qm.linear)(x, w)))
+
+
+def test_linear_under_vmap(path):
+    qtype, shape = Q.Q4_K, (8, 256)
+    raw = random_raw(qtype, shape)
+    W = dequantize(raw, qtype, shape)
+    w = qm.prepare_weight(raw, qtype, shape, "quantized")
+    x = np.random.default_rng(5).standard_normal((3, 2, 256)).astype(np.float32)
+    y = np.asarray(jax.jit(jax.vmap(qm.linear, in_axes=(0, None)))(x, w))
+    _check_linear(x.reshape(6, -1), W, y.reshape(6, -1))
+
+
+@pytest.mark.parametrize("qtype", BLOCK_FORMATS, ids=lambda t: t.name)
+def test_embed_rows(qtype):
+    for shape in _shapes(qtype):
+        raw = random_raw(qtype, shape, seed=6)
+        W = dequantize(raw, qtype, shape)
+        ids = np.array([[0, shape[0] - 1, shape[0] // 2], [1, shape[0] // 2 - 1, 0]], np.int32)
+        for residency in qm.RESIDENCIES:
+            w = qm.prepare_weight(raw, qtype, shape, residency)
+            got = np.asarray(jax.jit(qm.embed_rows)(w, jnp.asarray(ids)))
+            np.testing.assert_array_equal(got, W[ids])
+
+
+def test_resident_nbytes_counts_every_leaf():
+    qtype, shape = Q.Q4_1, (8, 64)
+    w = qm.prepare_weight(random_raw(qtype, shape), qtype, shape, "quantized")
+    # nibbles: 4 bits a weight; f32 scale and bias per 32 weights
+    assert qm.resident_nbytes(w) == 8 * 64 // 2 + 2 * 4 * (8 * 64 // 32)
+    assert qm.resident_nbytes(qm.prepare_weight(random_raw(qtype, shape), qtype, shape, "dense")) == 8 * 64 * 4
+    assert qm.resident_nbytes({"a": [w, w]}) == 2 * qm.resident_nbytes(w)
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("name", ["smollm2-135m-instruct", "gemma3-270m"])
+def test_quantized_residency_under_twice_the_file(name):
+    from woolly.model import Model
+
+    m = Model.from_file(name)
+    total = 0
+    for tname, info in m.tensors.items():
+        w = qm.prepare_weight(m.raw(tname), info.qtype, tuple(info.shape), "quantized")
+        total += qm.resident_nbytes(w)
+        del w
+    file_size = m.metadata.file_size
+    print(f"{name}: resident {total / 1e6:.1f} MB, file {file_size / 1e6:.1f} MB, ratio {total / file_size:.2f}")
+    assert total <= 2 * file_size
