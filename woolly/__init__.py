@@ -15,6 +15,8 @@ def __getattr__(name):  # heavier parts load on first use, so `import woolly` st
         "Tokenizer": "woolly.tokenizers", "BPETokenizer": "woolly.tokenizers",
         "SentencePieceTokenizer": "woolly.tokenizers",
         "pull": "woolly.registry", "list_models": "woolly.registry",
+        **{n: "woolly.engine" for n in ("Engine", "EngineConfig", "CacheConfig", "MmapConfig", "Session",
+                                         "Sampler", "DefaultSampler", "MirostatSampler", "GenerationResult")},
     }
     if name in lazy:
         import importlib

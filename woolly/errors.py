@@ -65,6 +65,12 @@ class RateLimited(WoollyError):
     code = "RATE_LIMITED"
 
 
+class ServerBusy(WoollyError):
+    """Every slot is busy and the queue is full: try again later."""
+
+    code = "SERVER_BUSY"
+
+
 class InternalError(WoollyError):
     code = "INTERNAL_ERROR"
 
@@ -82,4 +88,5 @@ HTTP_STATUS = {
     "RATE_LIMITED": 429,
     "UNAUTHORIZED": 401,
     "INTERNAL_ERROR": 500,
+    "SERVER_BUSY": 503,   # beyond the reference's table: a full queue, distinct from rate limits
 }

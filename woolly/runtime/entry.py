@@ -127,3 +127,23 @@ def embed(params, tokens: jax.Array, lengths: jax.Array, cfg) -> jax.Array:
     h, _ = forward_hidden(params, tokens, positions, new_cache(cfg, B, T), cfg)              # [B, T, D]
     mean = jnp.sum(h * valid[..., None], axis=1) / jnp.maximum(lengths, 1)[:, None]          # [B, D]
     return mean / jnp.maximum(jnp.linalg.norm(mean, axis=-1, keepdims=True), 1e-12)
+
+
+def slot_keys(seeds: jax.Array, counters: jax.Array) -> jax.Array:
+    """One PRNG key per slot from its seed u32 [B] and its count of drawn tokens i32 [B] -> [B, 2]."""
+    return jax.vmap(lambda s, c: jax.random.fold_in(jax.random.PRNGKey(s), c))(seeds, counters)
+
+
+@partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
+def decode_and_sample_seeded(params, cache: KVCache, tokens: jax.Array, positions: jax.Array, seeds: jax.Array,
+                             counters: jax.Array, sampling: SamplingParams, recent: jax.Array, cfg):
+    """decode_and_sample with a key per slot derived from (seed, counter): a seeded request draws
+    the same tokens whatever else shares the batch -> (next tokens i32 [B], logits [B, V], cache)."""
+    return _decode_and_sample(params, cache, tokens, positions, slot_keys(seeds, counters), sampling, recent, cfg)
+
+
+read_slot = jax.jit(_slot_rows)
+"""A copy of one slot's rows of the cache -> KVCache of [1, K, S, H] buffers (prefix cache)."""
+
+write_slot = jax.jit(_put_slot_rows, donate_argnums=(0,))
+"""Write rows ([1, K, S, H] per layer) into slot `slot` of the cache, in place."""

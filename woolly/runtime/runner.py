@@ -98,3 +98,31 @@ class Runner:
             padded[i, :len(t)] = t
         lengths = np.array([len(t) for t in token_lists], np.int32)
         return np.asarray(entry.embed(self.params, jnp.asarray(padded), jnp.asarray(lengths), cfg=self.cfg))
+
+    # -- what the engine's scheduler drives ----------------------------------------------
+    def step(self, tokens: np.ndarray, positions: np.ndarray, seeds: np.ndarray, counters: np.ndarray,
+             sampling: dict, recent: np.ndarray, want_logits: bool = False):
+        """One batched decode step with per-slot sampling -> (next tokens i32 [B] on host,
+        logits [B, V] on device when `want_logits`, else None)."""
+        params = SamplingParams(**{k: jnp.asarray(sampling[k]) for k in SamplingParams._fields})
+        out, logits, self.cache = entry.decode_and_sample_seeded(
+            self.params, self.cache, jnp.asarray(tokens, jnp.int32), jnp.asarray(positions, jnp.int32),
+            jnp.asarray(seeds, jnp.uint32), jnp.asarray(counters, jnp.int32), params,
+            jnp.asarray(recent, jnp.int32), cfg=self.cfg)
+        return np.asarray(out), (logits if want_logits else None)
+
+    def read_slot(self, slot: int):
+        """A device copy of one slot's cache rows (for the prefix cache)."""
+        return entry.read_slot(self.cache, jnp.int32(slot))
+
+    def write_slot(self, rows, slot: int) -> None:
+        self.cache = entry.write_slot(self.cache, rows, jnp.int32(slot))
+
+    @property
+    def slot_nbytes(self) -> int:
+        """Bytes of one slot's rows across all layers (what a prefix-cache entry holds)."""
+        return sum(c.nbytes for c in self.cache.k + self.cache.v) // self.slots
+
+    def reset_cache(self) -> None:
+        """A fresh cache after a failed step (the donated one may be gone)."""
+        self.cache = new_cache(self.cfg, self.slots, self.cache_length)

@@ -69,7 +69,11 @@ def _sample_from_candidates(logits: jax.Array, key: jax.Array, params: SamplingP
     keep &= (cum_before < params.top_p[:, None]) | (rank == 0)
     keep &= probs >= params.min_p[:, None] * probs[:, :1]
     temp = jnp.maximum(params.temperature, 1e-6)[:, None]
-    choice = jax.random.categorical(key, jnp.where(keep, values / temp, NEG_INF), axis=-1)  # [B]
+    scaled = jnp.where(keep, values / temp, NEG_INF)                                     # [B, C]
+    if key.ndim == 2:   # one key per slot [B, 2]: a slot's draw does not depend on its neighbours
+        choice = jax.vmap(jax.random.categorical)(key, scaled)                           # [B]
+    else:
+        choice = jax.random.categorical(key, scaled, axis=-1)                            # [B]
     return jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0]
 
 

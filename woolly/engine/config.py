@@ -1,0 +1,94 @@
+"""`EngineConfig` and its builder, as the reference describes them."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Prompt (prefix) cache: finished sequences' KV kept for reuse, bounded in bytes and age."""
+
+    enabled: bool = True
+    size: int = 1 << 30      # bytes of KV snapshots kept
+    ttl: float = 3600.0      # seconds an unused snapshot is kept
+
+
+@dataclass(frozen=True)
+class MmapConfig:
+    enabled: bool = True
+    prefetch: bool = False
+    huge_pages: bool = False
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch_size: int = 4           # concurrent sequences decoded together (slots)
+    max_sequence_length: int = 2048   # tokens per sequence, prompt included
+    enable_gpu: bool = False
+    num_threads: int | None = None    # XLA:CPU sizes its own pool; used for the llama.cpp peer in bench
+    mmap_enabled: bool = True
+    cache_config: CacheConfig = field(default_factory=CacheConfig)
+    residency: str = "dense"          # "dense" or "quantized" weights (woolly.ops.qmatmul)
+    max_queue: int = 64               # requests waiting for a slot before `busy`
+
+    def __post_init__(self):
+        if not 1 <= self.max_batch_size <= 256:
+            raise ValueError("max_batch_size must be between 1 and 256")
+        if not 16 <= self.max_sequence_length <= 1 << 20:
+            raise ValueError("max_sequence_length must be between 16 and 1048576")
+        if self.residency not in ("dense", "quantized"):
+            raise ValueError("residency must be 'dense' or 'quantized'")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError("num_threads must be >= 1")
+
+    @classmethod
+    def default(cls) -> "EngineConfig":
+        return cls()
+
+    @classmethod
+    def builder(cls) -> "EngineConfigBuilder":
+        return EngineConfigBuilder()
+
+
+class EngineConfigBuilder:
+    """`EngineConfig.builder().max_batch_size(4)....build()`."""
+
+    def __init__(self):
+        self._kw: dict = {}
+        self._cache = CacheConfig()
+
+    def max_batch_size(self, size: int):
+        self._kw["max_batch_size"] = size
+        return self
+
+    def max_sequence_length(self, length: int):
+        self._kw["max_sequence_length"] = length
+        return self
+
+    def enable_gpu(self, enable: bool):
+        self._kw["enable_gpu"] = enable
+        return self
+
+    def num_threads(self, threads: int):
+        self._kw["num_threads"] = threads
+        return self
+
+    def enable_mmap(self, enable: bool):
+        self._kw["mmap_enabled"] = enable
+        return self
+
+    def cache_size(self, size: int):
+        self._cache = replace(self._cache, size=size)
+        return self
+
+    def cache_ttl(self, seconds: float):
+        self._cache = replace(self._cache, ttl=seconds)
+        return self
+
+    def residency(self, mode: str):
+        self._kw["residency"] = mode
+        return self
+
+    def build(self) -> EngineConfig:
+        return EngineConfig(cache_config=self._cache, **self._kw)
+

@@ -1,0 +1,237 @@
+"""`Engine`: loads one model at a time and serves sessions through one continuous-batching scheduler."""
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from woolly.engine.config import EngineConfig
+from woolly.engine.samplers import GenerationParams
+from woolly.engine.scheduler import GenerationResult, Scheduler
+from woolly.engine.session import Session
+from woolly.errors import InvalidRequest, ModelLoadFailed, ModelNotLoaded, WoollyError
+
+
+@dataclass
+class EngineStats:
+    model: str | None
+    load_time: float | None          # seconds, last load
+    active_sessions: int             # sequences decoding now
+    queued_requests: int
+    tokens_generated: int
+    host_memory: int                 # bytes, process resident anonymous memory
+    device_memory: int               # bytes held by live JAX arrays
+    compiles: int                    # XLA compilations in this process
+
+
+class _CompileCounter:
+    """Counts XLA backend compiles through jax.monitoring (cache hits don't count)."""
+
+    count = 0
+    _installed = False
+
+    @classmethod
+    def install(cls) -> None:
+        if cls._installed:
+            return
+        import jax
+
+        def listener(event: str, duration: float, **_):
+            if event == "/jax/core/compile/backend_compile_duration":
+                cls.count += 1
+
+        jax.monitoring.register_event_duration_secs_listener(listener)
+        cls._installed = True
+
+
+def rss_anon_bytes() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class Engine:
+    def __init__(self, config: EngineConfig | None = None):
+        self.config = config or EngineConfig.default()
+        self._lock = threading.RLock()
+        self._model = None
+        self._runner = None
+        self._scheduler: Scheduler | None = None
+        self._model_name: str | None = None
+        self._load_time: float | None = None
+        self._session_ids = itertools.count(1)
+        self._tokens_generated = 0
+        _CompileCounter.install()
+
+    # -- models ------------------------------------------------------------------------------
+    def load_model(self, path_or_name: str | os.PathLike) -> None:
+        """Load a `.gguf` path or a pulled model's name; on failure the previous model stays."""
+        from woolly.model import Model
+        from woolly.runtime import Runner
+
+        t0 = time.perf_counter()
+        model = Model.from_file(path_or_name)
+        try:
+            model.validate()
+            tokenizer = model.tokenizer
+            cfg = self.config
+            length = min(cfg.max_sequence_length, model.config.context_length or cfg.max_sequence_length)
+            runner = Runner(model, residency=cfg.residency, slots=cfg.max_batch_size, cache_length=length)
+        except WoollyError:
+            model.close()
+            raise
+        except MemoryError:
+            model.close()
+            from woolly.errors import OutOfMemory
+            raise OutOfMemory("not enough memory to load the model") from None
+        except Exception as e:
+            model.close()
+            raise ModelLoadFailed(f"could not load the model: {type(e).__name__}: {e}") from None
+        cc = self.config.cache_config
+        scheduler = Scheduler(runner, tokenizer, max_queue=self.config.max_queue, cache_bytes=cc.size,
+                              cache_ttl=cc.ttl, cache_enabled=cc.enabled)
+        with self._lock:
+            old = self._scheduler
+            self._model, self._runner, self._scheduler = model, runner, scheduler
+            self._model_name = os.fspath(path_or_name) if not str(path_or_name).endswith(".gguf") \
+                else os.path.basename(os.fspath(path_or_name))[:-5]
+            self._load_time = time.perf_counter() - t0
+        if old is not None:
+            old.close(ModelNotLoaded("the model was replaced while this request ran"))
+
+    def unload_model(self) -> None:
+        with self._lock:
+            sched, self._scheduler = self._scheduler, None
+            model, self._model, self._runner, self._model_name = self._model, None, None, None
+        if sched is None:
+            raise ModelNotLoaded("no model is loaded")
+        sched.close(ModelNotLoaded("the model was unloaded while this request ran"))
+
+    @property
+    def current_model_name(self) -> str | None:
+        return self._model_name
+
+    @property
+    def model(self):
+        if self._model is None:
+            raise ModelNotLoaded("no model is loaded")
+        return self._model
+
+    @property
+    def tokenizer(self):
+        return self.model.tokenizer
+
+    def scheduler(self) -> Scheduler:
+        s = self._scheduler
+        if s is None:
+            raise ModelNotLoaded("no model is loaded")
+        return s
+
+    # -- sessions ----------------------------------------------------------------------------
+    def create_session(self) -> Session:
+        self.model  # raises ModelNotLoaded
+        return Session(self, next(self._session_ids))
+
+    def stats(self) -> EngineStats:
+        import jax
+
+        sched = self._scheduler
+        device = sum(a.nbytes for a in jax.live_arrays())
+        return EngineStats(
+            model=self._model_name, load_time=self._load_time,
+            active_sessions=sched.active if sched else 0, queued_requests=sched.waiting if sched else 0,
+            tokens_generated=self._tokens_generated, host_memory=rss_anon_bytes(), device_memory=device,
+            compiles=_CompileCounter.count)
+
+    def _count_generated(self, n: int) -> None:
+        self._tokens_generated += n
+
+    # -- text <-> ids --------------------------------------------------------------------------
+    def tokenize(self, text: str, add_bos: bool | None = None, parse_special: bool = False) -> list[int]:
+        if not isinstance(text, str):
+            raise InvalidRequest("text must be a string")
+        return list(self.tokenizer.tokenize(text, add_bos=add_bos, parse_special=parse_special))
+
+    def detokenize(self, ids: list[int]) -> str:
+        self.check_token_ids(ids)
+        return self.tokenizer.decode(list(ids))
+
+    def check_token_ids(self, ids) -> None:
+        n = self.tokenizer.vocab_size
+        for t in ids:
+            if not isinstance(t, (int, np.integer)) or isinstance(t, bool) or not 0 <= t < n:
+                raise InvalidRequest(f"token id {t!r} is outside the vocabulary (0..{n - 1})")
+
+    # -- helpers for evaluation scripts ---------------------------------------------------------
+    def generate_batch(self, prompts: list[str], **options) -> list[GenerationResult]:
+        """Complete every prompt, all sharing the batched decode; results in prompt order."""
+        import queue
+
+        params = GenerationParams.from_kwargs(**options)
+        q: queue.Queue = queue.Queue()
+        sched = self.scheduler()
+        reqs = []
+        for i, p in enumerate(prompts):
+            ids = self.tokenize(p)
+            reqs.append(sched.submit(ids, params, lambda k, pl, i=i: q.put((i, k, pl))))
+        results: list[GenerationResult | None] = [None] * len(prompts)
+        pending = len(prompts)
+        while pending:
+            i, kind, payload = q.get()
+            if kind == "done":
+                results[i] = payload
+                pending -= 1
+            elif kind == "error":
+                for r in reqs:
+                    r.cancel()
+                raise payload
+        self._count_generated(sum(r.generated_tokens for r in results))
+        return results
+
+    def perplexity(self, text: str, n_ctx: int = 512, progress=None) -> float:
+        """llama-perplexity's measure: chunks of n_ctx tokens, the second half of each scored."""
+        from woolly.runtime import token_logprobs
+
+        runner = self._runner
+        if runner is None:
+            raise ModelNotLoaded("no model is loaded")
+        if n_ctx < 16 or n_ctx > runner.cache_length:
+            raise InvalidRequest(f"n_ctx must be between 16 and {runner.cache_length}")
+        voc = self.model.vocabulary
+        ids = self.tokenize(text, add_bos=False)
+        n_chunks = len(ids) // n_ctx
+        if n_chunks == 0:
+            raise InvalidRequest(f"the text has {len(ids)} tokens; perplexity needs at least n_ctx={n_ctx}")
+        first = n_ctx // 2
+        nll, count = 0.0, 0
+        for c in range(n_chunks):
+            chunk = np.array(ids[c * n_ctx:(c + 1) * n_ctx], np.int32)
+            if voc.add_bos and voc.bos_id is not None:
+                chunk[0] = voc.bos_id
+            logp = np.asarray(token_logprobs(runner.params, chunk[None], cfg=runner.cfg))[0]   # [n_ctx-1]
+            scored = logp[first - 1:]
+            nll -= float(scored.sum())
+            count += len(scored)
+            if progress:
+                progress((c + 1) / n_chunks)
+        return float(np.exp(nll / count))
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """Mean-pooled, L2-normalized final hidden states -> f32 [len(texts), D]."""
+        runner = self._runner
+        if runner is None:
+            raise ModelNotLoaded("no model is loaded")
+        lists = [self.tokenize(t) or [self.model.vocabulary.bos_id or 0] for t in texts]
+        for t in lists:
+            if len(t) > runner.cache_length:
+                raise InvalidRequest(f"an input has {len(t)} tokens; at most {runner.cache_length}")
+        return runner.embed(lists)

@@ -1,0 +1,366 @@
+"""Continuous batching: one thread owns the device state and decodes every active slot together.
+
+A request takes a free slot, is prefilled (reusing a cached prefix where one matches),
+then joins the batched decode step; it never waits for another request to finish. When
+no slot is free it queues; past `max_queue` it is refused as busy. Each step every
+active slot gets one token; cancellation takes effect at the next step.
+
+Events go to each request's `emit(kind, payload)`, called on the scheduler thread:
+("token", TokenEvent), ("done", GenerationResult), ("error", WoollyError).
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from woolly.runtime import Runner
+from woolly.engine.samplers import GenerationParams
+from woolly.engine.stops import StopMatcher
+from woolly.errors import ContextLengthExceeded, GenerationFailed, ServerBusy, WoollyError
+
+log = logging.getLogger("woolly.engine")
+
+RECENT_WINDOW = 256   # W: penalty window kept per slot (repeat_last_n <= W)
+
+
+@dataclass
+class TokenEvent:
+    text: str                 # decoded text safe to show (may be "" while a character is incomplete)
+    token_id: int
+    index: int                # 0-based index among generated tokens
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    generated_tokens: int
+    finish_reason: str        # "stop" | "length" | "cancelled"
+    time_to_first_token: float | None
+    generation_time: float
+    cached_prompt_tokens: int = 0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.generated_tokens / self.generation_time if self.generation_time > 0 else 0.0
+
+
+class TextStream:
+    """Incremental detokenization that never splits a UTF-8 character.
+
+    Decodes a short window and emits only the new suffix once it does not end in an
+    incomplete character (U+FFFD), so multi-token characters come out whole.
+    """
+
+    def __init__(self, tokenizer, context_id: int | None):
+        self.tok = tokenizer
+        self.ids = [] if context_id is None else [context_id]
+        self.prefix = 0
+        self.read = len(self.ids)
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        before = self.tok.decode(self.ids[self.prefix:self.read])
+        after = self.tok.decode(self.ids[self.prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return after[len(before):]
+        return ""
+
+    def flush(self) -> str:
+        before = self.tok.decode(self.ids[self.prefix:self.read])
+        after = self.tok.decode(self.ids[self.prefix:])
+        self.prefix = self.read = len(self.ids)
+        return after[len(before):]
+
+
+@dataclass
+class Request:
+    id: int
+    prompt_ids: list[int]
+    params: GenerationParams
+    emit: Callable[[str, object], None]
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.perf_counter)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+@dataclass
+class _Slot:
+    req: Request
+    pos: int                  # where the next input token goes
+    next_input: int
+    stream: TextStream
+    stops: StopMatcher
+    seed: int
+    recent: list[int]
+    generated: list[int] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+    first_token_at: float | None = None
+    cached: int = 0
+
+
+class PrefixCache:
+    """KV snapshots of finished sequences, keyed by their tokens; LRU within bytes and a TTL."""
+
+    def __init__(self, max_bytes: int, ttl: float):
+        self.max_bytes, self.ttl = max_bytes, ttl
+        self.entries: collections.OrderedDict[tuple[int, ...], tuple[object, int, float]] = collections.OrderedDict()
+        self.bytes = 0
+        self.hits = 0
+
+    def lookup(self, ids: list[int], limit: int) -> tuple[int, object | None]:
+        """Longest cached sequence that is a prefix of ids[:limit] -> (its length, rows)."""
+        now = time.monotonic()
+        best, best_key = 0, None
+        for key, (_, _, t) in list(self.entries.items()):
+            if now - t > self.ttl:
+                self._drop(key)
+                continue
+            n = len(key)
+            if best < n <= limit and tuple(ids[:n]) == key:
+                best, best_key = n, key
+        if best_key is None:
+            return 0, None
+        rows, size, _ = self.entries.pop(best_key)
+        self.entries[best_key] = (rows, size, now)
+        self.hits += 1
+        return best, rows
+
+    def store(self, ids: tuple[int, ...], rows, size: int) -> None:
+        if size > self.max_bytes or not ids:
+            return
+        if ids in self.entries:
+            self._drop(ids)
+        while self.bytes + size > self.max_bytes and self.entries:
+            self._drop(next(iter(self.entries)))
+        self.entries[ids] = (rows, size, time.monotonic())
+        self.bytes += size
+
+    def _drop(self, key) -> None:
+        _, size, _ = self.entries.pop(key)
+        self.bytes -= size
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.bytes = 0
+
+
+class Scheduler:
+    """Owns the runner's cache and slots; a daemon thread runs admit -> step -> emit."""
+
+    def __init__(self, runner: Runner, tokenizer, max_queue: int = 64, cache_bytes: int = 1 << 30,
+                 cache_ttl: float = 3600.0, cache_enabled: bool = True):
+        self.runner, self.tok = runner, tokenizer
+        self.slots: list[_Slot | None] = [None] * runner.slots
+        self.queue: collections.deque[Request] = collections.deque()
+        self.max_queue = max_queue
+        self.prefix_cache = PrefixCache(cache_bytes if cache_enabled else 0, cache_ttl)
+        self._ids = itertools.count(1)
+        self._wake = threading.Condition()
+        self._closing: WoollyError | None = None
+        self.tokens_generated = 0
+        self.steps = 0
+        self._thread = threading.Thread(target=self._run, name="woolly-scheduler", daemon=True)
+        self._thread.start()
+
+    # -- called from any thread ----------------------------------------------------------
+    def submit(self, prompt_ids: list[int], params: GenerationParams, emit) -> Request:
+        limit = self.runner.cache_length
+        if not prompt_ids:
+            raise ContextLengthExceeded("the prompt is empty after tokenization")
+        if len(prompt_ids) >= limit:
+            raise ContextLengthExceeded(
+                f"the prompt has {len(prompt_ids)} tokens; the context holds {limit} "
+                f"(prompt plus at least one generated token)",
+                details={"prompt_tokens": len(prompt_ids), "context_length": limit})
+        req = Request(next(self._ids), list(prompt_ids), params, emit)
+        with self._wake:
+            if self._closing is not None:
+                raise self._closing
+            if len(self.queue) >= self.max_queue:
+                raise ServerBusy(f"the server is busy: {len(self.queue)} requests are waiting for a slot")
+            self.queue.append(req)
+            self._wake.notify()
+        return req
+
+    @property
+    def active(self) -> int:
+        return sum(s is not None for s in self.slots)
+
+    @property
+    def waiting(self) -> int:
+        return len(self.queue)
+
+    def close(self, error: WoollyError) -> None:
+        """Stop the thread; every queued or running request ends with `error`."""
+        with self._wake:
+            self._closing = error
+            self._wake.notify()
+        self._thread.join(timeout=30)
+
+    # -- the scheduler thread ------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while self._closing is None and not self.queue and self.active == 0:
+                    self._wake.wait(timeout=1.0)
+                closing = self._closing
+            if closing is not None:
+                self._fail_all(closing)
+                return
+            try:
+                self._admit()
+                if self.active:
+                    self._step()
+            except Exception as e:  # a device failure ends the requests in flight, not the thread
+                log.exception("decode step failed")
+                err = e if isinstance(e, WoollyError) else GenerationFailed(f"generation failed: {type(e).__name__}")
+                for i, s in enumerate(self.slots):
+                    if s is not None:
+                        self.slots[i] = None
+                        s.req.emit("error", err)
+                self.runner.reset_cache()
+
+    def _fail_all(self, error: WoollyError) -> None:
+        for i, s in enumerate(self.slots):
+            if s is not None:
+                self.slots[i] = None
+                s.req.emit("error", error)
+        while self.queue:
+            self.queue.popleft().emit("error", error)
+
+    def _admit(self) -> None:
+        for i in range(len(self.slots)):
+            if self.slots[i] is not None:
+                continue
+            with self._wake:
+                if not self.queue:
+                    return
+                req = self.queue.popleft()
+            if req.cancelled.is_set():
+                self._finish_unstarted(req, "cancelled")
+                continue
+            if req.params.max_tokens == 0:
+                self._finish_unstarted(req, "length")
+                continue
+            self.slots[i] = self._prefill(i, req)
+
+    def _prefill(self, slot: int, req: Request) -> _Slot:
+        ids = req.prompt_ids
+        n = len(ids)
+        cached = 0
+        if self.prefix_cache.max_bytes:
+            cached, rows = self.prefix_cache.lookup(ids, n - 1)
+            if cached:
+                self.runner.write_slot(rows, slot)
+        if n - 1 > cached:  # the last prompt token is the first decode step's input
+            self.runner.prefill(ids[cached:n - 1], slot=slot, start=cached)
+        p = req.params
+        seed = p.seed if p.seed is not None else int(np.random.default_rng().integers(0, 2**31 - 1))
+        return _Slot(req=req, pos=n - 1, next_input=ids[-1], stream=TextStream(self.tok, ids[-1]),
+                     stops=StopMatcher(p.stop), seed=seed, recent=ids[-min(p.repeat_last_n, RECENT_WINDOW):]
+                     if p.repeat_last_n else [], cached=cached)
+
+    def _step(self) -> None:
+        B = len(self.slots)
+        tokens = np.zeros(B, np.int32)
+        positions = np.full(B, -1, np.int32)
+        seeds = np.zeros(B, np.uint32)
+        counters = np.zeros(B, np.int32)
+        recent = np.full((B, RECENT_WINDOW), -1, np.int32)
+        sampling = {k: np.zeros(B, np.float32) for k in ("temperature", "top_p", "min_p", "repeat_penalty",
+                                                          "presence_penalty", "frequency_penalty")}
+        sampling["top_k"] = np.zeros(B, np.int32)
+        sampling["repeat_penalty"][:] = 1.0
+        sampling["top_p"][:] = 1.0
+        host_logits = False
+        for i, s in enumerate(self.slots):
+            if s is None:
+                continue
+            p = s.req.params
+            tokens[i], positions[i] = s.next_input, s.pos
+            seeds[i], counters[i] = s.seed & 0xFFFFFFFF, len(s.generated)
+            if s.recent:
+                recent[i, -len(s.recent):] = s.recent
+            for k in sampling:
+                sampling[k][i] = getattr(p, k)
+            host_logits |= p.sampler is not None or p.logprobs > 0
+        next_tokens, logits = self.runner.step(tokens, positions, seeds, counters, sampling, recent, host_logits)
+        self.steps += 1
+        now = time.perf_counter()
+        for i, s in enumerate(self.slots):
+            if s is None:
+                continue
+            p = s.req.params
+            tok = int(next_tokens[i])
+            lp = top = None
+            if host_logits and (p.sampler is not None or p.logprobs):
+                row = np.asarray(logits[i], np.float64)
+                if p.sampler is not None:
+                    tok = int(p.sampler.sample(row, p.temperature, p.top_p, p.top_k))
+                if p.logprobs:
+                    logp = row - row.max()
+                    logp -= np.log(np.exp(logp).sum())
+                    lp = float(logp[tok])
+                    best = np.argsort(-logp)[:p.logprobs]
+                    top = [(int(t), float(logp[t])) for t in best]
+            self._advance(i, s, tok, now, lp, top)
+
+    def _advance(self, i: int, s: _Slot, tok: int, now: float, lp, top) -> None:
+        req, p = s.req, s.req.params
+        if req.cancelled.is_set():
+            return self._finish(i, "cancelled")
+        if s.first_token_at is None:
+            s.first_token_at = now
+        if self.tok.is_eog(tok):
+            return self._finish(i, "stop")
+        s.generated.append(tok)
+        self.tokens_generated += 1
+        piece = s.stops.feed(s.stream.push(tok))
+        if piece or lp is not None:
+            s.text.append(piece)
+            req.emit("token", TokenEvent(piece, tok, len(s.generated) - 1, lp, top))
+        if s.stops.stopped:
+            return self._finish(i, "stop")
+        s.pos += 1
+        s.next_input = tok
+        if p.repeat_last_n:
+            s.recent = (s.recent + [tok])[-min(p.repeat_last_n, RECENT_WINDOW):]
+        if len(s.generated) >= p.max_tokens or s.pos >= self.runner.cache_length:
+            self._finish(i, "length")
+
+    def _finish(self, i: int, reason: str) -> None:
+        s = self.slots[i]
+        self.slots[i] = None
+        if reason != "stop" or not s.stops.stopped:
+            tail = s.stops.feed(s.stream.flush()) + s.stops.flush()
+            if tail:
+                s.text.append(tail)
+                s.req.emit("token", TokenEvent(tail, -1, len(s.generated) - 1))
+        if self.prefix_cache.max_bytes and s.pos > 0:
+            known = (s.req.prompt_ids + s.generated)[:s.pos]   # tokens whose KV is in the slot
+            self.prefix_cache.store(tuple(known), self.runner.read_slot(i), self.runner.slot_nbytes)
+        now = time.perf_counter()
+        start = s.req.submitted
+        s.req.emit("done", GenerationResult(
+            text="".join(s.text), token_ids=list(s.generated), prompt_tokens=len(s.req.prompt_ids),
+            generated_tokens=len(s.generated), finish_reason=reason,
+            time_to_first_token=None if s.first_token_at is None else s.first_token_at - start,
+            generation_time=now - start, cached_prompt_tokens=s.cached))
+
+    def _finish_unstarted(self, req: Request, reason: str) -> None:
+        req.emit("done", GenerationResult("", [], len(req.prompt_ids), 0, reason, None,
+                                          time.perf_counter() - req.submitted))

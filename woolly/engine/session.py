@@ -1,0 +1,169 @@
+"""`Session`: one conversation over the engine's shared scheduler.
+
+A session remembers its context (prompt and generated tokens): the next `generate`
+continues after it, and the scheduler's prefix cache means the history is not
+prefilled again. Async methods for servers and notebooks, `*_sync` for scripts.
+"""
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator, Iterator
+
+from woolly.engine.samplers import GenerationParams
+from woolly.engine.scheduler import GenerationResult, Request, TokenEvent
+from woolly.errors import WoollyError
+
+
+@dataclass
+class SessionStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    time_to_first_token: float | None = None   # seconds, last generation
+    tokens_per_second: float = 0.0              # last generation
+    generations: int = 0
+    last_finish_reason: str | None = None
+
+
+class Session:
+    def __init__(self, engine, session_id: int):
+        self.engine = engine
+        self.id = session_id
+        self.context: list[int] = []
+        self._stats = SessionStats()
+        self._current: Request | None = None
+        self.last_result: GenerationResult | None = None
+
+    # -- the reference's API -------------------------------------------------------------
+    async def generate(self, prompt: str, max_tokens: int = 128, temperature: float = 0.8, top_p: float = 0.95,
+                       **options) -> str:
+        """The whole completion of `prompt` (continuing this session's context) as text."""
+        parts = []
+        async for piece in self.generate_stream(prompt, max_tokens, temperature, top_p, **options):
+            parts.append(piece)
+        return "".join(parts)
+
+    async def generate_stream(self, prompt: str, max_tokens: int = 128, temperature: float = 0.8,
+                              top_p: float = 0.95, tx: asyncio.Queue | None = None,
+                              **options) -> AsyncIterator[str]:
+        """Decoded text pieces as they come (never a broken character). With `tx`, each piece
+        is also put on that queue, then None."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def emit(kind, payload):
+            loop.call_soon_threadsafe(events.put_nowait, (kind, payload))
+
+        req = self._submit(prompt, emit, max_tokens=max_tokens, temperature=temperature, top_p=top_p, **options)
+        done = False
+        try:
+            while True:
+                kind, payload = await events.get()
+                if kind == "token":
+                    if payload.text:
+                        if tx is not None:
+                            await tx.put(payload.text)
+                        yield payload.text
+                elif kind == "done":
+                    done = True
+                    self._record(req, payload)
+                    break
+                else:
+                    done = True
+                    raise payload
+        finally:
+            if not done:       # the consumer went away: stop generating at the next step
+                req.cancel()
+            if tx is not None:
+                await tx.put(None)
+
+    async def generate_events(self, prompt: str | list[int], **options) -> AsyncIterator[tuple[str, object]]:
+        """("token", TokenEvent) ... then ("done", GenerationResult): for servers needing ids and counts."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        req = self._submit(prompt, lambda k, p: loop.call_soon_threadsafe(events.put_nowait, (k, p)), **options)
+        done = False
+        try:
+            while True:
+                kind, payload = await events.get()
+                if kind == "error":
+                    done = True
+                    raise payload
+                if kind == "done":
+                    done = True
+                    self._record(req, payload)
+                yield kind, payload
+                if done:
+                    return
+        finally:
+            if not done:
+                req.cancel()
+
+    def cancel_generation(self) -> None:
+        """Stop the running generation; it ends with finish_reason "cancelled" within one step."""
+        if self._current is not None:
+            self._current.cancel()
+
+    def stats(self) -> SessionStats:
+        return self._stats
+
+    def clear_context(self) -> None:
+        self.context = []
+
+    # -- synchronous forms for scripts and notebooks ----------------------------------------
+    def generate_sync(self, prompt: str, max_tokens: int = 128, temperature: float = 0.8, top_p: float = 0.95,
+                      **options) -> str:
+        return "".join(self.stream_sync(prompt, max_tokens, temperature, top_p, **options))
+
+    def stream_sync(self, prompt: str, max_tokens: int = 128, temperature: float = 0.8, top_p: float = 0.95,
+                    **options) -> Iterator[str]:
+        q: queue.Queue = queue.Queue()
+        req = self._submit(prompt, lambda k, p: q.put((k, p)), max_tokens=max_tokens, temperature=temperature,
+                           top_p=top_p, **options)
+        done = False
+        try:
+            while True:
+                kind, payload = q.get()
+                if kind == "token":
+                    if payload.text:
+                        yield payload.text
+                elif kind == "done":
+                    done = True
+                    self._record(req, payload)
+                    return
+                else:
+                    done = True
+                    raise payload
+        finally:
+            if not done:
+                req.cancel()
+
+    # -- internals ---------------------------------------------------------------------------
+    def _submit(self, prompt: str | list[int], emit, **options) -> Request:
+        params = GenerationParams.from_kwargs(**options)
+        if isinstance(prompt, str):
+            ids = self.engine.tokenize(prompt, add_bos=None if not self.context else False)
+        else:
+            ids = list(prompt)
+            self.engine.check_token_ids(ids)
+        prompt_ids = self.context + ids
+        req = self.engine.scheduler().submit(prompt_ids, params, emit)
+        self._current = req
+        return req
+
+    def _record(self, req: Request, result: GenerationResult) -> None:
+        self.last_result = result
+        self.context = req.prompt_ids + result.token_ids
+        s = self._stats
+        s.prompt_tokens += result.prompt_tokens
+        s.generated_tokens += result.generated_tokens
+        s.cached_prompt_tokens += result.cached_prompt_tokens
+        s.time_to_first_token = result.time_to_first_token
+        s.tokens_per_second = result.tokens_per_second
+        s.generations += 1
+        s.last_finish_reason = result.finish_reason
+        self.engine._count_generated(result.generated_tokens)
