@@ -19,12 +19,65 @@ from woolly.model import (
 from woolly.tokenizers.special import Fragment, SpecialTokens, SpecialTokenSplitter
 from woolly.tokenizers.streaming import IncrementalDecoder
 
-# Texts llama.cpp treats as end of turn / end of generation whatever the file says (llama-vocab.cpp).
-EOT_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>",
-             "<EOT>", "_<EOT>", "[EOT]", "<｜end▁of▁sentence｜>", "<end_of_utterance>")
-EOG_TEXTS = frozenset(("<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<end_of_turn>",
-                       "<|endoftext|>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]", "<|end_of_text|>",
-                       "<end_of_utterance>", "<｜end▁of▁sentence｜>"))
+# Texts llama.cpp (llama-vocab.cpp) recognizes whatever the file says. The first of each
+# group found is that role's token and becomes a control token; some roles end generation.
+ROLE_TEXTS = {
+    "eot": ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>", "<EOT>",
+            "_<EOT>", "[EOT]", "<｜end▁of▁sentence｜>", "<end_of_utterance>"),
+    "eom": ("<|eom_id|>",),
+    "fim_pre": ("<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<｜fim▁begin｜>", "<PRE>", "▁<PRE>",
+                "<|code_prefix|>", "<|prefix|>"),
+    "fim_suf": ("<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>", "<｜fim▁hole｜>", "<SUF>", "▁<SUF>",
+                "<|code_suffix|>", "<|suffix|>"),
+    "fim_mid": ("<|fim_middle|>", "<fim-middle>", "<fim_middle>", "<｜fim▁end｜>", "<MID>", "▁<MID>",
+                "<|code_middle|>", "<|middle|>"),
+    "fim_pad": ("<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]"),
+    "fim_rep": ("<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"),
+    "fim_sep": ("<|file_sep|>",),
+}
+EOG_ROLES = ("eot", "eom", "fim_pad", "fim_rep", "fim_sep")
+# Every token with one of these texts ends generation (and becomes a control token).
+EOG_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>",
+             "<end_of_turn>", "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]",
+             "<|end_of_text|>", "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>",
+             "<｜end▁of▁sentence｜>", "[e~[")
+ALWAYS_RENDERED = ("<|channel|>", "<|message|>", "<|start|>", "<|constrain|>")  # gpt-oss: user-defined
+
+
+def llama_cpp_token_roles(tokens: list[str], types: np.ndarray, eos_id: int | None,
+                          extra_eos_ids: tuple[int, ...]) -> tuple[np.ndarray, dict[str, int], set[int]]:
+    """Token types as llama.cpp adjusts them at load, the role ids it detects by text, and the
+    end-of-generation ids. `types` is int32 [V]; returns a modified copy."""
+    to_id = {t: i for i, t in enumerate(tokens)}
+    types = types.copy()
+    roles: dict[str, int] = {}
+    for role, texts in ROLE_TEXTS.items():
+        found = next((to_id[t] for t in texts if t in to_id), None)
+        if found is not None:
+            roles[role] = found
+            types[found] = TOKEN_CONTROL
+    if extra_eos_ids:  # the file's own eot (and eom) ids win over detection
+        roles["eot"] = extra_eos_ids[0]
+        if len(extra_eos_ids) > 1:
+            roles["eom"] = extra_eos_ids[1]
+    eog = {roles[r] for r in ("fim_pad", "fim_rep", "fim_sep") if r in roles}
+    for t in EOG_TEXTS:
+        i = to_id.get(t)
+        if i is not None:
+            eog.add(i)
+            types[i] = TOKEN_CONTROL
+    for t in ALWAYS_RENDERED:
+        if t in to_id:
+            types[to_id[t]] = TOKEN_USER_DEFINED
+    eog.update(i for i in (eos_id, roles.get("eot"), roles.get("eom")) if i is not None)
+    texts_of = {tokens[i] for i in eog}
+    if "<|end|>" in texts_of and ({"<|return|>", "<|call|>"} <= texts_of or {"<|calls|>", "<|flush|>"} <= texts_of):
+        eog.discard(to_id["<|end|>"])
+        types[to_id["<|end|>"]] = TOKEN_USER_DEFINED
+    if "<|tool_response>" in texts_of and "</s>" in texts_of:
+        eog.discard(to_id["</s>"])
+        types[to_id["</s>"]] = TOKEN_NORMAL
+    return types, roles, eog
 
 
 class Tokenizer(abc.ABC):
@@ -35,18 +88,13 @@ class Tokenizer(abc.ABC):
         tokens = vocab.tokens
         n = len(tokens)
         self._token_to_id: dict[str, int] = {t: i for i, t in enumerate(tokens)}  # a repeated text: last id
-        types = np.asarray(vocab.token_types, dtype=np.int32).copy()
-        # llama.cpp makes end-of-turn texts control tokens even where the file says otherwise.
-        eog = {i for t in EOG_TEXTS if (i := self._token_to_id.get(t)) is not None}
-        for i in eog:
-            types[i] = TOKEN_CONTROL
-        eot = next((self._token_to_id[t] for t in EOT_TEXTS if t in self._token_to_id), None)
-        eog.update(i for i in (vocab.eos_id, eot, *vocab.extra_eos_ids) if i is not None)
+        types, roles, eog = llama_cpp_token_roles(
+            tokens, np.asarray(vocab.token_types, dtype=np.int32), vocab.eos_id, vocab.extra_eos_ids)
         self._types = types
         control = np.flatnonzero(types == TOKEN_CONTROL).tolist()
         self.special_tokens = SpecialTokens(
             bos=vocab.bos_id, eos=vocab.eos_id, unk=vocab.unk_id, pad=vocab.pad_id,
-            eot=vocab.extra_eos_ids[0] if vocab.extra_eos_ids else eot,
+            eot=roles.get("eot"),
             eog=frozenset(eog), control={tokens[i]: i for i in control},
         )
         # ids -> bytes; `_hidden` marks what decode(skip_special=True) leaves out (control, unknown).
@@ -105,18 +153,21 @@ class Tokenizer(abc.ABC):
         return self.decode_bytes(ids, skip_special=skip_special).decode("utf-8", errors="replace")
 
     def decode_bytes(self, ids: Iterable[int], *, skip_special: bool = False, at_start: bool = True) -> bytes:
-        """The exact bytes of `ids`; `at_start`: these ids begin the text (a SentencePiece dummy
-        prefix space is dropped from the first one, as llama.cpp's detokenize does)."""
+        """The exact bytes of `ids`; `at_start`: these ids begin the text, so the space a
+        SentencePiece vocabulary puts before it (add_space_prefix) is dropped, as llama.cpp's
+        detokenize does when it removes BOS."""
         ids = self._check_ids(ids)
         pieces = self._pieces
+        parts = [pieces[i] for i in ids]
         if skip_special:
             hidden = self._hidden_ids
-            data = b"".join([pieces[i] for i in ids if i not in hidden])
-        else:
-            data = b"".join([pieces[i] for i in ids])
-        if at_start and ids and self.vocabulary.add_space_prefix and pieces[ids[0]].startswith(b" "):
-            data = data[1:]
-        return data
+            parts = [b"" if i in hidden else p for i, p in zip(ids, parts)]
+        if at_start and self.vocabulary.add_space_prefix and ids:
+            # the space tokenize put before the text: on the first token after a leading BOS
+            k = 1 if ids[0] == self.special_tokens.bos and len(ids) > 1 else 0
+            if parts[k].startswith(b" "):
+                parts[k] = parts[k][1:]
+        return b"".join(parts)
 
     def incremental_decoder(self, *, skip_special: bool = False) -> IncrementalDecoder:
         """A streaming decoder: `feed(ids) -> str` never returns part of a character."""

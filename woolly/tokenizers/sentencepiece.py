@@ -20,7 +20,7 @@ import re
 import numpy as np
 
 from woolly.errors import TokenizerError
-from woolly.model import TOKEN_BYTE, TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_UNUSED, TOKEN_USER_DEFINED, Vocabulary
+from woolly.model import TOKEN_NORMAL, Vocabulary
 from woolly.tokenizers.base import Tokenizer
 from woolly.tokenizers.special import Fragment
 
@@ -57,24 +57,14 @@ class SentencePieceTokenizer(Tokenizer):
             raise TokenizerError(f"cannot load SentencePiece model {os.fspath(path)!r}: {e}") from None
         n = sp.GetPieceSize()
         tokens = [sp.IdToPiece(i) for i in range(n)]
-        types = np.full(n, TOKEN_NORMAL, np.int32)
-        for i in range(n):
-            if sp.IsControl(i):
-                types[i] = TOKEN_CONTROL
-            elif sp.IsUnknown(i):
-                types[i] = TOKEN_UNKNOWN
-            elif sp.IsByte(i):
-                types[i] = TOKEN_BYTE
-            elif sp.IsUnused(i):
-                types[i] = TOKEN_UNUSED
-            elif _is_user_defined(sp, i):
-                types[i] = TOKEN_USER_DEFINED
+        kinds, add_prefix = _read_model_proto(sp.serialized_model_proto())
+        if len(kinds) != n:
+            raise TokenizerError(f"SentencePiece model {os.fspath(path)!r} lists {len(kinds)} pieces for {n} ids")
+        types = np.array(kinds, np.int32)  # SentencePiece's piece types are llama.cpp's token types
 
         def sid(i: int) -> int | None:
             return i if 0 <= i < n else None
 
-        # The dummy-prefix setting lives in the normalizer spec: see whether "a" gains a '▁'.
-        add_prefix = sp.EncodeAsPieces("a")[:1] not in (["a"], [])
         vocab = Vocabulary(
             model="llama", pre="default", tokens=tokens, token_types=types,
             scores=np.array([sp.GetScore(i) for i in range(n)], np.float32), merges=None,
@@ -198,6 +188,46 @@ def _cut_pattern(tokens: list[str]):
     return lambda text: [p for p in pattern.split(text) if p]
 
 
-def _is_user_defined(sp, i: int) -> bool:
-    check = getattr(sp, "IsUserDefined", None) or getattr(sp, "is_user_defined", None)
-    return bool(check(i)) if check is not None else False
+def _read_model_proto(data: bytes) -> tuple[list[int], bool]:
+    """From a serialized sentencepiece ModelProto: each piece's type (NORMAL=1 ... BYTE=6) and
+    the normalizer's add_dummy_prefix. Just enough protobuf wire format for those fields."""
+
+    def varint(buf: bytes, pos: int) -> tuple[int, int]:
+        value = shift = 0
+        while True:
+            b = buf[pos]
+            pos += 1
+            value |= (b & 0x7F) << shift
+            if b < 0x80:
+                return value, pos
+            shift += 7
+
+    def fields(buf: bytes):  # yields (field number, wire type, value)
+        pos = 0
+        while pos < len(buf):
+            key, pos = varint(buf, pos)
+            wire = key & 7
+            if wire == 0:
+                value, pos = varint(buf, pos)
+            elif wire == 1:
+                value, pos = buf[pos:pos + 8], pos + 8
+            elif wire == 2:
+                size, pos = varint(buf, pos)
+                value, pos = buf[pos:pos + size], pos + size
+            elif wire == 5:
+                value, pos = buf[pos:pos + 4], pos + 4
+            else:
+                raise TokenizerError(f"unexpected protobuf wire type {wire} in the SentencePiece model")
+            yield key >> 3, wire, value
+
+    kinds: list[int] = []
+    add_prefix = True
+    try:
+        for number, wire, value in fields(data):
+            if number == 1 and wire == 2:  # a SentencePiece: type is field 3, NORMAL when absent
+                kinds.append(next((v for f, w, v in fields(value) if f == 3 and w == 0), TOKEN_NORMAL))
+            elif number == 3 and wire == 2:  # NormalizerSpec: add_dummy_prefix is field 3
+                add_prefix = bool(next((v for f, w, v in fields(value) if f == 3 and w == 0), 1))
+    except IndexError:
+        raise TokenizerError("the SentencePiece model is truncated") from None
+    return kinds, add_prefix

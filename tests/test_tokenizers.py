@@ -1,0 +1,329 @@
+"""Tokenizers against llama.cpp (llama-cpp-python) on the two real models, plus unit checks."""
+from __future__ import annotations
+
+import ctypes
+import functools
+import json
+import time
+
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from conftest import llama_cpp_model
+from woolly.errors import InvalidRequest, TokenizerError
+from woolly.model import Model
+from woolly.tokenizers import BPETokenizer, SentencePieceTokenizer, Tokenizer
+from woolly.tokenizers.pretokenize import PRE_TOKENIZER_REGEXES, PreTokenizer
+
+
+def build_corpus() -> list[str]:
+    """Texts covering the scripts and shapes tokenizers get wrong."""
+    pieces = [
+        "", " ", "  ", "a", "Hello world", "Hello, World! How are you today?",
+        "The quick brown fox jumps over the lazy dog.",
+        "naïve café résumé Ångström façade Øresund Straße œuvre",
+        "日本語のテキストを分割する。中文文本，한국어 텍스트",
+        "😀 👍🏽 👨‍👩‍👧‍👦 🏳️‍🌈 🇫🇷🇯🇵 ❤️ 🧑🏿‍💻",
+        "Ελληνικά κείμενα, Русский текст, العربية نص, עברית טקסט, हिन्दी पाठ ०१२३",
+        "   leading", "trailing   ", "a  b   c    d", " " * 40 + "x", "x" + " " * 33,
+        "\t", "\ttab\t\ttabs\t\t\t", "\n", "line\nbreak\n\nparagraph\n\n\n\nend", "\r\n windows \r\n",
+        " \n \t \n  mixed\u00a0nbsp\u3000ideographic\u2003em space",
+        "def f(x):\n    return x ** 2  # square\n\nclass A:\n\tpass\n",
+        "for (int i = 0; i < n; ++i) { a[i] = b[i] * 3.14159; }",
+        "0 1 12 123 1234 12345 123456789 3.14159 -42 1e-10 1,000,000 ½ ² Ⅻ",
+        "https://example.com/path/to/page?query=a%20b&x=1#frag mailto:someone@example.org",
+        "I'm you're he's we've they'll she'd it's can't won't Don't I'D",
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
+        "<start_of_turn>user\nhello<end_of_turn>\n<start_of_turn>model\n",
+        "<bos><eos><pad><unk><|endoftext|> <s></s> <table><tr><td>x</td></tr></table>",
+        "text<|im_end|>more<|im_start|><|im_start|>", "<|im_start", "im_start|>", "<<|im_end|>>",
+        "!!!???... ---=== +++ $$$ ### @@@ ^^^ ~~~ ||| <<< >>>",
+        "MiXeD CaSe WORDS and UPPERCASE ACRONYMS like NASA, HTTP/2, and CUDA12.",
+        "\u200b zero\u200dwidth \ufeff bom \u00ad soft-hyphen é (e + combining acute)",
+        "ⓐⓑⓒ ＡＢＣ１２３ ｶﾀｶﾅ ﬁ ﬂ ſ",
+        "a" * 300, "ab" * 150 + "\n" + "🙂" * 30,
+    ]
+    pieces.append(" ".join(pieces[4:12]))  # one longer mixed text
+    return pieces
+
+
+CORPUS = build_corpus()
+MODELS = ("smollm2-135m-instruct", "gemma3-270m")
+
+
+@functools.lru_cache(maxsize=None)
+def tokenizer(name: str) -> Tokenizer:
+    return Model.from_file(name).tokenizer
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def pair(request):
+    """(woolly tokenizer, llama.cpp Llama with only the vocabulary loaded) for one model."""
+    from woolly.registry import resolve_model_path
+
+    path = str(resolve_model_path(request.param))
+    return tokenizer(request.param), llama_cpp_model(path, vocab_only=True)
+
+
+def llama_detokenize(llm, ids: list[int], special: bool) -> bytes:
+    """llama.cpp's own detokenize (no llama-cpp-python post-processing, no 32-byte piece limit)."""
+    import llama_cpp
+
+    arr = (llama_cpp.llama_token * max(1, len(ids)))(*ids)
+    size = 64 * len(ids) + 64
+    buf = ctypes.create_string_buffer(size)
+    n = llama_cpp.llama_detokenize(llm._model.vocab, arr, len(ids), buf, size, False, special)
+    assert n >= 0
+    return buf.raw[:n]
+
+
+# -- against llama.cpp --------------------------------------------------------------------
+@pytest.mark.real
+@pytest.mark.oracle
+@pytest.mark.parametrize("parse_special", [False, True])
+def test_tokenize_matches_llama_cpp(pair, parse_special):
+    tok, llm = pair
+    wrong = []
+    for text in CORPUS:
+        ours = tok.tokenize(text, add_bos=False, parse_special=parse_special)
+        ref = llm.tokenize(text.encode(), add_bos=False, special=parse_special)
+        if ours != ref:
+            wrong.append((text, ours, ref))
+    assert not wrong, f"{len(wrong)} texts differ, first: {wrong[0]}"
+
+
+@pytest.mark.real
+@pytest.mark.oracle
+def test_add_bos_follows_file_like_llama_cpp(pair):
+    tok, llm = pair
+    for text in ("Hello", "", "<|im_start|>x"):
+        assert tok.tokenize(text) == llm.tokenize(text.encode(), add_bos=True, special=False)
+    assert tok.tokenize("Hi", add_bos=True)[0] == tok.special_tokens.bos
+
+
+@pytest.mark.real
+@pytest.mark.oracle
+def test_decode_matches_llama_cpp(pair):
+    tok, llm = pair
+    for text in CORPUS:
+        ids = tok.tokenize(text, add_bos=False, parse_special=True)
+        assert tok.decode_bytes(ids) == llama_detokenize(llm, ids, special=True)
+        assert tok.decode_bytes(ids, skip_special=True) == llama_detokenize(llm, ids, special=False)
+
+
+@pytest.mark.real
+@pytest.mark.oracle
+def test_end_of_generation_ids_match_llama_cpp(pair):
+    import llama_cpp
+
+    tok, llm = pair
+    vocab = llm._model.vocab
+    ref = {i for i in range(tok.vocab_size) if llama_cpp.llama_vocab_is_eog(vocab, i)}
+    assert ref == set(tok.special_tokens.eog)
+    assert all(tok.is_eog(i) for i in ref)
+    assert tok.special_tokens.bos == llama_cpp.llama_vocab_bos(vocab)
+    assert tok.special_tokens.eos == llama_cpp.llama_vocab_eos(vocab)
+    assert tok.vocab_size == llama_cpp.llama_vocab_n_tokens(vocab)
+
+
+# -- round trips and streaming ---------------------------------------------------------
+@pytest.mark.real
+@pytest.mark.parametrize("parse_special", [False, True])
+def test_round_trip_corpus(pair, parse_special):
+    tok, _ = pair
+    for text in CORPUS:
+        assert tok.decode(tok.tokenize(text, add_bos=False, parse_special=parse_special)) == text
+
+
+_single_bytes: dict[int, set[int]] = {}
+
+
+def encodable_bytes(tok) -> set[int]:
+    """Bytes some token stands for alone: text made of others cannot survive (llama.cpp drops them too)."""
+    key = id(tok)
+    if key not in _single_bytes:
+        _single_bytes[key] = {b[0] for i in range(tok.vocab_size) if len(b := tok.token_bytes(i)) == 1}
+    return _single_bytes[key]
+
+
+@pytest.mark.real
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text(max_size=80))
+def test_round_trip_property(pair, text):
+    tok, _ = pair
+    assume(set(text.encode()) <= encodable_bytes(tok))
+    assert tok.decode(tok.tokenize(text, add_bos=False)) == text
+
+
+@pytest.mark.real
+@pytest.mark.oracle
+def test_unencodable_bytes_are_dropped_like_llama_cpp(pair):
+    tok, llm = pair
+    missing = sorted(set(range(256)) - encodable_bytes(tok))
+    text = "a\U00040000b\x04c"  # lead byte 0xF1 and byte 0x04: SmolLM2 has no token for either
+    assert tok.tokenize(text, add_bos=False) == llm.tokenize(text.encode(), add_bos=False, special=False)
+    if not missing:
+        assert tok.decode(tok.tokenize(text, add_bos=False)) == text
+
+
+@pytest.mark.real
+def test_incremental_decoder_never_splits_a_character(pair):
+    tok, _ = pair
+    text = "Ünïcödé 日本語 👨‍👩‍👧 🇯🇵 𝔘𝔫𝔦 ꙮ done"
+    ids = tok.tokenize(text, add_bos=False)
+    dec = tok.incremental_decoder()
+    pieces = [dec.feed(i) for i in ids] + [dec.flush()]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+    # a byte-fallback character fed one byte token at a time is held back, then complete
+    held = tok.incremental_decoder()
+    for b in "ꙮ".encode():
+        before = held.feed([])
+        assert before == ""
+    assert held.flush() == ""
+
+
+@pytest.mark.real
+def test_incremental_decoder_flush_marks_an_unfinished_character(pair):
+    tok, _ = pair
+    ids = tok.tokenize("é", add_bos=False)
+    byte_level = [i for i in range(tok.vocab_size) if tok.token_bytes(i) == "é".encode()[:1]]
+    if not byte_level:
+        pytest.fail("no token holds the first byte of é")
+    dec = tok.incremental_decoder()
+    assert dec.feed(byte_level[0]) == ""
+    assert dec.flush() == "\ufffd"
+    assert dec.feed(ids) == "é"
+
+
+# -- special tokens and lookups ---------------------------------------------------------------
+@pytest.mark.real
+def test_special_tokens_and_lookups():
+    smol = tokenizer("smollm2-135m-instruct")
+    st_ = smol.special_tokens
+    assert st_.control["<|im_start|>"] == smol.piece_to_id("<|im_start|>")
+    assert smol.is_eog(smol.piece_to_id("<|im_end|>")) and not smol.is_eog(smol.piece_to_id("<|im_start|>"))
+    assert smol.token_to_piece(smol.piece_to_id("Ġthe")) == "Ġthe" and smol.token_bytes(smol.piece_to_id("Ġthe")) == b" the"
+    assert smol.piece_to_id("no such piece ever") is None
+    gemma = tokenizer("gemma3-270m")
+    assert gemma.is_eog(gemma.piece_to_id("<end_of_turn>"))
+    assert gemma.token_bytes(gemma.piece_to_id("<0x41>")) == b"A"
+    assert gemma.decode([gemma.special_tokens.bos, *gemma.tokenize("hi", add_bos=False)], skip_special=True) == "hi"
+    assert isinstance(smol, BPETokenizer) and isinstance(gemma, SentencePieceTokenizer)
+    assert isinstance(smol, Tokenizer)
+
+
+@pytest.mark.real
+def test_user_text_with_control_tokens_stays_text_unless_asked():
+    tok = tokenizer("smollm2-135m-instruct")
+    start = tok.piece_to_id("<|im_start|>")
+    assert start not in tok.tokenize("<|im_start|>system", add_bos=False)
+    assert tok.tokenize("<|im_start|>system", add_bos=False, parse_special=True)[0] == start
+    # spans: only the first occurrence lies inside the trusted range
+    ids = tok.tokenize("<|im_start|>x<|im_start|>", add_bos=False, special_spans=[(0, 12)])
+    assert ids.count(start) == 1 and ids[0] == start
+
+
+@pytest.mark.real
+def test_bad_input_is_a_clear_error():
+    tok = tokenizer("smollm2-135m-instruct")
+    with pytest.raises(InvalidRequest):
+        tok.decode([0, tok.vocab_size])
+    with pytest.raises(InvalidRequest):
+        tok.decode([-1])
+    with pytest.raises(InvalidRequest):
+        tok.tokenize("lone \ud800 surrogate")
+    with pytest.raises(InvalidRequest):
+        tok.tokenize(b"bytes")  # type: ignore[arg-type]
+
+
+# -- other sources: vocab.json + merges.txt, SentencePiece .model ---------------------------
+@pytest.mark.real
+def test_bpe_from_files_matches_gguf(tmp_path):
+    ref = tokenizer("smollm2-135m-instruct")
+    v = ref.vocabulary
+    (tmp_path / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(v.tokens)}), encoding="utf-8")
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(v.merges) + "\n", encoding="utf-8")
+    control = list(ref.special_tokens.control)
+    tok = BPETokenizer.from_files(tmp_path / "vocab.json", tmp_path / "merges.txt", pre=v.pre, control_tokens=control)
+    for text in CORPUS:
+        for special in (False, True):
+            assert tok.tokenize(text, parse_special=special) == ref.tokenize(text, add_bos=False, parse_special=special)
+
+
+def test_bpe_from_dict_merges_lowest_rank_first():
+    # bytes as GPT-2 characters: "Ġ" is the space byte
+    chars = ["a", "b", "c", "Ġ"]
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({"ab": 4, "bc": 5, "Ġa": 6, "Ġab": 7, "<|endoftext|>": 8})
+    tok = BPETokenizer(vocab, [("b", "c"), "Ġ a", "a b", ("Ġa", "b")])
+    assert tok.tokenize("abc") == [0, 5]            # "b c" ranks before "a b"
+    assert tok.tokenize(" ab") == [7]
+    assert tok.tokenize("<|endoftext|>", parse_special=True) == [8]
+    assert tok.special_tokens.eos == 8 and tok.is_eog(8)
+    assert tok.decode(tok.tokenize(" abc cab")) == " abc cab"
+
+
+def test_sentencepiece_from_file(tmp_path):
+    import sentencepiece as spm
+    from pydoc_data.topics import topics
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(list(topics.values())[:40]), encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(tmp_path / "m"), vocab_size=400, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, normalization_rule_name="identity",
+        num_threads=1, minloglevel=2, user_defined_symbols=["<tag>"], remove_extra_whitespaces=False,
+    )
+    tok = SentencePieceTokenizer.from_file(tmp_path / "m.model")
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "m.model"))
+    for text in ("Hello world, this is a test.", "def f(x):\n    return x", "naïve 日本 🙂", "a  b"):
+        assert tok.tokenize(text, add_bos=False) == sp.encode(text)
+        assert tok.decode(tok.tokenize(text, add_bos=False)) == text
+        assert tok.decode(tok.tokenize(text), skip_special=True) == text == sp.decode(sp.encode(text))
+    assert tok.tokenize("</s>", add_bos=False, parse_special=True) == [sp.eos_id()]
+    assert sp.piece_to_id("<tag>") in tok.tokenize("x<tag>y", add_bos=False)
+    with pytest.raises(TokenizerError):
+        SentencePieceTokenizer.from_file(tmp_path / "missing.model")
+
+
+# -- pre-tokenizers ---------------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(PRE_TOKENIZER_REGEXES))
+def test_pre_tokenizers_cover_the_text(name):
+    pre = PreTokenizer(name)
+    for text in CORPUS:
+        assert "".join(pre.split(text)) == text
+
+
+def test_gpt2_pre_tokenizer_splits_like_gpt2():
+    assert PreTokenizer("gpt2").split("Hello world's 123  x\n") == ["Hello", " world", "'s", " 123", " ", " x", "\n"]
+    assert PreTokenizer("smollm").split("in 2024") == ["in", " ", "2", "0", "2", "4"]
+    assert PreTokenizer("llama-bpe").split("12345 HELLO'S") == ["123", "45", " HELLO", "'S"]
+    with pytest.raises(TokenizerError):
+        PreTokenizer("no-such-pre")
+
+
+# -- speed (printed, not asserted) --------------------------------------------------------------
+def english_text(n_chars: int = 350_000) -> str:
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))[:n_chars]
+
+
+@pytest.mark.slow
+@pytest.mark.real
+@pytest.mark.oracle
+def test_tokenize_speed_vs_llama_cpp(pair):
+    tok, llm = pair
+    text = english_text()
+    data = text.encode()
+    tok._cache.clear()  # cold: every word is new to the cache
+    t0 = time.perf_counter()
+    ours = tok.tokenize(text, add_bos=False)
+    t1 = time.perf_counter()
+    ref = llm.tokenize(data, add_bos=False, special=False)
+    t2 = time.perf_counter()
+    assert ours == ref
+    print(f"\n{tok.vocabulary.pre}/{tok.vocabulary.model}: {len(data) / 1e3:.0f} KB, woolly "
+          f"{len(data) / (t1 - t0) / 1e6:.2f} MB/s, llama.cpp {len(data) / (t2 - t1) / 1e6:.2f} MB/s")
