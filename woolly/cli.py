@@ -92,6 +92,132 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def _engine(args, batch: int = 1):
+    from woolly.engine import Engine, EngineConfig
+
+    engine = Engine(EngineConfig(max_batch_size=batch, max_sequence_length=args.ctx,
+                                 residency=getattr(args, "residency", "dense")))
+    engine.load_model(_pulled(args.model))
+    return engine
+
+
+def _pulled(spec: str) -> str:
+    """A known model's name is pulled on first use; paths and other names pass through."""
+    from woolly.registry import KNOWN_MODELS, is_path, model_path, pull
+
+    if not is_path(spec) and spec in KNOWN_MODELS and not model_path(spec).is_file():
+        print(f"pulling {spec} ...", file=sys.stderr)
+        pull(spec)
+    return spec
+
+
+def _sampling(args) -> dict:
+    return {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
+            "top_k": args.top_k, "seed": args.seed, "stop": args.stop or None}
+
+
+def cmd_run(args) -> int:
+    engine = _engine(args)
+    session = engine.create_session()
+    for piece in session.stream_sync(args.prompt, **_sampling(args)):
+        print(piece, end="", flush=True)
+    print()
+    st = session.stats()
+    print(f"[{st.generated_tokens} tokens, {st.tokens_per_second:.1f} tok/s, "
+          f"first token {st.time_to_first_token or 0:.2f} s, {st.last_finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    engine = _engine(args)
+    model = engine.model
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("woolly chat: type a message; /clear forgets the conversation, /exit or Ctrl-D quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            print()
+            return 0
+        if line.strip() in ("/exit", "/quit"):
+            return 0
+        if line.strip() == "/clear":
+            messages = messages[:1] if args.system else []
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        from woolly.chat_template import tokenize_chat
+
+        ids = tokenize_chat(model, messages, add_generation_prompt=True)
+        session = engine.create_session()
+        reply = []
+        for piece in session.stream_sync(ids, **_sampling(args)):
+            reply.append(piece)
+            print(piece, end="", flush=True)
+        print()
+        messages.append({"role": "assistant", "content": "".join(reply)})
+
+
+def cmd_tokenize(args) -> int:
+    from woolly.model import Model
+
+    tok = Model.from_file(_pulled(args.model)).tokenizer
+    ids = tok.tokenize(args.text, parse_special=args.parse_special)
+    for i in ids:
+        print(f"{i:>8}  {tok.token_bytes(i).decode('utf-8', 'replace')!r}")
+    print(f"{len(ids)} tokens", file=sys.stderr)
+    return 0
+
+
+def cmd_perplexity(args) -> int:
+    from pathlib import Path
+
+    try:
+        text = Path(args.file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise WoollyError(f"cannot read {args.file}: {e.__class__.__name__}", code="INVALID_REQUEST") from None
+    args.ctx = max(args.ctx, args.n_ctx)
+    engine = _engine(args)
+    update, close = _progress_bar("perplexity")
+    try:
+        ppl = engine.perplexity(text, n_ctx=args.n_ctx, progress=update)
+    finally:
+        close()
+    print(f"perplexity: {ppl:.4f} (n_ctx {args.n_ctx}, second half of each chunk scored)")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    import logging
+
+    import uvicorn
+
+    from woolly.config import load_config
+    from woolly.engine import CacheConfig, Engine, EngineConfig
+    from woolly.http.app import create_app
+    from woolly.http.logs import setup_logging
+
+    cfg = load_config(args.config, overrides={("server", "host"): args.host, ("server", "port"): args.port,
+                                              ("inference", "residency"): args.residency})
+    if cfg.models.directory:
+        import os
+        os.environ["WOOLLY_MODELS_DIR"] = cfg.models.directory
+    setup_logging(cfg.logging)
+    inf = cfg.inference
+    engine = Engine(EngineConfig(max_batch_size=inf.max_batch_size, max_sequence_length=inf.max_sequence_length,
+                                 enable_gpu=inf.gpu.enabled, num_threads=inf.cpu.threads, residency=inf.residency,
+                                 max_queue=cfg.server.max_queue,
+                                 cache_config=CacheConfig(cfg.cache.enabled, cfg.cache.size, cfg.cache.ttl)))
+    model = args.model or (cfg.models.preload[0] if cfg.models.preload else cfg.models.default)
+    engine.load_model(_pulled(model))
+    app = create_app(cfg, engine)
+    logging.getLogger("woolly").info("serving %s on http://%s:%d", model, cfg.server.host, cfg.server.port)
+    uvicorn.run(app, host=cfg.server.host, port=cfg.server.port, log_config=None, access_log=False,
+                timeout_graceful_shutdown=5)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="woolly", description="Run GGUF language models on JAX.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -112,6 +238,50 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("output")
     s.add_argument("--type", "-t", required=True, help="F32, F16, Q8_0, Q5_0, Q5_1, Q4_0, Q4_1, Q2_K, ...")
     s.set_defaults(func=cmd_quantize)
+
+    def generation_flags(s, ctx=2048):
+        s.add_argument("--max-tokens", "-n", type=int, default=256)
+        s.add_argument("--temperature", "-t", type=float, default=0.8)
+        s.add_argument("--top-p", type=float, default=0.95)
+        s.add_argument("--top-k", type=int, default=40)
+        s.add_argument("--seed", type=int, default=None)
+        s.add_argument("--stop", action="append", help="a stop string (repeatable)")
+        s.add_argument("--ctx", type=int, default=ctx, help="context length")
+        s.add_argument("--residency", choices=("dense", "quantized"), default="dense")
+
+    s = sub.add_parser("run", help="complete a prompt, streaming to the terminal")
+    s.add_argument("model")
+    s.add_argument("prompt")
+    generation_flags(s)
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("chat", help="an interactive chat with the model's template")
+    s.add_argument("model")
+    s.add_argument("--system", default=None, help="a system message")
+    generation_flags(s)
+    s.set_defaults(func=cmd_chat)
+
+    s = sub.add_parser("tokenize", help="show a text's token ids and pieces")
+    s.add_argument("model")
+    s.add_argument("text")
+    s.add_argument("--parse-special", action="store_true")
+    s.set_defaults(func=cmd_tokenize)
+
+    s = sub.add_parser("perplexity", help="perplexity of a text file (llama-perplexity's method)")
+    s.add_argument("model")
+    s.add_argument("file")
+    s.add_argument("--n-ctx", type=int, default=512)
+    s.add_argument("--ctx", type=int, default=512)
+    s.add_argument("--residency", choices=("dense", "quantized"), default="dense")
+    s.set_defaults(func=cmd_perplexity)
+
+    s = sub.add_parser("serve", help="serve the HTTP API (default 127.0.0.1:11434)")
+    s.add_argument("model", nargs="?", default=None, help="model to load (default: config, then smollm2-135m-instruct)")
+    s.add_argument("--config", default=None, help="a woolly.config.yaml")
+    s.add_argument("--host", default=None)
+    s.add_argument("--port", type=int, default=None)
+    s.add_argument("--residency", choices=("dense", "quantized"), default=None)
+    s.set_defaults(func=cmd_serve)
     return p
 
 

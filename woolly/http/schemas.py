@@ -1,0 +1,204 @@
+"""Request and response bodies of the HTTP API (msgspec), as the reference and OpenAI define them.
+
+Unknown fields are ignored (clients of Ollama and OpenAI send extras); every bound a
+request can break is declared here, so a bad value is a 400 before any work starts.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+MAX_TOKENS = 1 << 20
+MaxTokens = Annotated[int, Meta(ge=0, le=MAX_TOKENS)]
+Temperature = Annotated[float, Meta(ge=0.0, le=100.0)]
+Unit = Annotated[float, Meta(ge=0.0, le=1.0)]
+TopK = Annotated[int, Meta(ge=0, le=MAX_TOKENS)]
+Penalty = Annotated[float, Meta(gt=0.0, le=100.0)]
+SignedPenalty = Annotated[float, Meta(ge=-100.0, le=100.0)]
+Seed = Annotated[int, Meta(ge=-(2**63 - 1), le=2**63 - 1)]
+Stop = Annotated[list[Annotated[str, Meta(min_length=1, max_length=512)]], Meta(max_length=16)]
+TokenId = Annotated[int, Meta(ge=0, le=2**31 - 1)]
+ModelName = Annotated[str, Meta(min_length=1, max_length=256)]
+
+
+class SamplingFields(msgspec.Struct, kw_only=True):
+    max_tokens: MaxTokens | None = None
+    temperature: Temperature | None = None
+    top_p: Unit | None = None
+    top_k: TopK | None = None
+    min_p: Unit | None = None
+    repeat_penalty: Penalty | None = None
+    repeat_last_n: Annotated[int, Meta(ge=0, le=256)] | None = None
+    presence_penalty: SignedPenalty | None = None
+    frequency_penalty: SignedPenalty | None = None
+    seed: Seed | None = None
+    stop: Stop | str | None = None
+
+    def options(self) -> dict[str, Any]:
+        """The generation options the engine takes (None: the engine's default)."""
+        names = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repeat_penalty", "repeat_last_n",
+                 "presence_penalty", "frequency_penalty", "seed", "stop")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+
+# -- the reference's routes --------------------------------------------------------------------
+class Health(msgspec.Struct):
+    status: str
+    version: str
+    uptime: int
+    model: str | None = None
+
+
+class ModelInfoMeta(msgspec.Struct):
+    author: str | None
+    parameters: str
+    license: str | None
+
+
+class ModelInfo(msgspec.Struct):
+    name: str
+    size: int
+    quantization: str
+    loaded: bool
+    metadata: ModelInfoMeta
+
+
+class LoadModelRequest(msgspec.Struct, kw_only=True):
+    name: ModelName
+    gpu_layers: Annotated[int, Meta(ge=0, le=100000)] | None = None
+
+
+class LoadModelResponse(msgspec.Struct):
+    success: bool
+    message: str
+    load_time_ms: int | None = None
+
+
+class GenerateRequest(SamplingFields, kw_only=True):
+    prompt: str
+    stream: bool = False
+    model: ModelName | None = None
+
+
+class GenerateResponse(msgspec.Struct):
+    text: str
+    tokens_generated: int
+    generation_time_ms: int
+    tokens_per_second: float
+    finish_reason: str
+    prompt_tokens: int = 0
+
+
+class ChatMessage(msgspec.Struct, kw_only=True):
+    role: Annotated[str, Meta(min_length=1, max_length=64)]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+
+class ChatRequest(SamplingFields, kw_only=True):
+    messages: Annotated[list[ChatMessage], Meta(min_length=1, max_length=4096)]
+    stream: bool = False
+    model: ModelName | None = None
+
+
+class ChatResponse(msgspec.Struct):
+    content: str
+    role: str
+    tokens_generated: int
+    generation_time_ms: int
+    finish_reason: str
+    prompt_tokens: int = 0
+
+
+class TokenizeRequest(msgspec.Struct, kw_only=True):
+    text: str
+    add_bos: bool | None = None
+    parse_special: bool = False
+
+
+class TokenizeResponse(msgspec.Struct):
+    tokens: list[int]
+    count: int
+
+
+class DetokenizeRequest(msgspec.Struct, kw_only=True):
+    tokens: Annotated[list[int], Meta(max_length=1 << 20)]
+
+
+class DetokenizeResponse(msgspec.Struct):
+    text: str
+
+
+class EmbeddingsRequest(msgspec.Struct, kw_only=True):
+    input: str | Annotated[list[str], Meta(min_length=1, max_length=256)]
+    model: ModelName | None = None
+
+
+class EmbeddingsResponse(msgspec.Struct):
+    embeddings: list[list[float]]
+    dimensions: int
+    model: str
+
+
+class ErrorBody(msgspec.Struct):
+    message: str
+    code: str
+    details: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class ErrorResponse(msgspec.Struct):
+    error: ErrorBody
+
+
+# -- OpenAI-compatible /v1 ---------------------------------------------------------------------
+class StreamOptions(msgspec.Struct, kw_only=True):
+    include_usage: bool = False
+
+
+class OpenAIFields(msgspec.Struct, kw_only=True):
+    model: str | None = None
+    max_tokens: MaxTokens | None = None
+    max_completion_tokens: MaxTokens | None = None
+    temperature: Annotated[float, Meta(ge=0.0, le=2.0)] | None = None
+    top_p: Unit | None = None
+    n: Annotated[int, Meta(ge=1, le=1)] = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: Stop | str | None = None
+    presence_penalty: Annotated[float, Meta(ge=-2.0, le=2.0)] | None = None
+    frequency_penalty: Annotated[float, Meta(ge=-2.0, le=2.0)] | None = None
+    seed: Seed | None = None
+    user: str | None = None
+    # llama.cpp / Ollama extensions OpenAI clients pass through extra_body
+    top_k: TopK | None = None
+    min_p: Unit | None = None
+    repeat_penalty: Penalty | None = None
+
+    def options(self) -> dict[str, Any]:
+        opts = {
+            "max_tokens": self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens,
+            "temperature": self.temperature, "top_p": self.top_p, "stop": self.stop,
+            "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
+            "seed": self.seed, "top_k": self.top_k, "min_p": self.min_p, "repeat_penalty": self.repeat_penalty,
+        }
+        return {k: v for k, v in opts.items() if v is not None}
+
+
+class CompletionRequest(OpenAIFields, kw_only=True):
+    prompt: str | Annotated[list[str | int], Meta(max_length=1 << 20)]   # text, [text], or token ids
+    logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
+    echo: bool = False
+
+
+class ChatCompletionRequest(OpenAIFields, kw_only=True):
+    messages: Annotated[list[ChatMessage], Meta(min_length=1, max_length=4096)]
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
+
+
+class OpenAIEmbeddingsRequest(msgspec.Struct, kw_only=True):
+    input: str | Annotated[list[str], Meta(min_length=1, max_length=256)]
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"   # base64: little-endian float32 bytes

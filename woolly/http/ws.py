@@ -1,0 +1,109 @@
+"""WebSocket `/ws`: many generate/chat requests in flight on one socket, each cancellable by id.
+
+Client messages: generate {id, prompt, config}, chat {id, messages, config}, cancel {id},
+status {}. Server events: token, complete, error, status (the reference's shapes).
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import msgspec
+from litestar.connection import WebSocket
+from litestar.exceptions import WebSocketDisconnect
+
+from woolly.errors import InvalidRequest, WoollyError
+from woolly.http import schemas as S
+from woolly.http.chat import chat_prompt_ids
+
+MAX_IN_FLIGHT = 16
+
+
+class ClientMessage(msgspec.Struct, kw_only=True):
+    type: str
+    id: str | None = None
+    prompt: str | None = None
+    messages: list[S.ChatMessage] | None = None
+    config: S.SamplingFields | None = None
+
+
+async def serve_socket(socket: WebSocket, server) -> None:
+    await socket.accept()
+    send_lock = asyncio.Lock()
+    tasks: dict[str, asyncio.Task] = {}
+
+    async def send(event: dict) -> None:
+        async with send_lock:
+            await socket.send_text(msgspec.json.encode(event).decode())
+
+    async def send_error(request_id, exc: WoollyError) -> None:
+        await send({"type": "error", "request_id": request_id, "error": exc.message, "code": exc.code})
+
+    async def run(msg: ClientMessage) -> None:
+        rid = msg.id
+        try:
+            server.check_model(None)
+            options = msg.config.options() if msg.config else {}
+            if msg.type == "generate":
+                if msg.prompt is None:
+                    raise InvalidRequest("a generate message needs a prompt")
+                ids = server.engine.tokenize(msg.prompt)
+            else:
+                if not msg.messages:
+                    raise InvalidRequest("a chat message needs messages")
+                ids = chat_prompt_ids(server.engine.model, msg.messages)
+            index = 0
+            async for kind, payload in server.events(ids, options):
+                if kind == "token" and payload.text:
+                    await send({"type": "token", "request_id": rid, "token": payload.text, "index": index,
+                                "timestamp": int(time.time() * 1000)})
+                    index += 1
+                elif kind == "done":
+                    await send({"type": "complete", "request_id": rid, "text": payload.text,
+                                "tokens_generated": payload.generated_tokens,
+                                "generation_time_ms": int(payload.generation_time * 1000),
+                                "finish_reason": payload.finish_reason})
+        except WoollyError as e:
+            await send_error(rid, e)
+        finally:
+            tasks.pop(rid, None)
+
+    await send(status_event(server))
+    try:
+        while True:
+            raw = await socket.receive_text()
+            try:
+                msg = msgspec.json.decode(raw, type=ClientMessage)
+            except msgspec.DecodeError as e:
+                await send_error(None, InvalidRequest(f"invalid message: {e}"))
+                continue
+            if msg.type == "status":
+                await send(status_event(server))
+            elif msg.type == "cancel":
+                task = tasks.get(msg.id or "")
+                if task is not None:
+                    task.cancel()   # its generation stops at the next decode step
+                    await send({"type": "complete", "request_id": msg.id, "text": "", "tokens_generated": 0,
+                                "generation_time_ms": 0, "finish_reason": "cancelled"})
+            elif msg.type in ("generate", "chat"):
+                if not msg.id:
+                    await send_error(None, InvalidRequest("a request needs an id"))
+                elif msg.id in tasks:
+                    await send_error(msg.id, InvalidRequest(f"request id {msg.id!r} is already in flight"))
+                elif len(tasks) >= MAX_IN_FLIGHT:
+                    await send_error(msg.id, InvalidRequest(f"at most {MAX_IN_FLIGHT} requests in flight per socket"))
+                else:
+                    tasks[msg.id] = asyncio.create_task(run(msg))
+            else:
+                await send_error(msg.id, InvalidRequest(f"unknown message type {msg.type[:32]!r}"))
+    except WebSocketDisconnect:
+        pass
+    finally:
+        for task in list(tasks.values()):
+            task.cancel()
+
+
+def status_event(server) -> dict:
+    st = server.engine.stats()
+    return {"type": "status", "model": st.model, "active_sessions": st.active_sessions,
+            "memory_used": st.host_memory, "gpu_memory_used": st.device_memory if server.engine.config.enable_gpu else 0}
