@@ -288,6 +288,79 @@ def test_sentencepiece_from_file(tmp_path):
         SentencePieceTokenizer.from_file(tmp_path / "missing.model")
 
 
+# -- other pre-tokenizers and settings, against llama.cpp on rewritten vocabularies -------------
+def write_vocab_gguf(src: str, dst, overrides: dict) -> str:
+    """A copy of `src`'s metadata (no tensors) with some keys changed: llama.cpp loads it with
+    vocab_only, so it tokenizes with e.g. another pre-tokenizer over the same vocabulary."""
+    import gguf
+    import numpy as np
+
+    from woolly.formats.gguf_file import STRING, GGUFFile
+    from woolly.registry import resolve_model_path
+
+    g = GGUFFile(resolve_model_path(src))
+    w = gguf.GGUFWriter(str(dst), g.get("general.architecture"))
+    overrides = dict(overrides)
+    for key, f in g.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        value = overrides.pop(key, f.value)
+        if f.element_type == STRING:
+            w.add_array(key, list(value))
+        elif f.element_type is not None:
+            w.add_key_value(key, np.asarray(value).tolist(), gguf.GGUFValueType.ARRAY,
+                            sub_type=gguf.GGUFValueType(f.element_type))
+        elif f.vtype == STRING:
+            w.add_string(key, value)
+        else:
+            w.add_key_value(key, value, gguf.GGUFValueType(f.vtype))
+    for key, value in overrides.items():
+        (w.add_bool if isinstance(value, bool) else w.add_string)(key, value)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    g.close()
+    return str(dst)
+
+
+VARIANTS = {
+    "gpt-2": ("smollm2-135m-instruct", {"tokenizer.ggml.pre": "gpt-2"}),
+    "starcoder": ("smollm2-135m-instruct", {"tokenizer.ggml.pre": "starcoder"}),
+    "llama-bpe": ("smollm2-135m-instruct", {"tokenizer.ggml.pre": "llama-bpe"}),
+    "qwen2": ("smollm2-135m-instruct", {"tokenizer.ggml.pre": "qwen2"}),
+    "default": ("smollm2-135m-instruct", {"tokenizer.ggml.pre": "default"}),
+    "falcon": ("smollm2-135m-instruct", {"tokenizer.ggml.pre": "falcon"}),
+    "bpe-add-bos": ("smollm2-135m-instruct", {"tokenizer.ggml.add_bos_token": True}),
+    "spm-space-prefix": ("gemma3-270m", {"tokenizer.ggml.add_space_prefix": True}),
+}
+
+
+@pytest.mark.real
+@pytest.mark.oracle
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_variants_match_llama_cpp(variant, tmp_path):
+    import llama_cpp
+
+    src, overrides = VARIANTS[variant]
+    path = write_vocab_gguf(src, tmp_path / f"{variant}.gguf", overrides)
+    llm = llama_cpp.Llama(model_path=path, vocab_only=True, verbose=False)
+    tok = Model.from_file(path).tokenizer
+    for special in (False, True):
+        for text in CORPUS:
+            assert tok.tokenize(text, parse_special=special) == llm.tokenize(text.encode(), add_bos=True, special=special), text
+            ids = tok.tokenize(text, add_bos=False, parse_special=special)
+            assert tok.decode_bytes(ids) == llama_detokenize(llm, ids, special=True)
+    if not tok.vocabulary.add_space_prefix:
+        for text in CORPUS:
+            assert tok.decode(tok.tokenize(text, add_bos=False, parse_special=True)) == text
+    else:  # the space put before text is taken off again (llama.cpp's detokenize with BOS removed)
+        for text in ("Hello world", " two spaces", "x"):
+            assert tok.decode(tok.tokenize(text), skip_special=True) == text
+            assert tok.decode(tok.tokenize(text, add_bos=False)) == text
+    llm.close()
+
+
 # -- pre-tokenizers ---------------------------------------------------------------------------
 @pytest.mark.parametrize("name", sorted(PRE_TOKENIZER_REGEXES))
 def test_pre_tokenizers_cover_the_text(name):

@@ -18,15 +18,19 @@ _LLAMA3 = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{
 _QWEN2 = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
           r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
-# tokenizer.ggml.pre -> regexes applied in order (llama.cpp's llm_tokenizer_bpe).
+# tokenizer.ggml.pre -> regexes applied in order (llama.cpp's llm_tokenizer_bpe). The names are
+# llama.cpp's; "gpt2" is accepted as another name for its "gpt-2".
 PRE_TOKENIZER_REGEXES: dict[str, tuple[str, ...]] = {
     "default": (r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"),
+    "gpt-2": (_GPT2,),
     "gpt2": (_GPT2,),
+    "phi-2": (_GPT2,),
     "mpt": (_GPT2,),
     "olmo": (_GPT2,),
     "jais": (_GPT2,),
     "llama-bpe": (_LLAMA3,),
     "llama3": (_LLAMA3,),
+    "llama-v3": (_LLAMA3,),
     "dbrx": (_LLAMA3,),
     "smaug-bpe": (_LLAMA3,),
     "qwen2": (_QWEN2,),
@@ -42,7 +46,7 @@ PRE_TOKENIZER_REGEXES: dict[str, tuple[str, ...]] = {
 }
 
 # Pre-tokenizers whose whole words skip the merges when the word is itself a token.
-IGNORE_MERGES = frozenset({"llama-bpe", "llama3"})
+IGNORE_MERGES = frozenset({"llama-bpe", "llama3", "llama-v3"})
 
 
 class PreTokenizer:
