@@ -170,31 +170,46 @@ def test_unencodable_bytes_are_dropped_like_llama_cpp(pair):
 @pytest.mark.real
 def test_incremental_decoder_never_splits_a_character(pair):
     tok, _ = pair
-    text = "Ünïcödé 日本語 👨‍👩‍👧 🇯🇵 𝔘𝔫𝔦 ꙮ done"
-    ids = tok.tokenize(text, add_bos=False)
-    dec = tok.incremental_decoder()
+    text = "Ünïcödé 日本語 👨‍👩‍👧 🇯🇵 𝔘𝔫𝔦 ꙮ done <|im_start|><end_of_turn>"
+    ids = tok.tokenize(text, add_bos=False, parse_special=True)
+    dec = tok.incremental_decoder(at_start=True)
     pieces = [dec.feed(i) for i in ids] + [dec.flush()]
-    assert "".join(pieces) == text
+    assert "".join(pieces) == text == tok.decode(ids)
     assert all("\ufffd" not in p for p in pieces)
-    # a byte-fallback character fed one byte token at a time is held back, then complete
-    held = tok.incremental_decoder()
-    for b in "ꙮ".encode():
-        before = held.feed([])
-        assert before == ""
-    assert held.flush() == ""
+    quiet = tok.incremental_decoder(skip_special=True)
+    assert "".join(quiet.feed(i) for i in ids) + quiet.flush() == tok.decode(ids, skip_special=True)
+
+
+def single_byte_tokens(tok, data: bytes) -> list[int]:
+    """For each byte, a token standing for exactly that byte."""
+    by_byte = {}
+    for i in range(tok.vocab_size):
+        b = tok.token_bytes(i)
+        if len(b) == 1:
+            by_byte.setdefault(b[0], i)
+    return [by_byte[b] for b in data]
 
 
 @pytest.mark.real
-def test_incremental_decoder_flush_marks_an_unfinished_character(pair):
+def test_incremental_decoder_holds_back_a_split_character(pair):
     tok, _ = pair
-    ids = tok.tokenize("é", add_bos=False)
-    byte_level = [i for i in range(tok.vocab_size) if tok.token_bytes(i) == "é".encode()[:1]]
-    if not byte_level:
-        pytest.fail("no token holds the first byte of é")
+    first, second, third = single_byte_tokens(tok, "€".encode())  # 3 bytes: E2 82 AC
     dec = tok.incremental_decoder()
-    assert dec.feed(byte_level[0]) == ""
-    assert dec.flush() == "\ufffd"
-    assert dec.feed(ids) == "é"
+    assert dec.feed(first) == "" and dec.feed(second) == ""
+    assert dec.feed(third) == "€"
+    assert dec.feed([first, second]) == ""
+    assert dec.flush() == "\ufffd"  # the stream ended inside a character
+    assert dec.feed(tok.tokenize("ok", add_bos=False)) == "ok"
+
+
+@pytest.mark.real
+def test_long_words_merge_the_same_and_fast(pair):
+    tok, llm = pair
+    for text in ("ab" * 3000, "x" * 5000 + " y", "日本" * 1000):
+        t0 = time.perf_counter()
+        ours = tok.tokenize(text, add_bos=False)
+        assert time.perf_counter() - t0 < 5
+        assert ours == llm.tokenize(text.encode(), add_bos=False, special=False)
 
 
 # -- special tokens and lookups ---------------------------------------------------------------

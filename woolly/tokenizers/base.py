@@ -169,9 +169,10 @@ class Tokenizer(abc.ABC):
                 parts[k] = parts[k][1:]
         return b"".join(parts)
 
-    def incremental_decoder(self, *, skip_special: bool = False) -> IncrementalDecoder:
-        """A streaming decoder: `feed(ids) -> str` never returns part of a character."""
-        return IncrementalDecoder(self, skip_special=skip_special)
+    def incremental_decoder(self, *, skip_special: bool = False, at_start: bool = False) -> IncrementalDecoder:
+        """A streaming decoder: `feed(ids) -> str` never returns part of a character.
+        `at_start`: the ids begin a text rather than continue a prompt (see decode_bytes)."""
+        return IncrementalDecoder(self, skip_special=skip_special, at_start=at_start)
 
     def is_eog(self, token_id: int) -> bool:
         """Does this id end generation (EOS, end of turn, and the like)?"""

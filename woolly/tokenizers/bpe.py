@@ -7,6 +7,7 @@ running text costs one dict lookup per word once its words have been seen.
 """
 from __future__ import annotations
 
+import heapq
 import json
 import os
 from typing import Iterable, Sequence
@@ -38,6 +39,7 @@ CHAR_TO_BYTE = {c: b for b, c in BYTE_TO_CHAR.items()}
 _LATIN1_TO_BYTE_CHARS = {b: c for b, c in BYTE_TO_CHAR.items()}  # str.translate table over latin-1 text
 
 _MAX_CACHE = 1 << 17  # words; the cache is cleared (not grown) past this
+_LONG_WORD = 48       # symbols; longer words merge with a heap instead of rescanning
 
 
 class BPETokenizer(Tokenizer):
@@ -121,6 +123,8 @@ class BPETokenizer(Tokenizer):
 
     def _merge(self, parts: list[str]) -> list[str]:
         """Merge the lowest-ranked adjacent pair (leftmost on ties) until none has a rank."""
+        if len(parts) > _LONG_WORD:
+            return self._merge_heap(parts)
         ranks = self._ranks
         while len(parts) > 1:
             best_rank, best = None, -1
@@ -135,6 +139,36 @@ class BPETokenizer(Tokenizer):
                 break
             parts[best:best + 2] = [parts[best] + parts[best + 1]]
         return parts
+
+    def _merge_heap(self, parts: list[str]) -> list[str]:
+        """`_merge` for long words, with llama.cpp's priority queue: O(n log n), same result."""
+        ranks = self._ranks
+        n = len(parts)
+        nxt = list(range(1, n + 1))
+        nxt[-1] = -1
+        prv = list(range(-1, n - 1))
+        heap = [(r, i, i + 1, len(parts[i]) + len(parts[i + 1])) for i in range(n - 1)
+                if (r := ranks.get((parts[i], parts[i + 1]))) is not None]
+        heapq.heapify(heap)
+
+        def add(left: int, right: int) -> None:
+            if left >= 0 and right >= 0:
+                r = ranks.get((parts[left], parts[right]))
+                if r is not None:
+                    heapq.heappush(heap, (r, left, right, len(parts[left]) + len(parts[right])))
+
+        while heap:
+            _, left, right, size = heapq.heappop(heap)
+            a, b = parts[left], parts[right]
+            if not a or not b or len(a) + len(b) != size:
+                continue  # a side changed since this pair was queued
+            parts[left], parts[right] = a + b, ""
+            nxt[left] = nxt[right]
+            if nxt[right] >= 0:
+                prv[nxt[right]] = left
+            add(prv[left], left)
+            add(left, nxt[left])
+        return [p for p in parts if p]
 
     def _normal_piece(self, text: str) -> bytes:
         try:

@@ -11,13 +11,15 @@ if TYPE_CHECKING:
 class IncrementalDecoder:
     """Decodes ids as they arrive. `feed(ids) -> str` returns only complete characters; bytes of a
     character split across tokens wait for the rest. `flush()` ends the stream (an incomplete tail
-    becomes U+FFFD). Text equals `tokenizer.decode(all_ids)` once flushed."""
+    becomes U+FFFD). Text equals `tokenizer.decode(all_ids)` once flushed (with `at_start`)."""
 
-    def __init__(self, tokenizer: "Tokenizer", *, skip_special: bool = False):
+    def __init__(self, tokenizer: "Tokenizer", *, skip_special: bool = False, at_start: bool = False):
+        # at_start: the ids begin a text (drop a SentencePiece dummy-prefix space); a model's
+        # continuation of a prompt does not.
         self._tokenizer = tokenizer
         self._skip_special = skip_special
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._at_start = True
+        self._at_start = at_start
 
     def feed(self, ids: int | Iterable[int]) -> str:
         ids = [ids] if isinstance(ids, int) else list(ids)
