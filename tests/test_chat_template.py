@@ -74,6 +74,8 @@ def test_smollm2_template_renders_as_llama_cpp_python(messages, add_generation_p
                               add_generation_prompt=add_generation_prompt)(messages=messages).prompt
     assert render_chat(m, messages, add_generation_prompt=add_generation_prompt) == ref
     assert m.apply_chat_template(messages, add_generation_prompt=add_generation_prompt) == ref
+    if messages[0]["role"] == "system":  # llama.cpp's C++ renderer (it recognizes ChatML) agrees
+        assert llama_cpp_builtin(template, messages, add_generation_prompt) == ref
 
 
 @pytest.mark.real

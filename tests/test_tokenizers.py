@@ -167,6 +167,21 @@ def test_unencodable_bytes_are_dropped_like_llama_cpp(pair):
         assert tok.decode(tok.tokenize(text, add_bos=False)) == text
 
 
+SPECIAL_BITS = ["<|im_start|>", "<|im_end|>", "<start_of_turn>", "<end_of_turn>", "<bos>", "</s>", "<table>",
+                "\n\n", "  ", "\t\t", "'ll", "'S", " 123", "0"]
+
+
+@pytest.mark.real
+@pytest.mark.oracle
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.lists(st.one_of(st.characters(blacklist_categories=["Cs"]), st.sampled_from(SPECIAL_BITS)),
+                     max_size=30).map("".join), parse_special=st.booleans())
+def test_tokenize_property_matches_llama_cpp(pair, text, parse_special):
+    tok, llm = pair
+    assert tok.tokenize(text, add_bos=False, parse_special=parse_special) == \
+        llm.tokenize(text.encode(), add_bos=False, special=parse_special)
+
+
 @pytest.mark.real
 def test_incremental_decoder_never_splits_a_character(pair):
     tok, _ = pair
