@@ -428,5 +428,5 @@ def test_tokenize_speed_vs_llama_cpp(pair):
     ref = llm.tokenize(data, add_bos=False, special=False)
     t2 = time.perf_counter()
     assert ours == ref
-    print(f"\n{tok.vocabulary.pre}/{tok.vocabulary.model}: {len(data) / 1e3:.0f} KB, woolly "
+    print(f"\n{tok.vocabulary.model} vocabulary (pre {tok.vocabulary.pre}): {len(data) / 1e3:.0f} KB, woolly "
           f"{len(data) / (t1 - t0) / 1e6:.2f} MB/s, llama.cpp {len(data) / (t2 - t1) / 1e6:.2f} MB/s")
