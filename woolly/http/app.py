@@ -21,7 +21,6 @@ from litestar.exceptions import HTTPException, WebSocketDisconnect
 from litestar.middleware.rate_limit import RateLimitConfig
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
-from litestar.response import ServerSentEvent
 from litestar.types import ASGIApp, Receive, Scope, Send
 
 import woolly
@@ -32,7 +31,7 @@ from woolly.http import schemas as S
 from woolly.http.chat import chat_prompt_ids
 from woolly.http.metrics import Metrics
 from woolly.http.models_list import list_model_infos
-from woolly.http.streaming import Primed, prime
+from woolly.http.streaming import EventStream, Primed, prime
 
 log = logging.getLogger("woolly.http")
 access_log = logging.getLogger("woolly.access")
@@ -59,18 +58,22 @@ def http_error_handler(_: Request, exc: HTTPException) -> Response:
         headers.setdefault("Retry-After", str(headers.get("RateLimit-Reset", 60)))
         return error_response(429, "RATE_LIMITED", "too many requests; retry later", headers=headers)
     if status == 400 and exc.extra:
-        message = _validation_message(exc)
-        return error_response(400, "INVALID_REQUEST", message)
+        message, fields = _validation_message(exc)
+        return error_response(400, "INVALID_REQUEST", message, {"fields": fields} if fields else None)
     code = FRAMEWORK_CODES.get(status, "INTERNAL_ERROR" if status >= 500 else "INVALID_REQUEST")
     message = exc.detail if status < 500 else "internal server error"
     return error_response(status, code, message, headers=headers or None)
 
 
-def _validation_message(exc: HTTPException) -> str:
+def _validation_message(exc: HTTPException) -> tuple[str, list[str]]:
+    """Litestar's validation errors -> one message naming each bad field, and those fields."""
     extra = exc.extra
     if isinstance(extra, list) and extra and isinstance(extra[0], dict):
-        return "; ".join(str(e.get("message", e)) for e in extra[:3])
-    return str(exc.detail)
+        fields = [str(e["key"]) for e in extra[:3] if e.get("key")]
+        parts = [f"{e['key']}: {e.get('message', '')}" if e.get("key") else str(e.get("message", e))
+                 for e in extra[:3]]
+        return "; ".join(parts), fields
+    return str(exc.detail), []
 
 
 def internal_error_handler(_: Request, exc: Exception) -> Response:
@@ -108,6 +111,8 @@ class AccessLogAndAuth:
         async def send_wrapper(message):
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
+            elif message["type"] == "websocket.accept":
+                status["code"] = 101
             await send(message)
 
         try:
@@ -279,7 +284,7 @@ async def _answer(request: Request, events: AsyncIterator[tuple[str, Any]], stre
                 result = payload
         request.scope["state"]["tokens"] = result.generated_tokens
         return to_json(result)
-    return ServerSentEvent(_sse_tokens(request, await prime(events)))
+    return EventStream(_sse_tokens(request, await prime(events)))
 
 
 async def _sse_tokens(request: Request, events: Primed) -> AsyncIterator[str]:

@@ -12,12 +12,11 @@ from typing import Any, AsyncIterator
 
 import msgspec
 from litestar import Request, get, post
-from litestar.response import ServerSentEvent
 
 from woolly.errors import InvalidRequest, WoollyError
 from woolly.http import schemas as S
 from woolly.http.chat import chat_prompt_ids
-from woolly.http.streaming import prime
+from woolly.http.streaming import EventStream, prime
 
 
 def openai_routes(server) -> list:
@@ -62,7 +61,7 @@ def openai_routes(server) -> list:
         events = server.events(ids, options)
         if data.stream:
             include_usage = bool(data.stream_options and data.stream_options.include_usage)
-            return ServerSentEvent(_stream(request, await prime(events), rid, created, model_name(), "text_completion",
+            return EventStream(_stream(request, await prime(events), rid, created, model_name(), "text_completion",
                                           include_usage, lambda ev: _completion_delta(ev, data.logprobs, token_text)))
         result, toks = await _collect(request, events)
         choice = {"index": 0, "text": (data.prompt if data.echo and isinstance(data.prompt, str) else "") + result.text,
@@ -99,7 +98,7 @@ def openai_routes(server) -> list:
 
         if data.stream:
             include_usage = bool(data.stream_options and data.stream_options.include_usage)
-            return ServerSentEvent(_stream(request, await prime(events), rid, created, model_name(), "chat.completion.chunk",
+            return EventStream(_stream(request, await prime(events), rid, created, model_name(), "chat.completion.chunk",
                                           include_usage, lambda ev: {"delta": {"content": ev.text},
                                                                      "logprobs": content_logprobs([ev])},
                                           role_first=True))

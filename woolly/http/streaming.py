@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import AsyncIterator
 
+from litestar.response import ServerSentEvent
+
 
 class Primed:
     """An async event iterator whose first event was already awaited, so errors that come
@@ -30,3 +32,15 @@ async def prime(events: AsyncIterator) -> Primed:
     except StopAsyncIteration:
         first = None
     return Primed(events, first)
+
+
+class EventStream(ServerSentEvent):
+    """An SSE response that keeps `Content-Type: text/event-stream`.
+
+    Litestar lets a route's media type (JSON, the default) override a returned
+    ServerSentEvent's own, so SSE clients that check the header would refuse the stream.
+    """
+
+    def to_asgi_response(self, *args, **kwargs):
+        kwargs["media_type"] = "text/event-stream"
+        return super().to_asgi_response(*args, **kwargs)
