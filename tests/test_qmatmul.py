@@ -65,6 +65,17 @@ def test_quantized_weight_dequantizes_exactly(qtype):
         np.testing.assert_array_equal(np.asarray(dense), ref)
 
 
+@pytest.mark.parametrize("qtype", BLOCK_FORMATS, ids=lambda t: t.name)
+def test_kernel_dequantize_is_exact(qtype):
+    if not qm.kernel_available():
+        pytest.skip(f"CPU kernel unavailable: {qm._kernel_state.get('error')}")
+    for shape in _shapes(qtype):
+        raw = random_raw(qtype, shape, seed=7)
+        w = qm.prepare_weight(raw, qtype, shape, "quantized")
+        got = np.asarray(jax.jit(qm._kernel_dequantize)(w))
+        np.testing.assert_array_equal(got, dequantize(raw, qtype, shape))
+
+
 def test_nibble_packing_is_used_for_4bit_formats():
     for qtype in (Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q3_K, Q.Q2_K):
         shape = (4, qtype.block_size)

@@ -162,7 +162,7 @@ def linear(x: jax.Array, w) -> jax.Array:
         y = _kernel_call(x.reshape(rows, I).astype(jnp.float32), w)
         return y.reshape(*lead, O).astype(x.dtype)
     if isinstance(w, QuantizedWeight):
-        w = w.dequantize(x.dtype)
+        w = _kernel_dequantize(w).astype(x.dtype) if _use_kernel(w, I) else w.dequantize(x.dtype)
     return jnp.einsum("...i,oi->...o", x, w)
 
 
@@ -333,6 +333,42 @@ static void run_range(const Job& J, int64_t a, int64_t z) {
 
 using RangeFn = void (*)(const Job&, int64_t, int64_t);
 
+// Dequantize rows [a, z) (row pairs for kind 1) to f32 y [O, I]: scale * (code - off) (+ bias),
+// multiply then add (compiled with -ffp-contract=off), as woolly.formats.quants.dequantize.
+template <int KIND, int HALF, int SUB, bool BIAS>
+static inline void deq_row(const Job& J, const uint8_t* q, int64_t o) {
+  const int64_t I = J.I, nsub = I / SUB;
+  const __m512 offv = _mm512_set1_ps((float)J.off);
+  float* y = J.y + o * I;
+  for (int64_t e = 0; e < I; e += 16) {
+    const __m512 c = _mm512_sub_ps(codes16<KIND, HALF>(q, e), offv);  // small integers: exact
+    __m512 w = _mm512_mul_ps(_mm512_set1_ps(J.s[o * nsub + e / SUB]), c);
+    if (BIAS) w = _mm512_add_ps(w, _mm512_set1_ps(J.b[o * nsub + e / SUB]));
+    _mm512_storeu_ps(y + e, w);
+  }
+}
+
+template <int KIND, int SUB, bool BIAS>
+static void deq_range(const Job& J, int64_t a, int64_t z) {
+  if (KIND == 0) {
+    for (int64_t o = a; o < z; ++o) deq_row<0, 0, SUB, BIAS>(J, J.q + o * J.I, o);
+  } else {
+    const int64_t H = J.O / 2;
+    for (int64_t p = a; p < z; ++p) {
+      deq_row<1, 0, SUB, BIAS>(J, J.q + p * J.I, p);
+      deq_row<1, 1, SUB, BIAS>(J, J.q + p * J.I, p + H);
+    }
+  }
+}
+
+static RangeFn pick_deq(int64_t kind, int64_t sub, bool bias) {
+#define W_PICK(K, S) \
+  if (kind == K && sub == S) return bias ? deq_range<K, S, true> : deq_range<K, S, false>;
+  W_PICK(0, 16) W_PICK(0, 32) W_PICK(1, 16) W_PICK(1, 32)
+#undef W_PICK
+  return nullptr;
+}
+
 static RangeFn pick(int64_t kind, int64_t sub, bool bias) {
 #define W_PICK(K, S) \
   if (kind == K && sub == S) return bias ? run_range<K, S, true> : run_range<K, S, false>;
@@ -361,6 +397,23 @@ struct Shared {
     }
   }
 };
+
+// Split sp's rows over the calling thread and XLA's intra-op pool; returns when all are done.
+static void run_parallel(ffi::ThreadPool& pool, const std::shared_ptr<Shared>& sp, bool parallel) {
+  int64_t nt = parallel ? pool.num_threads() : 1;
+  if (nt < 1) nt = 1;
+  const int64_t want = nt == 1 ? 1 : nt * 4;  // a few units per thread: a busy core holds back less
+  sp->per = (sp->total + want - 1) / want;
+  if (sp->per < 1) sp->per = 1;
+  sp->units = (sp->total + sp->per - 1) / sp->per;
+  for (int64_t t = 1; t < nt && t < sp->units; ++t) pool.Schedule([sp]() { sp->work(); });
+  sp->work();
+  int spins = 0;
+  while (sp->done.load(std::memory_order_acquire) < sp->units) {
+    _mm_pause();
+    if (++spins > 2048) std::this_thread::yield();
+  }
+}
 
 }  // namespace
 
@@ -399,22 +452,43 @@ static ffi::Error QMatVecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi
   }
   sp->fn = fn;
   sp->total = kind == 1 ? O / 2 : O;
-  int64_t nt = pool.num_threads();
-  if (nt < 1) nt = 1;
-  if (O * I * (R < 8 ? R : 8) < min_par) nt = 1;
-  const int64_t want = nt == 1 ? 1 : nt * 4;  // a few units per thread: a busy core holds back less
-  sp->per = (sp->total + want - 1) / want;
-  if (sp->per < 1) sp->per = 1;
-  sp->units = (sp->total + sp->per - 1) / sp->per;
-  for (int64_t t = 1; t < nt && t < sp->units; ++t) pool.Schedule([sp]() { sp->work(); });
-  sp->work();
-  int spins = 0;
-  while (sp->done.load(std::memory_order_acquire) < sp->units) {
-    _mm_pause();
-    if (++spins > 2048) std::this_thread::yield();
-  }
+  run_parallel(pool, sp, O * I * (R < 8 ? R : 8) >= min_par);
   return ffi::Error::Success();
 }
+
+static ffi::Error DequantImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::Buffer<ffi::F32> s,
+                              ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> y, int64_t kind,
+                              int64_t sub, int64_t off, int64_t has_bias) {
+  auto yd = y->dimensions();
+  auto sd = s.dimensions();
+  if (yd.size() != 2) return ffi::Error::InvalidArgument("woolly_dequant: y [O, I] expected");
+  const int64_t O = yd[0], I = yd[1];
+  if (I % 16 != 0 || (sub != 16 && sub != 32) || I % sub != 0 || sd.size() != 2 || sd[0] != O ||
+      sd[1] != I / sub || (kind == 1 && O % 2 != 0))
+    return ffi::Error::InvalidArgument("woolly_dequant: bad shapes");
+  RangeFn fn = pick_deq(kind, sub, has_bias != 0);
+  if (fn == nullptr) return ffi::Error::InvalidArgument("woolly_dequant: unsupported kind/sub");
+  if (O == 0) return ffi::Error::Success();
+  auto sp = std::make_shared<Shared>();
+  sp->job = Job{nullptr, static_cast<const uint8_t*>(q.untyped_data()), s.typed_data(),
+                has_bias ? b.typed_data() : nullptr, y->typed_data(), 0, I, O, off, nullptr};
+  sp->fn = fn;
+  sp->total = kind == 1 ? O / 2 : O;
+  run_parallel(pool, sp, O * I >= (1 << 16));
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(WoollyDequant, DequantImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("kind")
+                                  .Attr<int64_t>("sub")
+                                  .Attr<int64_t>("off")
+                                  .Attr<int64_t>("has_bias"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(WoollyQMatVec, QMatVecImpl,
                               ffi::Ffi::Bind()
@@ -432,6 +506,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(WoollyQMatVec, QMatVecImpl,
 """
 
 _TARGET = "woolly_qmatvec"
+_DEQUANT_TARGET = "woolly_dequant"
 _kernel_lock = threading.Lock()
 _kernel_state: dict = {}  # "ok": bool once decided, "error": why not
 
@@ -451,7 +526,7 @@ def _build_kernel() -> str:
     """Compile the kernel (once per source, jaxlib and CPU) and return the .so path."""
     cxx = os.environ.get("CXX", "g++")
     inc = jax.ffi.include_dir()
-    flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w"]
+    flags = ["-O3", "-march=native", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC", "-w"]
     key = hashlib.sha256("\0".join([_KERNEL_SOURCE, jax.__version__, inc, cxx, " ".join(flags), _cpu_tag(),
                                     sys.platform, platform.machine()]).encode()).hexdigest()[:16]
     root = os.environ.get("WOOLLY_KERNEL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "woolly", "kernels")
@@ -487,6 +562,7 @@ def kernel_available() -> bool:
             try:
                 lib = ctypes.cdll.LoadLibrary(_build_kernel())
                 jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.WoollyQMatVec), platform="cpu")
+                jax.ffi.register_ffi_target(_DEQUANT_TARGET, jax.ffi.pycapsule(lib.WoollyDequant), platform="cpu")
                 _kernel_state["lib"] = lib
                 ok = True
             except Exception as e:  # no compiler, no AVX-512, ...: the XLA path still works
@@ -522,3 +598,12 @@ def _kernel_call(x2: jax.Array, w) -> jax.Array:
         attrs = dict(kind=np.int64(2), sub=np.int64(16), off=np.int64(0), has_bias=np.int64(0))
     call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((R, O), jnp.float32), vmap_method="sequential")
     return call(*args, min_par=np.int64(KERNEL_MIN_PARALLEL), **attrs)
+
+
+def _kernel_dequantize(w: QuantizedWeight) -> jax.Array:
+    """w's f32 matrix [O, I] through the CPU kernel (bit-identical to `w.dequantize()`)."""
+    O, I = w.shape
+    call = jax.ffi.ffi_call(_DEQUANT_TARGET, jax.ShapeDtypeStruct((O, I), jnp.float32), vmap_method="sequential")
+    b = w.bias if w.bias is not None else jnp.zeros((1,), jnp.float32)
+    return call(w.q, w.scale, b, kind=np.int64(1 if w.kind == "nib" else 0), sub=np.int64(w.sub),
+                off=np.int64(w.off), has_bias=np.int64(w.bias is not None))
