@@ -126,7 +126,9 @@ def read_vocabulary(g: GGUFFile) -> Vocabulary:
         model=model, pre=str(g.get("tokenizer.ggml.pre", "default")), tokens=tokens, token_types=types,
         scores=None if scores is None else scores.astype(np.float32), merges=merges,
         bos_id=special("bos"), eos_id=special("eos"), unk_id=special("unknown"), pad_id=special("padding"),
-        add_bos=scalar("tokenizer.ggml.add_bos_token", bool, model == "llama"),
+        # llama.cpp's defaults when the file is silent: BOS for SentencePiece and the llama3/tekken pre-tokenizers.
+        add_bos=scalar("tokenizer.ggml.add_bos_token", bool,
+                       model == "llama" or str(g.get("tokenizer.ggml.pre", "")) in ("llama-bpe", "llama3", "tekken")),
         add_eos=scalar("tokenizer.ggml.add_eos_token", bool, False),
         add_space_prefix=scalar("tokenizer.ggml.add_space_prefix", bool, model == "llama"),
         chat_template=template if isinstance(template, str) else None,
@@ -233,6 +235,9 @@ class Model:
         """Check every tensor the architecture needs, and the vocabulary; raise naming the problem."""
         cfg = self.config
         vocab = self.vocabulary
+        if cfg.n_layers > len(self.tensors):  # before listing every expected name: block_count may be 2^31-1
+            raise ModelLoadFailed(
+                f"{cfg.arch}.block_count {cfg.n_layers} is more than the file's {len(self.tensors)} tensors could hold")
         if vocab.size != cfg.vocab_size:
             raise ModelLoadFailed(f"the vocabulary has {vocab.size} tokens but token_embd has {cfg.vocab_size} rows")
         for name, dims in cfg.expected_tensors().items():
