@@ -26,7 +26,7 @@ from litestar.types import ASGIApp, Receive, Scope, Send
 import woolly
 from woolly.config import WoollyConfig
 from woolly.engine import Engine
-from woolly.errors import HTTP_STATUS, InvalidRequest, ModelNotLoaded, WoollyError
+from woolly.errors import HTTP_STATUS, ContextLengthExceeded, InvalidRequest, ModelNotLoaded, WoollyError
 from woolly.http import schemas as S
 from woolly.http.chat import chat_prompt_ids
 from woolly.http.metrics import Metrics
@@ -74,6 +74,12 @@ def _validation_message(exc: HTTPException) -> tuple[str, list[str]]:
                  for e in extra[:3]]
         return "; ".join(parts), fields
     return str(exc.detail), []
+
+
+def undecodable_body_handler(_: Request, exc: UnicodeDecodeError) -> Response:
+    """Litestar decodes a JSON body as UTF-8 without catching the error: a 400, not a 500."""
+    return error_response(400, "INVALID_REQUEST",
+                          f"the request body is not valid UTF-8 ({exc.reason} at byte {exc.start})")
 
 
 def internal_error_handler(_: Request, exc: Exception) -> Response:
@@ -156,7 +162,13 @@ class Server:
             check_name(name)
 
     def max_tokens(self, requested: int | None, prompt_len: int) -> int:
-        room = self.engine.scheduler().runner.cache_length - prompt_len
+        context = self.engine.scheduler().runner.cache_length
+        if prompt_len >= context:   # said as the prompt's fault, not max_tokens'
+            raise ContextLengthExceeded(
+                f"the prompt has {prompt_len} tokens; the context holds {context} "
+                f"(prompt plus at least one generated token)",
+                details={"prompt_tokens": prompt_len, "context_length": context})
+        room = context - prompt_len
         if requested is None:
             return max(0, min(256, room))
         if requested > room:
@@ -257,7 +269,7 @@ def create_app(config: WoollyConfig, engine: Engine) -> Litestar:
         middleware=[auth_middleware] + ([rate.middleware] if rate else []),
         cors_config=cors,
         exception_handlers={WoollyError: woolly_error_handler, HTTPException: http_error_handler,
-                            Exception: internal_error_handler},
+                            UnicodeDecodeError: undecodable_body_handler, Exception: internal_error_handler},
         request_max_body_size=config.server.max_body_bytes,
         openapi_config=OpenAPIConfig(title="Woolly", version=woolly.__version__, path="/schema",
                                      render_plugins=[SwaggerRenderPlugin()]),

@@ -97,10 +97,16 @@ class ChatMessage(msgspec.Struct, kw_only=True):
     name: str | None = None
 
 
+# A request may not bring its own chat template (only the model file's, sandboxed, is used):
+# any value but null is a 400 naming the field, rather than being silently ignored.
+NoTemplate = Annotated[None, Meta(description="refused: the model's own template is always used")]
+
+
 class ChatRequest(SamplingFields, kw_only=True):
     messages: Annotated[list[ChatMessage], Meta(min_length=1, max_length=4096)]
     stream: bool = False
     model: ModelName | None = None
+    chat_template: NoTemplate = None
 
 
 class ChatResponse(msgspec.Struct):
@@ -196,6 +202,7 @@ class ChatCompletionRequest(OpenAIFields, kw_only=True):
     messages: Annotated[list[ChatMessage], Meta(min_length=1, max_length=4096)]
     logprobs: bool = False
     top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
+    chat_template: NoTemplate = None
 
 
 class OpenAIEmbeddingsRequest(msgspec.Struct, kw_only=True):
