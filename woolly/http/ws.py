@@ -75,7 +75,7 @@ async def serve_socket(socket: WebSocket, server) -> None:
             try:
                 msg = msgspec.json.decode(raw, type=ClientMessage)
             except msgspec.DecodeError as e:
-                await send_error(None, InvalidRequest(f"invalid message: {e}"))
+                await send_error(_request_id(raw), InvalidRequest(f"invalid message: {e}"))
                 continue
             if msg.type == "status":
                 await send(status_event(server))
@@ -107,3 +107,13 @@ def status_event(server) -> dict:
     st = server.engine.stats()
     return {"type": "status", "model": st.model, "active_sessions": st.active_sessions,
             "memory_used": st.host_memory, "gpu_memory_used": st.device_memory if server.engine.config.enable_gpu else 0}
+
+
+def _request_id(raw: str) -> str | None:
+    """The id of a message that failed validation, so its error event reaches that request's handler."""
+    try:
+        msg = msgspec.json.decode(raw)
+    except msgspec.DecodeError:
+        return None
+    rid = msg.get("id") if isinstance(msg, dict) else None
+    return rid if isinstance(rid, str) else None
