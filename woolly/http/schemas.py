@@ -70,7 +70,7 @@ class LoadModelRequest(msgspec.Struct, kw_only=True):
     gpu_layers: Annotated[int, Meta(ge=0, le=100000)] | None = None
 
 
-class LoadModelResponse(msgspec.Struct):
+class LoadModelResponse(msgspec.Struct, omit_defaults=True):   # unload's answer has no load_time_ms
     success: bool
     message: str
     load_time_ms: int | None = None
