@@ -33,15 +33,28 @@ _llama_cache: dict = {}
 
 def llama_cpp_model(path: str, **kw):
     """One llama-cpp-python `Llama` per (path, options), reused across tests (loading costs)."""
+    key = (path, tuple(sorted(kw.items())))
+    if key not in _llama_cache:
+        _llama_cache[key] = open_llama_cpp(path, **kw)
+    return _llama_cache[key]
+
+
+def open_llama_cpp(path: str, **kw):
+    """A fresh, uncached `Llama` (for throwaway files); the caller closes it."""
     import llama_cpp
 
     _disable_extra_buffer_types(llama_cpp)
-    key = (path, tuple(sorted(kw.items())))
-    if key not in _llama_cache:
-        opts = dict(n_ctx=512, n_threads=2, n_batch=512, verbose=False, seed=0)
-        opts.update(kw)
-        _llama_cache[key] = llama_cpp.Llama(model_path=path, **opts)
-    return _llama_cache[key]
+    opts = dict(n_ctx=512, n_threads=2, n_batch=512, verbose=False, seed=0)
+    opts.update(kw)
+    return llama_cpp.Llama(model_path=path, **opts)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _close_llama_cpp_models():
+    """Free cached llama.cpp models before interpreter shutdown (their __del__ fails noisily then)."""
+    yield
+    while _llama_cache:
+        _llama_cache.popitem()[1].close()
 
 
 def _disable_extra_buffer_types(llama_cpp) -> None:
