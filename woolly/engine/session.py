@@ -7,6 +7,7 @@ prefilled again. Async methods for servers and notebooks, `*_sync` for scripts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
 import time
@@ -47,11 +48,25 @@ class Session:
             parts.append(piece)
         return "".join(parts)
 
-    async def generate_stream(self, prompt: str, max_tokens: int = 128, temperature: float = 0.8,
-                              top_p: float = 0.95, tx: asyncio.Queue | None = None,
-                              **options) -> AsyncIterator[str]:
-        """Decoded text pieces as they come (never a broken character). With `tx`, each piece
-        is also put on that queue, then None."""
+    def generate_stream(self, prompt: str, max_tokens: int = 128, temperature: float = 0.8, top_p: float = 0.95,
+                        tx: asyncio.Queue | None = None, **options):
+        """Decoded text pieces as they come (never a broken character), as an async iterator.
+
+        With `tx` (an asyncio.Queue), the reference's channel form: a coroutine that puts each
+        piece on `tx`, then None, and returns when generation ends, so it can be awaited or
+        run as a task (`asyncio.create_task(session.generate_stream(..., tx=tx))`)."""
+        pieces = self._pieces(prompt, max_tokens, temperature, top_p, **options)
+        return pieces if tx is None else self._send(pieces, tx)
+
+    async def _send(self, pieces: AsyncIterator[str], tx: asyncio.Queue) -> None:
+        try:
+            async with contextlib.aclosing(pieces):
+                async for piece in pieces:
+                    await tx.put(piece)
+        finally:
+            await tx.put(None)
+
+    async def _pieces(self, prompt, max_tokens, temperature, top_p, **options) -> AsyncIterator[str]:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
@@ -65,8 +80,6 @@ class Session:
                 kind, payload = await events.get()
                 if kind == "token":
                     if payload.text:
-                        if tx is not None:
-                            await tx.put(payload.text)
                         yield payload.text
                 elif kind == "done":
                     done = True
@@ -78,8 +91,6 @@ class Session:
         finally:
             if not done:       # the consumer went away: stop generating at the next step
                 req.cancel()
-            if tx is not None:
-                await tx.put(None)
 
     async def generate_events(self, prompt: str | list[int], **options) -> AsyncIterator[tuple[str, object]]:
         """("token", TokenEvent) ... then ("done", GenerationResult): for servers needing ids and counts."""
