@@ -194,14 +194,30 @@ def test_requests_beyond_the_slots_queue_and_complete(engine):
 def test_generate_stream_with_tx_puts_pieces_then_none(engine, alone):
     async def main():
         tx: asyncio.Queue = asyncio.Queue()
-        pieces = [p async for p in engine.create_session().generate_stream(STORY, 10, 0.0, 1.0, tx=tx)]
-        got = []
-        while not tx.empty():
-            got.append(tx.get_nowait())
-        return pieces, got
-    pieces, got = asyncio.run(main())
-    assert got == pieces + [None] and all(pieces)
-    assert "".join(pieces) == alone(STORY, 10).text
+        task = asyncio.create_task(engine.create_session().generate_stream(STORY, 10, 0.0, 1.0, tx=tx))
+        got = [await tx.get()]
+        while got[-1] is not None:
+            got.append(await tx.get())
+        assert await task is None
+        return got
+    got = asyncio.run(main())
+    assert got[-1] is None and all(got[:-1])
+    assert "".join(got[:-1]) == alone(STORY, 10).text
+
+
+def test_generate_stream_with_tx_still_ends_the_queue_on_error(engine):
+    async def main():
+        tx: asyncio.Queue = asyncio.Queue()
+        with pytest.raises(InvalidRequest):
+            await engine.create_session().generate_stream(STORY, -5, 0.0, 1.0, tx=tx)
+        return tx.get_nowait()
+    assert asyncio.run(main()) is None
+
+
+def test_async_iteration_gives_the_same_pieces(engine, alone):
+    async def main():
+        return [p async for p in engine.create_session().generate_stream(STORY, 10, 0.0, 1.0)]
+    assert "".join(asyncio.run(main())) == alone(STORY, 10).text
 
 
 def test_streamed_pieces_are_whole_characters(engine):
