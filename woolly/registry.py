@@ -68,8 +68,11 @@ def check_name(name: str) -> str:
 
 
 def is_path(spec: str | os.PathLike) -> bool:
-    s = os.fspath(spec)
-    return s.endswith(".gguf") or os.sep in s or (os.altsep is not None and os.altsep in s)
+    """A path object, or a string naming a `.gguf` file; any other string is a model name.
+
+    So '/etc/passwd' or '../x' is an (invalid) name and is never opened.
+    """
+    return isinstance(spec, os.PathLike) or os.fspath(spec).endswith(".gguf")
 
 
 def model_path(name: str) -> Path:
