@@ -1,0 +1,151 @@
+"""`woolly info | list | quantize`, in process through `main([...])` and as a real subprocess.
+
+An error is one line on stderr (`woolly: error: ...`), no traceback, exit status 1.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tiny_models import write_tiny_model
+from woolly.cli import main
+from woolly.formats.quants import QuantizationType as Q
+from woolly.model import Model
+
+WOOLLY = [sys.executable, "-m", "woolly.cli"]
+
+
+@pytest.fixture
+def models(tmp_path, monkeypatch) -> Path:
+    d = tmp_path / "models"
+    d.mkdir()
+    monkeypatch.setenv("WOOLLY_MODELS_DIR", str(d))
+    return d
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return write_tiny_model(tmp_path_factory.mktemp("cli") / "tiny.gguf", arch="gemma3", qtype=Q.Q8_0)
+
+
+def run_cli(*args: str, env_models: Path | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    if env_models is not None:
+        env["WOOLLY_MODELS_DIR"] = str(env_models)
+    return subprocess.run(WOOLLY + list(args), capture_output=True, text=True, env=env, timeout=120)
+
+
+def assert_one_line_error(code: int, err: str, fragment: str) -> None:
+    assert code == 1
+    assert err.startswith("woolly: error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err and fragment in err, err
+
+
+def info_fields(out: str) -> dict[str, str]:
+    return {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in out.splitlines() if ":" in line)}
+
+
+# -- info ---------------------------------------------------------------------------------------
+def test_info_on_a_path(tiny, capsys):
+    assert main(["info", str(tiny)]) == 0
+    out = capsys.readouterr().out
+    f = info_fields(out)
+    m = Model.from_file(tiny)
+    assert f["name"] == "tiny-gemma3-q8_0" and f["architecture"] == "gemma3" and f["quantization"] == "Q8_0"
+    assert f["vocabulary"] == str(m.vocabulary.size)
+    assert f["parameters"].replace(",", "") == str(m.metadata.parameters)
+    assert "layers 2, d 64, heads 4/2, head dim 16, ffn 128" in out
+
+
+def test_info_on_a_pulled_name(models, capsys):
+    write_tiny_model(models / "tiny-llama.gguf")
+    assert main(["info", "tiny-llama"]) == 0
+    assert info_fields(capsys.readouterr().out)["architecture"] == "llama"
+
+
+@pytest.mark.real
+def test_info_on_the_real_models(capsys):
+    assert main(["info", "smollm2-135m-instruct"]) == 0
+    out = capsys.readouterr().out
+    assert info_fields(out)["quantization"] == "Q4_1" and "layers 30, d 576" in out
+    assert main(["info", "gemma3-270m"]) == 0
+    out = capsys.readouterr().out
+    assert info_fields(out)["vocabulary"] == "262144" and "layers 18, d 640" in out
+
+
+@pytest.mark.parametrize("spec,fragment", [
+    ("missing.gguf", "model file not found: missing.gguf"),
+    ("../escape", "invalid model name"),
+    ("/etc/passwd", "invalid model name"),
+    ("no-such-model", "'no-such-model' is not available"),
+])
+def test_info_errors_are_one_line(models, capsys, spec, fragment):
+    code = main(["info", spec])
+    assert_one_line_error(code, capsys.readouterr().err, fragment)
+
+
+def test_info_on_a_malformed_file_is_one_line(tmp_path, tiny, capsys):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(tiny.read_bytes()[:1000])
+    assert_one_line_error(main(["info", str(bad)]), capsys.readouterr().err, "more than the file could hold")
+
+
+# -- list ---------------------------------------------------------------------------------------
+def test_list(models, capsys):
+    write_tiny_model(models / "mine.gguf")
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split() == ["NAME", "SIZE", "STATUS"]
+    assert any(line.startswith("mine ") and line.rstrip().endswith("pulled") for line in out.splitlines())
+
+
+# -- quantize -------------------------------------------------------------------------------------
+def test_quantize(tmp_path, tiny, capsys):
+    out = tmp_path / "q4.gguf"
+    assert main(["quantize", str(tiny), str(out), "--type", "q4_0"]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    m = Model.from_file(out)
+    m.validate()
+    assert m.metadata.quantization == "Q4_0" and m.tensors["blk.0.attn_q.weight"].qtype == Q.Q4_0
+
+
+@pytest.mark.parametrize("qtype,fragment", [("Q9_9", "unknown quantization type 'Q9_9'"),
+                                            ("Q3_K", "cannot quantize to Q3_K"), ("", "unknown quantization type")])
+def test_quantize_bad_type_is_one_line(tmp_path, tiny, capsys, qtype, fragment):
+    code = main(["quantize", str(tiny), str(tmp_path / "o.gguf"), "-t", qtype])
+    assert_one_line_error(code, capsys.readouterr().err, fragment)
+    assert not (tmp_path / "o.gguf").exists()
+
+
+def test_quantize_missing_input_is_one_line(tmp_path, capsys):
+    code = main(["quantize", str(tmp_path / "in.gguf"), str(tmp_path / "o.gguf"), "-t", "Q8_0"])
+    assert_one_line_error(code, capsys.readouterr().err, "model file not found: in.gguf")
+
+
+# -- as a subprocess ------------------------------------------------------------------------------
+def test_subprocess_info_and_quantize(tmp_path, tiny, models):
+    r = run_cli("info", str(tiny), env_models=models)
+    assert r.returncode == 0 and info_fields(r.stdout)["architecture"] == "gemma3", r.stderr
+    out = tmp_path / "q2k.gguf"
+    r = run_cli("quantize", str(tiny), str(out), "--type", "Q2_K", env_models=models)
+    assert r.returncode == 0 and out.is_file(), r.stderr
+    # tiny's rows of 64 cannot hold 256-weight blocks: llama.cpp's fallback for Q2_K applies
+    assert Model.from_file(out).tensors["blk.0.attn_q.weight"].qtype == Q.Q4_0
+
+
+def test_subprocess_error_is_one_line_exit_1(tmp_path, models):
+    r = run_cli("info", str(tmp_path / "nope.gguf"), env_models=models)
+    assert_one_line_error(r.returncode, r.stderr, "model file not found: nope.gguf")
+    assert r.stdout == ""
+    r = run_cli("quantize", str(tmp_path / "nope.gguf"), str(tmp_path / "o.gguf"), "-t", "bogus", env_models=models)
+    assert_one_line_error(r.returncode, r.stderr, "unknown quantization type 'bogus'")
+
+
+def test_subprocess_list(models):
+    write_tiny_model(models / "listed.gguf")
+    r = run_cli("list", env_models=models)
+    assert r.returncode == 0 and "listed" in r.stdout and "smollm2-135m-instruct" in r.stdout
