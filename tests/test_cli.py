@@ -114,7 +114,7 @@ def test_quantize(tmp_path, tiny, capsys):
 
 
 @pytest.mark.parametrize("qtype,fragment", [("Q9_9", "unknown quantization type 'Q9_9'"),
-                                            ("Q3_K", "cannot quantize to Q3_K"), ("", "unknown quantization type")])
+                                            ("IQ2_XXS", "unknown quantization type 'IQ2_XXS'"), ("", "unknown quantization type")])
 def test_quantize_bad_type_is_one_line(tmp_path, tiny, capsys, qtype, fragment):
     code = main(["quantize", str(tiny), str(tmp_path / "o.gguf"), "-t", qtype])
     assert_one_line_error(code, capsys.readouterr().err, fragment)

@@ -124,7 +124,7 @@ def test_every_target_on_a_tiny_model(tmp_path, tiny_f32, qtype):
     assert np.isfinite(logits).all() and logits.std() > 0
 
 
-LLAMA_FTYPE = {Q.Q2_K: 10, Q.Q4_K: 14, Q.Q5_K: 16, Q.Q6_K: 18, Q.Q4_0: 2, Q.Q4_1: 3, Q.Q5_0: 8, Q.Q5_1: 9,
+LLAMA_FTYPE = {Q.Q2_K: 10, Q.Q3_K: 12, Q.Q4_K: 14, Q.Q5_K: 16, Q.Q6_K: 18, Q.Q4_0: 2, Q.Q4_1: 3, Q.Q5_0: 8, Q.Q5_1: 9,
                Q.Q8_0: 7}
 
 
@@ -268,7 +268,12 @@ def test_unknown_target_is_an_invalid_request(tmp_path, tiny_f32):
         quantize_model(tiny_f32, tmp_path / "o.gguf", "Q9_9")
 
 
-def test_unsupported_target_is_an_invalid_request(tmp_path, tiny_f32):
+def test_every_block_format_is_a_target():
+    assert set(TARGETS) == set(Q)
+
+
+def test_a_type_without_an_encoder_is_an_invalid_request(tmp_path, tiny_f32, monkeypatch):
+    monkeypatch.setattr("woolly.quantize.TARGETS", tuple(t for t in TARGETS if t != Q.Q3_K))
     with pytest.raises(InvalidRequest, match="cannot quantize to Q3_K"):
         quantize_model(tiny_f32, tmp_path / "o.gguf", Q.Q3_K)
     assert not (tmp_path / "o.gguf").exists()
@@ -330,10 +335,10 @@ def test_rms_error_ordering_and_table(tmp_path, tiny_f32, capsys):
             print(f"{t.name:<6} {cells[0]:>24} {cells[1]:>26}")
     rel = {k: v[1] for k, v in tiny.items()}
     assert rel["F32"] == 0.0
-    chain = ["F16", "BF16", "Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q2_K"]
+    chain = ["F16", "BF16", "Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K"]
     assert all(rel[a] < rel[b] for a, b in zip(chain, chain[1:])), rel
     assert rel["Q5_0"] < rel["Q4_0"] and rel["Q5_1"] < rel["Q4_1"] and rel["Q4_K"] < rel["Q4_0"]
     limits = {"F16": 1e-3, "BF16": 1e-2, "Q8_0": 0.01, "Q6_K": 0.03, "Q5_0": 0.06, "Q5_1": 0.06, "Q5_K": 0.06,
-              "Q4_0": 0.12, "Q4_1": 0.12, "Q4_K": 0.12, "Q2_K": 0.45}
+              "Q4_0": 0.12, "Q4_1": 0.12, "Q4_K": 0.12, "Q3_K": 0.25, "Q2_K": 0.45}
     for t, limit in limits.items():
         assert rel[t] < limit, (t, rel[t])

@@ -3,9 +3,9 @@
 `quantize_rows(values, qtype)` turns float32 [rows, n] into raw bytes [rows, row_bytes].
 The 32-weight formats, F16 and BF16 come from `gguf.quants` (bit-exact with ggml's
 reference quantizers). The K-quants gguf cannot encode are written here, vectorized over
-blocks, following ggml's `quantize_row_q{2,4,5,6}_K_ref` step by step in float32, with
+blocks, following ggml's `quantize_row_q{2,3,4,5,6}_K_ref` step by step in float32, with
 sums accumulated in ggml's order (which is what llama.cpp's quantize runs without an
-importance matrix). Q3_K is not encoded.
+importance matrix).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ f32 = np.float32
 GROUP_MAX_EPS = f32(1e-15)
 _GGUF_ENCODED = {QuantizationType.F16, QuantizationType.BF16, QuantizationType.Q4_0, QuantizationType.Q4_1,
                  QuantizationType.Q5_0, QuantizationType.Q5_1, QuantizationType.Q8_0}
-CHUNK_WEIGHTS = 1 << 20  # K-quant work arrays are a few times this many float32s
+CHUNK_WEIGHTS = 1 << 16  # K-quant work arrays stay cache-sized at this many weights
 
 
 def can_encode(qtype: QuantizationType) -> bool:
@@ -51,8 +51,14 @@ def quantize_rows(values: np.ndarray, qtype: QuantizationType) -> np.ndarray:
 
 # -- helpers mirroring ggml's scalar code ---------------------------------------------------
 def _seq_sum(a: np.ndarray) -> np.ndarray:
-    """Sum along the last axis left to right, in float32, as ggml's loops do ([..., n] -> [...])."""
-    return np.cumsum(a, axis=-1, dtype=np.float32)[..., -1]
+    """Sum over axis 0 of [n, B], left to right from 0.0 in float32, as ggml's loops do -> [B].
+
+    The K-quant helpers keep sub-blocks as columns ([n, B]) so that this is n vector adds.
+    """
+    acc = np.zeros(a.shape[1:], np.float32)
+    for row in a:
+        acc += row
+    return acc
 
 
 def _nearest_int(x: np.ndarray) -> np.ndarray:
@@ -66,28 +72,36 @@ def _fp16(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return h.view(np.uint8).reshape(-1, 2), h.astype(np.float32)
 
 
+def _columns(x: np.ndarray) -> np.ndarray:
+    """[B, n] -> contiguous [n, B]."""
+    return np.ascontiguousarray(x.T)
+
+
 def _make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int,
                       use_mad: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Best (scale, min) per row of x [B, n] for codes 0..nmax, weighted by w -> (scale, -min, L)."""
+    """Best (scale, min) per row of x [B, n] for codes 0..nmax, weighted by w -> (scale, -min, L [B, n])."""
+    x, w = _columns(x), _columns(w)  # [n, B]
     nmax_f = f32(nmax)
-    mn = np.minimum(x.min(axis=1), f32(0))
-    mx = x.max(axis=1)
-    sum_w = _seq_sum(w)
-    sum_x = _seq_sum(w * x)
+    mn = np.minimum(x.min(axis=0), f32(0))
+    mx = x.max(axis=0)
+    sum_w, sum_x = w[0].copy(), w[0] * x[0]
+    for i in range(1, x.shape[0]):
+        sum_w += w[i]
+        sum_x += w[i] * x[i]
 
     def error(scale, minimum, L):
-        diff = scale[:, None] * L + minimum[:, None] - x
+        diff = scale * L + minimum - x
         return _seq_sum(w * (np.abs(diff) if use_mad else diff * diff))
 
     iscale = nmax_f / (mx - mn)
     scale = f32(1) / iscale
-    L = np.clip(_nearest_int(iscale[:, None] * (x - mn[:, None])), 0, nmax).astype(np.float32)
+    L = np.clip(_nearest_int(iscale * (x - mn)), 0, nmax).astype(np.float32)
     best = error(scale, mn, L)
     minimum = mn.copy()
     for step in range(nstep + 1):
         # ggml updates `min` as it finds better fits, and later steps measure from the new one
         iscale = (f32(rmin) + f32(rdelta) * f32(step) + nmax_f) / (mx - minimum)
-        Laux = np.clip(_nearest_int(iscale[:, None] * (x - minimum[:, None])), 0, nmax).astype(np.float32)
+        Laux = np.clip(_nearest_int(iscale * (x - minimum)), 0, nmax).astype(np.float32)
         wl = w * Laux
         sum_l, sum_l2, sum_xl = _seq_sum(wl), _seq_sum(wl * Laux), _seq_sum(wl * x)
         D = sum_w * sum_l2 - sum_l * sum_l
@@ -96,30 +110,36 @@ def _make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdel
         positive = this_min > 0
         this_min = np.where(positive, f32(0), this_min)
         this_scale = np.where(positive, sum_xl / sum_l2, this_scale)
-        better = (D > 0) & (error(this_scale, this_min, Laux) < best)
-        L = np.where(better[:, None], Laux, L)
-        best = np.where(better, error(this_scale, this_min, Laux), best)
-        scale = np.where(better, this_scale, scale)
-        minimum = np.where(better, this_min, minimum)
+        cur = error(this_scale, this_min, Laux)
+        better = (D > 0) & (cur < best)
+        if better.any():
+            L = np.where(better, Laux, L)
+            best = np.where(better, cur, best)
+            scale = np.where(better, this_scale, scale)
+            minimum = np.where(better, this_min, minimum)
     flat = mx == mn
-    L = np.where(flat[:, None], f32(0), L)
+    L = np.where(flat, f32(0), L)
     scale = np.where(flat, f32(0), scale)
     minimum = np.where(flat, mn, minimum)
-    return scale.astype(np.float32), (-minimum).astype(np.float32), L.astype(np.uint8)
+    return scale.astype(np.float32), (-minimum).astype(np.float32), L.T.astype(np.uint8)
+
+
+def _abs_max(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per column of [n, B]: (largest |x|, the x that has it, first one on ties)."""
+    at = np.argmax(np.abs(x), axis=0)
+    value = x[at, np.arange(x.shape[1])]
+    return np.abs(value), value
 
 
 def _make_qx_quants_rmse1(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """ggml's make_qx_quants(n, nmax, x, L, rmse_type=1, NULL) per row: -> (scale [B], L [B, n] in 0..2*nmax-1)."""
-    B = x.shape[0]
-    ax = np.abs(x)
-    at = np.argmax(ax, axis=1)
-    amax = ax[np.arange(B), at]
-    max_ = x[np.arange(B), at]
+    """ggml's make_qx_quants(n, nmax, x, L, rmse_type=1, NULL) per row of [B, n] -> (scale [B], L [B, n])."""
+    x = _columns(x)
+    amax, max_ = _abs_max(x)
     w = x * x
     nmax_f = f32(nmax)
 
     def codes(iscale):
-        return np.clip(_nearest_int(iscale[:, None] * x), -nmax, nmax - 1).astype(np.float32)
+        return np.clip(_nearest_int(iscale * x), -nmax, nmax - 1).astype(np.float32)
 
     def sums(l):
         return _seq_sum(w * x * l), _seq_sum(w * l * l)
@@ -134,12 +154,44 @@ def _make_qx_quants_rmse1(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndar
         lt = codes(-(nmax_f + f32(0.1) * f32(step)) / max_)
         slx, sl2 = sums(lt)
         better = (sl2 > 0) & (slx * slx > best * sl2)
-        l = np.where(better[:, None], lt, l)
-        scale = np.where(better, slx / sl2, scale)
-        best = np.where(better, scale * slx, best)
+        if better.any():
+            l = np.where(better, lt, l)
+            scale = np.where(better, slx / sl2, scale)
+            best = np.where(better, scale * slx, best)
     zero = amax < GROUP_MAX_EPS
-    L = np.where(zero[:, None], 0, l.astype(np.int32) + nmax)
-    return np.where(zero, f32(0), scale).astype(np.float32), L
+    L = np.where(zero, 0, l.astype(np.int32) + nmax)
+    return np.where(zero, f32(0), scale).astype(np.float32), L.T
+
+
+def _make_q3_quants_rmse(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """ggml's make_q3_quants(n, nmax, x, L, do_rmse=true) per row of [B, n] -> (scale [B], L [B, n])."""
+    x = _columns(x)
+    amax, max_ = _abs_max(x)
+    L = np.clip(_nearest_int((-f32(nmax) / max_) * x), -nmax, nmax - 1).astype(np.float32)
+    w = x * x
+    sumlx, suml2 = _seq_sum(w * x * L), _seq_sum(w * L * L)
+    for _ in range(5):  # a pass that changes nothing would change nothing again: no per-row early exit needed
+        changed = False
+        for i in range(x.shape[0]):
+            wi, xi, li = w[i], x[i], L[i]
+            slx = sumlx - wi * xi * li
+            sl2 = suml2 - wi * li * li
+            new_l = np.clip(_nearest_int(xi * sl2 / slx), -nmax, nmax - 1).astype(np.float32)
+            slx_new = slx + wi * xi * new_l
+            sl2_new = sl2 + wi * new_l * new_l
+            take = ((slx > 0) & (new_l != li) & (sl2_new > 0)
+                    & (slx_new * slx_new * suml2 > sumlx * sumlx * sl2_new))
+            if take.any():
+                changed = True
+                L[i] = np.where(take, new_l, li)
+                sumlx = np.where(take, slx_new, sumlx)
+                suml2 = np.where(take, sl2_new, suml2)
+        if not changed:
+            break
+    zero = amax < GROUP_MAX_EPS
+    scale = np.where(suml2 > 0, sumlx / suml2, f32(0))
+    L = np.where(zero, 0, L.astype(np.int32) + nmax)
+    return np.where(zero, f32(0), scale).astype(np.float32), L.T
 
 
 def _pack_k_scales(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
@@ -174,11 +226,35 @@ def _encode_q2_k(x: np.ndarray) -> np.ndarray:
     return np.concatenate([packed, qs.reshape(B, 64), d_bytes, dmin_bytes], axis=1)
 
 
+def _encode_q3_k(x: np.ndarray) -> np.ndarray:
+    B = x.shape[0]
+    scales, L = _make_q3_quants_rmse(x.reshape(B * 16, 16), 4)
+    scales, L = scales.reshape(B, 16), L.reshape(B, 16, 16)
+    at = np.argmax(np.abs(scales), axis=1)
+    max_scale = scales[np.arange(B), at]
+    has_scale = max_scale != 0
+    iscale = f32(-32) / max_scale
+    ls = np.where(has_scale[:, None], np.clip(_nearest_int(iscale[:, None] * scales), -32, 31) + 32, 0)  # 6-bit
+    packed = np.zeros((B, 12), np.int32)
+    packed[:, :8] = (ls[:, :8] & 0xF) | ((ls[:, 8:] & 0xF) << 4)
+    hi = (ls >> 4).reshape(B, 4, 4)  # [B, j // 4, j % 4]
+    packed[:, 8:] = hi[:, 0] | (hi[:, 1] << 2) | (hi[:, 2] << 4) | (hi[:, 3] << 6)
+    d_bytes, d = _fp16(np.where(has_scale, f32(1) / iscale, f32(0)))
+    dl = d[:, None] * (ls - 32).astype(np.float32)
+    dl = np.where(has_scale[:, None], dl, f32(0))
+    requant = np.clip(_nearest_int(x.reshape(B, 16, 16) / dl[..., None]), -4, 3) + 4
+    L = np.where((dl != 0)[..., None], requant, L).reshape(B, 8, 32)  # [B, bit of hmask, 32]
+    hmask = np.bitwise_or.reduce((L > 3).astype(np.uint8) << np.arange(8, dtype=np.uint8).reshape(1, 8, 1), axis=1)
+    L = np.where(L > 3, L - 4, L).astype(np.uint8).reshape(B, 2, 4, 32)
+    qs = L[:, :, 0] | (L[:, :, 1] << 2) | (L[:, :, 2] << 4) | (L[:, :, 3] << 6)
+    return np.concatenate([hmask.astype(np.uint8), qs.reshape(B, 64), packed.astype(np.uint8), d_bytes], axis=1)
+
+
 def _encode_q45_k(x: np.ndarray, nmax: int, rmin: float, nstep: int) -> tuple[np.ndarray, np.ndarray]:
     """Shared Q4_K/Q5_K steps -> (header bytes d, dmin, scales [B, 16], codes L [B, 256])."""
     B = x.shape[0]
     xs = x.reshape(B * 8, 32)
-    av_x = np.sqrt(_seq_sum(xs * xs) / f32(32))
+    av_x = np.sqrt(_seq_sum(_columns(xs * xs)) / f32(32))
     scales, mins, L = _make_qkx2_quants(xs, av_x[:, None] + np.abs(xs), nmax, rmin, 0.1, nstep, False)
     scales, mins, L = scales.reshape(B, 8), mins.reshape(B, 8), L.reshape(B, 8, 32)
     max_scale = np.maximum(scales.max(axis=1), f32(0))
@@ -234,6 +310,7 @@ def _encode_q6_k(x: np.ndarray) -> np.ndarray:
 
 _K_ENCODERS = {
     QuantizationType.Q2_K: _encode_q2_k,
+    QuantizationType.Q3_K: _encode_q3_k,
     QuantizationType.Q4_K: _encode_q4_k,
     QuantizationType.Q5_K: _encode_q5_k,
     QuantizationType.Q6_K: _encode_q6_k,
