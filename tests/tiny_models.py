@@ -10,9 +10,9 @@ Weights are N(0, 0.02) and norms near 1, so a forward pass stays numerically san
 - gemma3: a SentencePiece-style vocabulary (`tokenizer.ggml.model = llama`) with scores,
   <0xHH> byte tokens and <start_of_turn>/<end_of_turn>, no chat template (as Gemma 3).
 
-F32/F16/BF16 and the 32-weight block formats are quantized with `gguf.quants.quantize`
-(ggml's reference quantizers); K-quants, which gguf cannot quantize, are random valid
-blocks whose scales keep the weights within about +-0.04.
+Matrices are encoded by `woolly.formats.quantizers` (gguf-py's reference quantizers for
+the 32-weight formats, F16 and BF16; Woolly's own K-quant encoders, bit-exact with
+llama.cpp's), so every type holds the same N(0, 0.02) weights up to its own error.
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from woolly.formats.quants import BLOCK_SIZE, QK_K, QuantizationType
+from woolly.formats.quantizers import quantize_rows
+from woolly.formats.quants import BLOCK_SIZE, QuantizationType
 from woolly.quantize import FILE_TYPE
 
 CORPUS = (
@@ -37,14 +38,6 @@ CHATML_TEMPLATE = (
 )
 K_QUANTS = (QuantizationType.Q2_K, QuantizationType.Q3_K, QuantizationType.Q4_K,
             QuantizationType.Q5_K, QuantizationType.Q6_K)
-# K-quant blocks: offset of the f16 `d` (and `dmin`, or None) and the largest |scale * code|.
-_K_LAYOUT = {
-    QuantizationType.Q2_K: (80, 82, 15 * 3),
-    QuantizationType.Q3_K: (108, None, 32 * 4),
-    QuantizationType.Q4_K: (0, 2, 63 * 15),
-    QuantizationType.Q5_K: (0, 2, 63 * 31),
-    QuantizationType.Q6_K: (208, None, 127 * 32),
-}
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -117,33 +110,15 @@ def spm_vocabulary(n_merges: int = 64) -> dict:
                 bos=2, eos=1, unk=3, pad=0, add_bos=True, add_space_prefix=False, chat_template=None)
 
 
-def _random_k_blocks(rng: np.random.Generator, qtype: QuantizationType, n_blocks: int) -> np.ndarray:
-    """Random bytes with the f16 scale fields set so every weight stays within about +-0.04."""
-    _, ts = BLOCK_SIZE[qtype]
-    blocks = rng.integers(0, 256, size=(n_blocks, ts), dtype=np.uint8)
-    d_at, dmin_at, span = _K_LAYOUT[qtype]
-    d = (rng.uniform(0.5, 1.0, n_blocks) * 0.04 / span).astype(np.float16)
-    blocks[:, d_at:d_at + 2] = d.view(np.uint8).reshape(n_blocks, 2)
-    if dmin_at is not None:
-        dmin = (rng.uniform(0.5, 1.0, n_blocks) * 0.02 / 63).astype(np.float16)
-        blocks[:, dmin_at:dmin_at + 2] = dmin.view(np.uint8).reshape(n_blocks, 2)
-    return blocks
-
-
-def encode_matrix(rng: np.random.Generator, weights: np.ndarray, qtype: QuantizationType) -> tuple[np.ndarray, dict]:
+def encode_matrix(weights: np.ndarray, qtype: QuantizationType) -> tuple[np.ndarray, dict]:
     """A float matrix [rows, cols] -> (array, add_tensor keyword arguments) in `qtype`."""
-    rows, cols = weights.shape
-    if cols % BLOCK_SIZE[qtype][0]:
-        raise ValueError(f"row length {cols} is not a multiple of {qtype.name}'s block size")
+    if weights.shape[1] % BLOCK_SIZE[qtype][0]:
+        raise ValueError(f"row length {weights.shape[1]} is not a multiple of {qtype.name}'s block size")
     if qtype == QuantizationType.F32:
         return weights.astype(np.float32), {}
     if qtype == QuantizationType.F16:
         return weights.astype(np.float16), {}
-    if qtype in K_QUANTS:
-        blocks = _random_k_blocks(rng, qtype, rows * cols // QK_K)
-        return blocks.reshape(rows, -1), {"raw_dtype": gguf.GGMLQuantizationType(int(qtype))}
-    gq = gguf.GGMLQuantizationType(int(qtype))
-    return gguf.quants.quantize(weights.astype(np.float32), gq), {"raw_dtype": gq}
+    return quantize_rows(weights, qtype), {"raw_dtype": gguf.GGMLQuantizationType(int(qtype))}
 
 
 def write_tiny_model(
@@ -221,7 +196,7 @@ def write_tiny_model(
         w.add_chat_template(vocab["chat_template"])
 
     def matrix(name: str, rows: int, cols: int) -> None:  # numpy order: [rows, cols], rows of length cols
-        data, kw = encode_matrix(rng, rng.normal(0.0, 0.02, (rows, cols)).astype(np.float32), qtype)
+        data, kw = encode_matrix(rng.normal(0.0, 0.02, (rows, cols)).astype(np.float32), qtype)
         w.add_tensor(name, data, **kw)
 
     def norm(name: str, n: int) -> None:
