@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from woolly.models import KVCache, forward_hidden, output_logits
 from woolly.runtime.cache import new_cache
-from woolly.runtime.sampling import SamplingParams, push_recent, sample
+from woolly.runtime.sampling import SamplingParams, push_recent, sample, slot_keys
 
 
 def _slot_rows(cache: KVCache, slot: jax.Array) -> KVCache:
@@ -48,29 +48,25 @@ def decode_logits(params, cache: KVCache, tokens: jax.Array, positions: jax.Arra
 decode_step = jax.jit(decode_logits, static_argnames=("cfg",), donate_argnames=("cache",))
 
 
-def _decode_and_sample(params, cache, tokens, positions, key, sampling, recent, cfg):
-    logits, cache = decode_logits(params, cache, tokens, positions, cfg)
-    next_tokens = sample(logits, key, sampling, recent)                                      # [B]
-    return next_tokens, logits, cache
-
-
 @partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
-def decode_and_sample(params, cache: KVCache, tokens: jax.Array, positions: jax.Array, key: jax.Array,
-                      sampling: SamplingParams, recent: jax.Array, cfg):
-    """decode_step, then sample the next token of every slot on device
-    -> (next tokens i32 [B], logits [B, V], cache). recent [B, W] is the penalty window."""
-    return _decode_and_sample(params, cache, tokens, positions, key, sampling, recent, cfg)
+def decode_and_sample(params, cache: KVCache, tokens: jax.Array, positions: jax.Array, seeds: jax.Array,
+                      counters: jax.Array, sampling: SamplingParams, recent: jax.Array, cfg):
+    """decode_step, then sample every slot's next token on device with the key of (seed u32 [B],
+    counter i32 [B]); recent [B, W] is the penalty window -> (next tokens i32 [B], logits [B, V], cache)."""
+    logits, cache = decode_logits(params, cache, tokens, positions, cfg)
+    return sample(logits, slot_keys(seeds, counters), sampling, recent), logits, cache
 
 
 @partial(jax.jit, static_argnames=("cfg", "max_new"), donate_argnames=("cache",))
 def generate(params, cache: KVCache, logits: jax.Array, positions: jax.Array, active: jax.Array,
-             budgets: jax.Array, stop_ids: jax.Array, key: jax.Array, sampling: SamplingParams,
+             budgets: jax.Array, stop_ids: jax.Array, seeds: jax.Array, sampling: SamplingParams,
              recent: jax.Array, cfg, max_new: int):
     """Whole completions on device (lax.while_loop), for all slots at once.
 
     logits [B, V]: each slot's next-token logits (from prefill); positions i32 [B]: where the
     next token goes; active bool [B]; budgets i32 [B] (<= max_new, the static output bucket);
-    stop_ids i32 [E] (-1 padded). A slot stops after emitting a stop id or its budget.
+    stop_ids i32 [E] (-1 padded); seeds u32 [B]: token i of a slot is drawn with slot_keys(seed, i),
+    as `decode_and_sample` does. A slot stops after emitting a stop id or its budget.
     -> (tokens i32 [B, max_new], counts i32 [B] (stop token included), cache).
     """
     B = logits.shape[0]
@@ -82,17 +78,16 @@ def generate(params, cache: KVCache, logits: jax.Array, positions: jax.Array, ac
         return (step < max_new) & jnp.any(active)
 
     def body(state):
-        step, logits, positions, active, counts, out, cache, key, recent = state
-        key, sub = jax.random.split(key)
-        tok = sample(logits, sub, sampling, recent)                                          # [B]
+        step, logits, positions, active, counts, out, cache, recent = state
+        tok = sample(logits, slot_keys(seeds, counts), sampling, recent)                     # [B]
         out = jnp.where(active[:, None] & (jnp.arange(max_new)[None] == counts[:, None]), tok[:, None], out)
         counts = counts + active
         recent = push_recent(recent, tok, active)
         active = active & ~jnp.any(tok[:, None] == stop_ids[None], axis=1) & (counts < budgets)
         logits, cache = decode_logits(params, cache, tok, jnp.where(active, positions, -1), cfg)
-        return step + 1, logits, positions + active, active, counts, out, cache, key, recent
+        return step + 1, logits, positions + active, active, counts, out, cache, recent
 
-    state = (jnp.int32(0), logits, positions, active & (budgets > 0), counts, out, cache, key, recent)
+    state = (jnp.int32(0), logits, positions, active & (budgets > 0), counts, out, cache, recent)
     state = jax.lax.while_loop(cond, body, state)
     return state[5], state[4], state[6]
 
@@ -127,19 +122,6 @@ def embed(params, tokens: jax.Array, lengths: jax.Array, cfg) -> jax.Array:
     h, _ = forward_hidden(params, tokens, positions, new_cache(cfg, B, T), cfg)              # [B, T, D]
     mean = jnp.sum(h * valid[..., None], axis=1) / jnp.maximum(lengths, 1)[:, None]          # [B, D]
     return mean / jnp.maximum(jnp.linalg.norm(mean, axis=-1, keepdims=True), 1e-12)
-
-
-def slot_keys(seeds: jax.Array, counters: jax.Array) -> jax.Array:
-    """One PRNG key per slot from its seed u32 [B] and its count of drawn tokens i32 [B] -> [B, 2]."""
-    return jax.vmap(lambda s, c: jax.random.fold_in(jax.random.PRNGKey(s), c))(seeds, counters)
-
-
-@partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
-def decode_and_sample_seeded(params, cache: KVCache, tokens: jax.Array, positions: jax.Array, seeds: jax.Array,
-                             counters: jax.Array, sampling: SamplingParams, recent: jax.Array, cfg):
-    """decode_and_sample with a key per slot derived from (seed, counter): a seeded request draws
-    the same tokens whatever else shares the batch -> (next tokens i32 [B], logits [B, V], cache)."""
-    return _decode_and_sample(params, cache, tokens, positions, slot_keys(seeds, counters), sampling, recent, cfg)
 
 
 read_slot = jax.jit(_slot_rows)

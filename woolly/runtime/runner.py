@@ -26,13 +26,14 @@ class Runner:
     """A loaded model with `slots` concurrent sequences of up to `cache_length` positions."""
 
     def __init__(self, model: Model, residency: str = "dense", slots: int = 1, cache_length: int = 512,
-                 compile_cache: bool = True):
+                 compile_cache: bool = True, params: dict | None = None):
+        """`params`: an already loaded pytree of `model` (shared between runners), else loaded here."""
         if compile_cache:
             enable_compile_cache()
         self.model = model
         self.cfg = model.config
         self.residency = residency
-        self.params = load_params(model, residency)
+        self.params = params if params is not None else load_params(model, residency)
         self.slots = slots
         self.cache_length = bucket(cache_length)
         self.cache = new_cache(self.cfg, slots, self.cache_length)
@@ -61,9 +62,10 @@ class Runner:
 
     # -- whole completions -------------------------------------------------------------
     def generate(self, prompts: Sequence[Sequence[int]], max_tokens: int | Sequence[int] = 32,
-                 sampling: SamplingParams | None = None, stop_ids: Sequence[int] = (), seed: int = 0
-                 ) -> list[list[int]]:
-        """Complete one prompt per slot (len(prompts) <= slots) on device; stop ids are included."""
+                 sampling: SamplingParams | None = None, stop_ids: Sequence[int] = (),
+                 seed: int | Sequence[int] = 0) -> list[list[int]]:
+        """Complete one prompt per slot (len(prompts) <= slots) on device; stop ids are included.
+        `seed` (one, or one per prompt) draws the same tokens as `step` with that seed."""
         n = len(prompts)
         if not 0 < n <= self.slots:
             raise ValueError(f"{n} prompts for {self.slots} slots")
@@ -83,9 +85,11 @@ class Runner:
         stops = np.full(max(1, len(stop_ids)), -1, np.int32)
         stops[:len(stop_ids)] = stop_ids
         sampling = sampling or SamplingParams.make(self.slots)
+        seeds = np.zeros(self.slots, np.uint32)
+        seeds[:n] = seed
         out, counts, self.cache = entry.generate(
             self.params, self.cache, logits, jnp.asarray(positions), jnp.asarray(np.arange(self.slots) < n),
-            jnp.asarray(budgets), jnp.asarray(stops), jax.random.PRNGKey(seed), sampling, jnp.asarray(recent),
+            jnp.asarray(budgets), jnp.asarray(stops), jnp.asarray(seeds), sampling, jnp.asarray(recent),
             cfg=self.cfg, max_new=bucket(int(budgets.max())))
         out, counts = np.asarray(out), np.asarray(counts)
         return [out[i, :counts[i]].tolist() for i in range(n)]
@@ -105,7 +109,7 @@ class Runner:
         """One batched decode step with per-slot sampling -> (next tokens i32 [B] on host,
         logits [B, V] on device when `want_logits`, else None)."""
         params = SamplingParams(**{k: jnp.asarray(sampling[k]) for k in SamplingParams._fields})
-        out, logits, self.cache = entry.decode_and_sample_seeded(
+        out, logits, self.cache = entry.decode_and_sample(
             self.params, self.cache, jnp.asarray(tokens, jnp.int32), jnp.asarray(positions, jnp.int32),
             jnp.asarray(seeds, jnp.uint32), jnp.asarray(counters, jnp.int32), params,
             jnp.asarray(recent, jnp.int32), cfg=self.cfg)

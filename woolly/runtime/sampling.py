@@ -58,7 +58,13 @@ def apply_penalties(logits: jax.Array, recent: jax.Array, params: SamplingParams
             - seen * params.presence_penalty[:, None])
 
 
-def _sample_from_candidates(logits: jax.Array, key: jax.Array, params: SamplingParams, n_candidates: int):
+def slot_keys(seeds: jax.Array, counters: jax.Array) -> jax.Array:
+    """One PRNG key per slot from its request's seed u32 [B] and token counter i32 [B] -> keys [B],
+    so a request draws the same tokens whichever slots it shares a batch with."""
+    return jax.vmap(lambda s, c: jax.random.fold_in(jax.random.PRNGKey(s), c))(seeds, counters)
+
+
+def _sample_from_candidates(logits: jax.Array, keys: jax.Array, params: SamplingParams, n_candidates: int):
     """Draw from the n_candidates largest logits [B, V] after top-k/top-p/min-p -> i32 [B]."""
     values, ids = jax.lax.top_k(logits, n_candidates)                                    # [B, C] descending
     rank = jnp.arange(n_candidates)[None, :]                                             # [1, C]
@@ -70,15 +76,13 @@ def _sample_from_candidates(logits: jax.Array, key: jax.Array, params: SamplingP
     keep &= probs >= params.min_p[:, None] * probs[:, :1]
     temp = jnp.maximum(params.temperature, 1e-6)[:, None]
     scaled = jnp.where(keep, values / temp, NEG_INF)                                     # [B, C]
-    if key.ndim == 2:   # one key per slot [B, 2]: a slot's draw does not depend on its neighbours
-        choice = jax.vmap(jax.random.categorical)(key, scaled)                           # [B]
-    else:
-        choice = jax.random.categorical(key, scaled, axis=-1)                            # [B]
+    choice = jax.vmap(jax.random.categorical)(keys, scaled)                              # [B]
     return jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0]
 
 
-def sample(logits: jax.Array, key: jax.Array, params: SamplingParams, recent: jax.Array) -> jax.Array:
-    """Next token per slot from logits [B, V]; recent [B, W] feeds the penalties -> i32 [B]."""
+def sample(logits: jax.Array, keys: jax.Array, params: SamplingParams, recent: jax.Array) -> jax.Array:
+    """Next token per slot from logits [B, V] with keys [B] (see `slot_keys`); recent [B, W]
+    (-1: empty) feeds the penalties -> i32 [B]."""
     logits = apply_penalties(logits.astype(jnp.float32), recent, params)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)                               # [B]
     V = logits.shape[-1]
@@ -87,8 +91,8 @@ def sample(logits: jax.Array, key: jax.Array, params: SamplingParams, recent: ja
 
     def drawn(_):
         return jax.lax.cond(small_k,
-                            lambda: _sample_from_candidates(logits, key, params, few),
-                            lambda: _sample_from_candidates(logits, key, params, V)).astype(jnp.int32)
+                            lambda: _sample_from_candidates(logits, keys, params, few),
+                            lambda: _sample_from_candidates(logits, keys, params, V)).astype(jnp.int32)
 
     all_greedy = jnp.all(params.temperature <= 0)
     tokens = jax.lax.cond(all_greedy, lambda _: greedy, drawn, None)

@@ -1,0 +1,96 @@
+"""Batched decode equals decoding alone; quantized-resident weights equal dense; embeddings."""
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tiny_models import write_tiny_model
+from woolly.formats.quants import QuantizationType
+from woolly.model import Model
+from woolly.runtime import Runner, SamplingParams, entry
+from woolly.runtime.params import load_params
+
+
+def batched_vs_alone(model: Model, prompts: list[list[int]], n: int, **sampling):
+    """Tokens of the prompts completed together (plus one idle slot) and each alone."""
+    params = load_params(model, "dense")
+    cache_length = max(map(len, prompts)) + n
+    B = len(prompts) + 1
+    together = Runner(model, params=params, slots=B, cache_length=cache_length)
+    alone = Runner(model, params=params, slots=1, cache_length=cache_length)
+    seeds = list(range(10, 10 + len(prompts)))
+    both = together.generate(prompts, max_tokens=n, sampling=SamplingParams.make(B, **sampling), seed=seeds)
+    each = [alone.generate([p], max_tokens=n, sampling=SamplingParams.make(1, **sampling), seed=s)[0]
+            for p, s in zip(prompts, seeds)]
+    return both, each
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_tiny_batched_decode_equals_alone(tmp_path, arch):
+    model = Model.from_file(write_tiny_model(tmp_path / "tiny.gguf", arch=arch, qtype="Q4_0", n_layers=6))
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(0, model.config.vocab_size, k).tolist() for k in (3, 17, 40)]
+    together, alone = batched_vs_alone(model, prompts, 24)
+    assert together == alone
+
+
+def test_tiny_seeded_sampling_independent_of_batch(tmp_path):
+    model = Model.from_file(write_tiny_model(tmp_path / "tiny.gguf", arch="llama", qtype="Q8_0"))
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(0, model.config.vocab_size, k).tolist() for k in (4, 9)]
+    together, alone = batched_vs_alone(model, prompts, 20, temperature=1.5, top_k=40, top_p=0.95,
+                                       repeat_penalty=1.1)
+    assert together == alone
+    assert together[0] != together[1]
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("name", ["smollm2-135m-instruct", "gemma3-270m"])
+def test_real_batched_decode_equals_alone(name):
+    model = Model.from_file(name)
+    prompts = [[1, 504, 3575, 282, 4649, 314], [28, 1030, 5, 77, 3212, 9, 1001, 41, 650, 12, 4, 9999, 30],
+               [2, 818, 5279, 529]]
+    together, alone = batched_vs_alone(model, prompts, 16)
+    print(name, together)
+    assert together == alone
+
+
+@pytest.mark.parametrize("qtype", [t for t in QuantizationType if t.is_quantized])
+def test_tiny_quantized_resident_equals_dense(tmp_path, qtype):
+    model = Model.from_file(write_tiny_model(tmp_path / "tiny.gguf", arch="llama", qtype=qtype))
+    tokens = jnp.asarray([np.random.default_rng(4).integers(0, model.config.vocab_size, 20)])
+    dense = np.asarray(entry.all_logits(load_params(model, "dense"), tokens, cfg=model.config))
+    quantized = np.asarray(entry.all_logits(load_params(model, "quantized"), tokens, cfg=model.config))
+    err = np.abs(dense - quantized).max() / np.abs(dense).max()
+    print(f"{qtype.name}: quantized-resident vs dense, max relative logit difference {err:.2e}")
+    assert err < 1e-5
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("name", ["smollm2-135m-instruct", "gemma3-270m"])
+def test_real_quantized_resident_same_greedy_tokens(name):
+    model = Model.from_file(name)
+    prompts = [[1, 504, 3575, 282, 4649, 314, 7042, 30], [2, 818, 5279, 529, 7001, 563]]
+    out = {}
+    for residency in ("dense", "quantized"):
+        runner = Runner(model, residency=residency, slots=2, cache_length=64)
+        out[residency] = runner.generate(prompts, max_tokens=32)
+    print(name, out)
+    assert out["quantized"] == out["dense"]
+
+
+def test_embeddings_are_unit_mean_pooled_and_padding_free(tmp_path):
+    model = Model.from_file(write_tiny_model(tmp_path / "tiny.gguf", arch="llama", qtype="Q8_0"))
+    runner = Runner(model, compile_cache=False)
+    short, long = [5, 9, 11], list(range(3, 40))
+    both = runner.embed([short, long])                                                   # [2, D]
+    np.testing.assert_allclose(np.linalg.norm(both, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(runner.embed([short])[0], both[0], atol=1e-5)            # padding ignored
+    # mean of the final hidden states, computed here from per-position states
+    from woolly.models import forward_hidden
+    from woolly.runtime.cache import new_cache
+    h, _ = forward_hidden(runner.params, jnp.asarray([short]), jnp.arange(3)[None], new_cache(model.config, 1, 3),
+                          model.config)
+    mean = np.asarray(h[0]).mean(0)
+    np.testing.assert_allclose(both[0], mean / np.linalg.norm(mean), atol=1e-5)
