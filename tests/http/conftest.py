@@ -1,0 +1,44 @@
+"""Real `woolly serve` processes on loopback ports, shared by the HTTP tests of a session.
+
+Two servers at most (each costs a model load and its compiles): `server`, open, with 8
+slots so 8 streams decode together; `secure_server`, with API keys, rate limiting and
+CORS. Both serve smollm2-135m-instruct.
+"""
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from live_server import ALLOWED_ORIGIN, KEYS, RATE_PER_MINUTE, RunningServer, base_config, start_server, stop_server
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, smollm2_path) -> RunningServer:
+    """An open server (no keys, no rate limit, no CORS) with 8 slots, compiled and warm."""
+    srv = start_server(tmp_path_factory.mktemp("server"), base_config())
+    try:
+        warm = httpx.post(srv.url + "/api/generate", json={"prompt": "Hi", "max_tokens": 2}, timeout=300)
+        assert warm.status_code == 200, warm.text
+        yield srv
+    finally:
+        stop_server(srv)
+
+
+@pytest.fixture(scope="session")
+def secure_server(tmp_path_factory, smollm2_path) -> RunningServer:
+    """API keys required, rate limited per key, CORS for one origin; 1 slot (it never generates)."""
+    config = base_config(max_batch_size=1, max_sequence_length=64)
+    config["security"] = {"api_key_required": True, "api_keys": list(KEYS),
+                          "rate_limiting": {"enabled": True, "requests_per_minute": RATE_PER_MINUTE}}
+    config["server"]["cors"] = {"enabled": True, "origins": [ALLOWED_ORIGIN]}
+    srv = start_server(tmp_path_factory.mktemp("secure_server"), config)
+    try:
+        yield srv
+    finally:
+        stop_server(srv)
+
+
+@pytest.fixture(scope="session")
+def http(server) -> httpx.Client:
+    with httpx.Client(base_url=server.url, timeout=300) as client:
+        yield client

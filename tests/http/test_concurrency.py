@@ -1,0 +1,104 @@
+"""Concurrency against a real server: 8 streams decode together, disconnects free their slots."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.real
+
+STREAMS = 8
+
+
+def metric(http: httpx.Client, name: str) -> float:
+    for line in http.get("/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} is not in /metrics")
+
+
+def wait_for_idle(http: httpx.Client, timeout: float = 20.0) -> float:
+    """Seconds until no slot decodes and nothing waits (fails after `timeout`)."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if metric(http, "woolly_slots_in_use") == 0 and metric(http, "woolly_queue_depth") == 0:
+            return time.monotonic() - start
+        time.sleep(0.1)
+    raise AssertionError(f"slots still in use after {timeout}s")
+
+
+async def timed_stream(client: httpx.AsyncClient, prompt: str, max_tokens: int) -> dict:
+    """Stream one generation; when its first token and its end arrived, and its tokens."""
+    tokens, first = [], None
+    async with client.stream("POST", "/api/generate", json={"prompt": prompt, "max_tokens": max_tokens,
+                                                            "temperature": 0.8, "seed": 7, "stream": True}) as r:
+        assert r.status_code == 200
+        async for line in r.aiter_lines():
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                break
+            tokens.append(json.loads(data)["token"])
+            if first is None:
+                first = time.monotonic()
+    return {"first": first, "end": time.monotonic(), "tokens": tokens}
+
+
+def test_eight_streams_all_receive_tokens_while_the_others_run(server, http):
+    wait_for_idle(http)
+
+    async def main():
+        async with httpx.AsyncClient(base_url=server.url, timeout=300) as client:
+            return await asyncio.gather(*(timed_stream(client, f"Story number {i}:", 8) for i in range(STREAMS)))
+
+    results = asyncio.run(main())
+    assert all(r["tokens"] for r in results), [len(r["tokens"]) for r in results]
+    last_first_token = max(r["first"] for r in results)
+    first_end = min(r["end"] for r in results)
+    assert last_first_token < first_end, "a stream got its first token only after another had finished"
+    wait_for_idle(http)
+
+
+def test_disconnect_mid_stream_frees_the_slot(server, http):
+    wait_for_idle(http)
+    before = metric(http, "woolly_tokens_generated")
+    with httpx.Client(base_url=server.url, timeout=300) as client:
+        with client.stream("POST", "/api/generate", json={"prompt": "Count from one to one thousand:",
+                                                          "max_tokens": 200, "temperature": 0,
+                                                          "stream": True}) as r:
+            lines = r.iter_lines()
+            got = [line for _, line in zip(range(6), (x for x in lines if x.startswith("data:")))]
+            assert len(got) == 6
+            assert metric(http, "woolly_slots_in_use") == 1
+            t0 = time.monotonic()
+            health = http.get("/health")   # answers while the generation runs
+            assert health.status_code == 200 and time.monotonic() - t0 < 5
+        # leaving the block closes the connection mid-stream
+    wait_for_idle(http, timeout=15)
+    generated = metric(http, "woolly_tokens_generated") - before
+    assert generated < 100, f"{generated:.0f} tokens were generated for a client that left after 6"
+
+
+def test_many_early_cancels_leave_nothing_behind(server, http):
+    """Streams abandoned right after they start, then streams that must all complete."""
+    wait_for_idle(http)
+
+    async def abandon(client, i):
+        async with client.stream("POST", "/api/generate", json={"prompt": f"Abandoned {i}", "max_tokens": 100,
+                                                                "stream": True}) as r:
+            assert r.status_code == 200
+            await asyncio.sleep(0.01)
+
+    async def main():
+        async with httpx.AsyncClient(base_url=server.url, timeout=300) as client:
+            await asyncio.gather(*(abandon(client, i) for i in range(STREAMS)))
+        async with httpx.AsyncClient(base_url=server.url, timeout=300) as client:
+            return await asyncio.gather(*(timed_stream(client, f"Then {i}", 2) for i in range(STREAMS)))
+
+    results = asyncio.run(main())
+    assert all(r["tokens"] for r in results)
+    wait_for_idle(http, timeout=30)
