@@ -9,7 +9,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from live_server import ALLOWED_ORIGIN, KEYS, RATE_PER_MINUTE, RunningServer, base_config, start_server, stop_server
+from live_server import (ALLOWED_ORIGIN, KEYS, RATE_PER_MINUTE, RunningServer, base_config, free_port, start_server,
+                         stop_server)
 
 
 @pytest.fixture(scope="session")
@@ -26,12 +27,19 @@ def server(tmp_path_factory, smollm2_path) -> RunningServer:
 
 @pytest.fixture(scope="session")
 def secure_server(tmp_path_factory, smollm2_path) -> RunningServer:
-    """API keys required, rate limited per key, CORS for one origin; 1 slot (it never generates)."""
+    """API keys required, rate limited per key, CORS for one origin; 1 slot (it never generates).
+
+    Settings come from all three places, so the tests also check their precedence: the
+    file's rate limit and port are overridden by WOOLLY_RATE_LIMIT and WOOLLY_PORT, and
+    WOOLLY_PORT by the --port flag (the server is reached on the flag's port).
+    """
     config = base_config(max_batch_size=1, max_sequence_length=64)
     config["security"] = {"api_key_required": True, "api_keys": list(KEYS),
-                          "rate_limiting": {"enabled": True, "requests_per_minute": RATE_PER_MINUTE}}
+                          "rate_limiting": {"enabled": True, "requests_per_minute": 10 * RATE_PER_MINUTE}}
     config["server"]["cors"] = {"enabled": True, "origins": [ALLOWED_ORIGIN]}
-    srv = start_server(tmp_path_factory.mktemp("secure_server"), config)
+    config["server"]["port"] = free_port()
+    env = {"WOOLLY_RATE_LIMIT": str(RATE_PER_MINUTE), "WOOLLY_PORT": str(free_port())}
+    srv = start_server(tmp_path_factory.mktemp("secure_server"), config, env)
     try:
         yield srv
     finally:

@@ -53,7 +53,8 @@ def _clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("WOOLLY_") or k in keep}
 
 
-def start_server(workdir: Path, config: dict, headers: dict | None = None) -> RunningServer:
+def start_server(workdir: Path, config: dict, env: dict[str, str] | None = None) -> RunningServer:
+    """`woolly serve` with `config` as its file, `env` as WOOLLY_* variables, `--port` a free port."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     config_path = workdir / "woolly.config.yaml"
@@ -62,7 +63,8 @@ def start_server(workdir: Path, config: dict, headers: dict | None = None) -> Ru
     log = open(log_path, "wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "woolly.cli", "serve", MODEL, "--port", str(port), "--config", str(config_path)],
-        cwd=workdir, stdout=log, stderr=subprocess.STDOUT, env=_clean_env(), start_new_session=True)
+        cwd=workdir, stdout=log, stderr=subprocess.STDOUT, env={**_clean_env(), **(env or {})},
+        start_new_session=True)
     log.close()
     server = RunningServer(f"http://127.0.0.1:{port}", port, process, log_path)
     deadline = time.monotonic() + STARTUP_TIMEOUT
@@ -70,7 +72,7 @@ def start_server(workdir: Path, config: dict, headers: dict | None = None) -> Ru
         if process.poll() is not None:
             pytest.fail(f"woolly serve exited with {process.returncode}:\n{server.log_tail()}")
         try:
-            if httpx.get(server.url + "/health", timeout=2, headers=headers).status_code == 200:
+            if httpx.get(server.url + "/health", timeout=2).status_code == 200:
                 return server
         except httpx.TransportError:
             pass

@@ -66,7 +66,7 @@ def test_generate_same_seed_same_text(http):
 
 
 def test_generate_stream_matches_json(http):
-    body = {"prompt": "Once upon a time", "max_tokens": 4, "temperature": 0}
+    body = {"prompt": "Once upon a time", "max_tokens": 4, "temperature": 0.9, "seed": 99}
     r = http.post("/api/generate", json={**body, "stream": True})
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/event-stream")

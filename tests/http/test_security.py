@@ -76,6 +76,7 @@ def test_client_with_and_without_key(secure_server):
 
 
 def test_rate_limit_per_key_with_retry_after(secure):
+    """RATE_PER_MINUTE comes from WOOLLY_RATE_LIMIT; the config file allows ten times more."""
     statuses = []
     for _ in range(RATE_PER_MINUTE + 1):
         r = secure.post("/api/tokenize", json={"text": "x"}, headers=bearer(RATE_KEY))
@@ -89,6 +90,17 @@ def test_rate_limit_per_key_with_retry_after(secure):
     # another key keeps its own budget, and /health stays exempt
     assert secure.post("/api/tokenize", json={"text": "x"}, headers=bearer(AUTH_KEY)).status_code == 200
     assert secure.get("/health").status_code == 200
+
+
+def test_openai_client_sends_the_key(secure_server):
+    import openai
+
+    url = secure_server.url + "/v1"
+    with openai.OpenAI(base_url=url, api_key=AUTH_KEY, max_retries=0) as client:
+        assert MODEL in [m.id for m in client.models.list()]
+    with openai.OpenAI(base_url=url, api_key="wrong", max_retries=0) as client:
+        with pytest.raises(openai.AuthenticationError):
+            client.models.list()
 
 
 def test_cors_for_the_configured_origin_only(secure):
