@@ -216,7 +216,6 @@ struct Job {
   const float* b;
   float* y;
   int64_t R, I, O, off;
-  const float* xs;  // [R, I/SUB]: x summed over each sub-block (for bias and offset terms)
 };
 
 template <int KIND, int HALF>
@@ -228,51 +227,53 @@ static inline __m512 codes16(const uint8_t* q, int64_t e) {
   return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(v, _mm_set1_epi8(15))));
 }
 
-static inline float hdot(const float* a, const float* b, int64_t n) {
-  __m512 acc = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
-  if (i < n) {
-    __mmask16 m = (__mmask16)((1u << (n - i)) - 1);
-    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc);
-  }
-  return _mm512_reduce_add_ps(acc);
-}
-
-// One weight row o against RB activation rows from r0:
-// sum_b s[b] * dot(c[b], x[r, b]) + sum_b (bias[b] - off * s[b]) * xs[r, b].
+// One weight row o against RB activation rows from r0. Each sub-block's weights are formed
+// in registers as w = code * s + (bias - off * s) (one FMA per 16 weights), then one FMA
+// per 16 weights and activation row; two accumulators per row keep the FMA chains short.
 template <int KIND, int HALF, int SUB, bool BIAS, int RB>
 static inline void one_row(const Job& J, const uint8_t* q, int64_t o, int64_t r0) {
   const int64_t I = J.I, nsub = I / SUB;
   const float* s = J.s + o * nsub;
-  __m512 acc[RB];
-  for (int r = 0; r < RB; ++r) acc[r] = _mm512_setzero_ps();
-  for (int64_t sb = 0; sb < nsub; ++sb) {
-    const int64_t e = sb * SUB;
-    const __m512 sv = _mm512_set1_ps(s[sb]);
-    const __m512 c0 = codes16<KIND, HALF>(q, e);
-    if (SUB == 32) {
-      const __m512 c1 = codes16<KIND, HALF>(q, e + 16);
+  const float* b = BIAS ? J.b + o * nsub : nullptr;
+  const float offf = (float)J.off;
+  __m512 acc0[RB], acc1[RB];
+  for (int r = 0; r < RB; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
+  auto wts = [&](int64_t sb, const __m512 c) {
+    const float sv = s[sb];
+    const float bv = (BIAS ? b[sb] : 0.f) - offf * sv;
+    return _mm512_fmadd_ps(c, _mm512_set1_ps(sv), _mm512_set1_ps(bv));
+  };
+  int64_t sb = 0;
+  if (SUB == 32) {
+    for (; sb < nsub; ++sb) {
+      const int64_t e = sb * 32;
+      const __m512 w0 = wts(sb, codes16<KIND, HALF>(q, e));
+      const __m512 w1 = wts(sb, codes16<KIND, HALF>(q, e + 16));
       for (int r = 0; r < RB; ++r) {
         const float* xr = J.x + (r0 + r) * I + e;
-        __m512 t = _mm512_mul_ps(c0, _mm512_loadu_ps(xr));
-        t = _mm512_fmadd_ps(c1, _mm512_loadu_ps(xr + 16), t);
-        acc[r] = _mm512_fmadd_ps(sv, t, acc[r]);
-      }
-    } else {
-      for (int r = 0; r < RB; ++r) {
-        __m512 t = _mm512_mul_ps(c0, _mm512_loadu_ps(J.x + (r0 + r) * I + e));
-        acc[r] = _mm512_fmadd_ps(sv, t, acc[r]);
+        acc0[r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xr), acc0[r]);
+        acc1[r] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xr + 16), acc1[r]);
       }
     }
+  } else {
+    for (; sb + 2 <= nsub; sb += 2) {
+      const int64_t e = sb * 16;
+      const __m512 w0 = wts(sb, codes16<KIND, HALF>(q, e));
+      const __m512 w1 = wts(sb + 1, codes16<KIND, HALF>(q, e + 16));
+      for (int r = 0; r < RB; ++r) {
+        const float* xr = J.x + (r0 + r) * I + e;
+        acc0[r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xr), acc0[r]);
+        acc1[r] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xr + 16), acc1[r]);
+      }
+    }
+    for (; sb < nsub; ++sb) {
+      const int64_t e = sb * 16;
+      const __m512 w0 = wts(sb, codes16<KIND, HALF>(q, e));
+      for (int r = 0; r < RB; ++r)
+        acc0[r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(J.x + (r0 + r) * I + e), acc0[r]);
+    }
   }
-  for (int r = 0; r < RB; ++r) {
-    float v = _mm512_reduce_add_ps(acc[r]);
-    const float* xsr = J.xs + (r0 + r) * nsub;
-    if (BIAS) v += hdot(J.b + o * nsub, xsr, nsub);
-    if (J.off) v -= (float)J.off * hdot(s, xsr, nsub);
-    J.y[(r0 + r) * J.O + o] = v;
-  }
+  for (int r = 0; r < RB; ++r) J.y[(r0 + r) * J.O + o] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[r], acc1[r]));
 }
 
 // Dense f32 row o against RB activation rows.
@@ -386,7 +387,6 @@ struct Shared {
   RangeFn fn = nullptr;
   int64_t total = 0, units = 0, per = 1;
   std::atomic<int64_t> next{0}, done{0};
-  std::vector<float> xs;
   void work() {
     for (;;) {
       const int64_t u = next.fetch_add(1, std::memory_order_relaxed);
@@ -438,18 +438,7 @@ static ffi::Error QMatVecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi
   if (R == 0 || O == 0) return ffi::Error::Success();
   auto sp = std::make_shared<Shared>();
   sp->job = Job{x.typed_data(), static_cast<const uint8_t*>(q.untyped_data()), s.typed_data(),
-                has_bias ? b.typed_data() : nullptr, y->typed_data(), R, I, O, off, nullptr};
-  if (kind != 2 && (has_bias || off)) {
-    const int64_t nsub = I / sub;
-    sp->xs.resize(R * nsub);
-    const float* xp = x.typed_data();
-    for (int64_t i = 0; i < R * nsub; ++i) {
-      float t = 0.f;
-      for (int64_t j = 0; j < sub; ++j) t += xp[i * sub + j];
-      sp->xs[i] = t;
-    }
-    sp->job.xs = sp->xs.data();
-  }
+                has_bias ? b.typed_data() : nullptr, y->typed_data(), R, I, O, off};
   sp->fn = fn;
   sp->total = kind == 1 ? O / 2 : O;
   run_parallel(pool, sp, O * I * (R < 8 ? R : 8) >= min_par);
@@ -471,7 +460,7 @@ static ffi::Error DequantImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::Buffe
   if (O == 0) return ffi::Error::Success();
   auto sp = std::make_shared<Shared>();
   sp->job = Job{nullptr, static_cast<const uint8_t*>(q.untyped_data()), s.typed_data(),
-                has_bias ? b.typed_data() : nullptr, y->typed_data(), 0, I, O, off, nullptr};
+                has_bias ? b.typed_data() : nullptr, y->typed_data(), 0, I, O, off};
   sp->fn = fn;
   sp->total = kind == 1 ? O / 2 : O;
   run_parallel(pool, sp, O * I >= (1 << 16));
