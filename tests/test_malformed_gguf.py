@@ -585,3 +585,17 @@ def test_mutated_files_load_cleanly_or_raise_a_woolly_error(tmp_path, tiny_bytes
             assert e.code == "MODEL_LOAD_FAILED", (e.code, str(e))
             assert str(e) and "\n" not in str(e)
     assert time.perf_counter() - start < TIME_LIMIT_S
+
+
+@pytest.mark.parametrize("key,encoded,pattern", [
+    ("tokenizer.ggml.tokens",
+     ("tokenizer.ggml.tokens", gstr("tokenizer.ggml.tokens") + u32(ARR) + u32(STR) + u64(len(TOKENS))
+      + b"".join(gstr(t) for t in TOKENS[:5]) + gstr(b"\xff\xfe") + b"".join(gstr(t) for t in TOKENS[6:])),
+     r"'tokenizer.ggml.tokens' entry #5 is not valid UTF-8"),
+    ("tokenizer.chat_template",
+     ("tokenizer.chat_template", gstr("tokenizer.chat_template") + u32(STR) + gstr(b"{{ '\xc3' }}")),
+     r"'tokenizer.chat_template' entry #0 is not valid UTF-8"),
+])
+def test_vocabulary_text_that_is_not_utf8(tmp_path, key, encoded, pattern):
+    """Tokenizers need real text: undecodable bytes in tokens, merges or the template are named."""
+    expect_error(tmp_path, valid_gguf().with_kv(key, encoded).build(), pattern)

@@ -64,6 +64,20 @@ class Vocabulary:
         return len(self.tokens)
 
 
+def _check_utf8(key: str, strings: list[str] | None) -> None:
+    """The reader keeps undecodable bytes as surrogates; tokenizers need real UTF-8, so name the entry."""
+    if not strings:
+        return
+    try:
+        "".join(strings).encode("utf-8")  # one pass over everything: fast on a 262k vocabulary
+    except UnicodeEncodeError:
+        for i, s in enumerate(strings):
+            try:
+                s.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ModelLoadFailed(f"metadata {key!r} entry #{i} is not valid UTF-8") from None
+
+
 def read_vocabulary(g: GGUFFile) -> Vocabulary:
     """Read and check the tokenizer arrays: types, equal lengths, ids in range, byte tokens."""
 
@@ -103,6 +117,10 @@ def read_vocabulary(g: GGUFFile) -> Vocabulary:
             raise ModelLoadFailed(f"metadata {key!r} has {len(arr)} entries for {n} tokens")
     if model == "gpt2" and merges is None:
         raise ModelLoadFailed("a BPE vocabulary needs 'tokenizer.ggml.merges'")
+    template = g.get("tokenizer.chat_template")
+    for key, strings in (("tokenizer.ggml.tokens", tokens), ("tokenizer.ggml.merges", merges),
+                         ("tokenizer.chat_template", [template] if isinstance(template, str) else None)):
+        _check_utf8(key, strings)
     for i in np.flatnonzero(types == TOKEN_BYTE):
         t = tokens[i]
         ok = len(t) == 6 and t.startswith("<0x") and t.endswith(">")
@@ -121,7 +139,6 @@ def read_vocabulary(g: GGUFFile) -> Vocabulary:
         return v
 
     extra = [special(k) for k in ("eot", "eom")]
-    template = g.get("tokenizer.chat_template")
     return Vocabulary(
         model=model, pre=str(g.get("tokenizer.ggml.pre", "default")), tokens=tokens, token_types=types,
         scores=None if scores is None else scores.astype(np.float32), merges=merges,
