@@ -117,3 +117,16 @@ def test_body_over_the_limit(http):
 def test_unknown_route_and_method(http):
     assert_error(http.get("/api/nothing-here"), 404, "NOT_FOUND")
     assert_error(http.get("/api/generate"), 405, "METHOD_NOT_ALLOWED")
+
+
+@pytest.mark.parametrize("route,body", [
+    ("/v1/completions", {"prompt": "Hi", "logprobs": -1}), ("/v1/completions", {"prompt": "Hi", "logprobs": 10**6}),
+    ("/v1/completions", {"prompt": "Hi", "n": 0}), ("/v1/completions", {"prompt": "Hi", "n": 10**6}),
+    ("/v1/completions", {"prompt": [-1, 5]}), ("/v1/completions", {"prompt": "Hi", "max_tokens": -1}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "top_logprobs": -1}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "temperature": -1}),
+    ("/v1/embeddings", {"input": []}),
+])
+def test_openai_routes_bad_parameters(http, route, body):
+    assert_error(http.post(route, json=body), 400, "INVALID_REQUEST")
+

@@ -7,6 +7,7 @@ import time
 
 import httpx
 import pytest
+import websockets
 
 pytestmark = pytest.mark.real
 
@@ -81,6 +82,23 @@ def test_disconnect_mid_stream_frees_the_slot(server, http):
     wait_for_idle(http, timeout=15)
     generated = metric(http, "woolly_tokens_generated") - before
     assert generated < 100, f"{generated:.0f} tokens were generated for a client that left after 6"
+
+
+def test_websocket_closed_mid_generation_frees_the_slot(server, http):
+    wait_for_idle(http)
+    before = metric(http, "woolly_tokens_generated")
+
+    async def leave_early():
+        async with websockets.connect(server.ws_url) as ws:
+            await ws.recv()   # status
+            await ws.send(json.dumps({"type": "generate", "id": "gone", "prompt": "Count from one to one thousand:",
+                                      "config": {"max_tokens": 200, "temperature": 0}}))
+            while json.loads(await ws.recv())["type"] != "token":
+                pass
+
+    asyncio.run(leave_early())
+    wait_for_idle(http, timeout=15)
+    assert metric(http, "woolly_tokens_generated") - before < 100
 
 
 def test_many_early_cancels_leave_nothing_behind(server, http):
