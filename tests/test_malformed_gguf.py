@@ -564,6 +564,15 @@ def _mutate(data: bytes, ops: list) -> bytes:
     return bytes(out)
 
 
+def use_vocabulary(path: Path) -> None:
+    """What a loaded model's vocabulary is for: tokenizing, decoding, the chat template."""
+    m = Model.from_file(path)
+    tok = m.tokenizer
+    ids = tok.tokenize("Hello the world <|im_start|> é 😀")
+    tok.decode(ids)
+    m.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
 _op = st.tuples(st.sampled_from(["flip", "set64", "truncate", "splice"]),
                 st.integers(0, 2**20), st.integers(0, 2**20), st.integers(0, 2**20))
 
@@ -571,6 +580,7 @@ _op = st.tuples(st.sampled_from(["flip", "set64", "truncate", "splice"]),
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=st.lists(_op, min_size=1, max_size=4), head_bias=st.booleans())
 def test_mutated_files_load_cleanly_or_raise_a_woolly_error(tmp_path, tiny_bytes, ops, head_bias):
+    """Model.from_file, validate, every tensor, then tokenizer and chat template: all or a WoollyError."""
     if head_bias:  # most structure lives in the first few KB: aim half of the examples there
         ops = [(k, a % 4096, b, c) if k != "splice" else (k, a % 4096, b % 4096, c) for k, a, b, c in ops]
     data = _mutate(tiny_bytes, ops)
@@ -581,6 +591,7 @@ def test_mutated_files_load_cleanly_or_raise_a_woolly_error(tmp_path, tiny_bytes
         warnings.simplefilter("ignore", RuntimeWarning)  # NaN weights from flipped bytes are data, not errors
         try:
             full_load(path)
+            use_vocabulary(path)
         except WoollyError as e:
             assert e.code == "MODEL_LOAD_FAILED", (e.code, str(e))
             assert str(e) and "\n" not in str(e)
