@@ -218,6 +218,13 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from woolly.bench import main as bench_main
+
+    _pulled(args.model)
+    return bench_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="woolly", description="Run GGUF language models on JAX.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -282,6 +289,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=None)
     s.add_argument("--residency", choices=("dense", "quantized"), default=None)
     s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("bench", help="measure load, first token, prefill, decode and memory (vs llama.cpp)")
+    s.add_argument("model", help="a pulled model's name or a .gguf path")
+    s.add_argument("--compare", choices=("llama-cpp",), default=None,
+                   help="also run llama.cpp (llama-cpp-python, the `peer` extra) in the same run")
+    s.add_argument("--json", action="store_true", help="print the report as JSON")
+    s.add_argument("--plot", default=None, metavar="FILE.png", help="draw the figures (needs matplotlib)")
+    s.add_argument("--output", "-o", default=None, metavar="FILE.json", help="also write the JSON report here")
+    s.add_argument("--residency", choices=("dense", "quantized"), default="dense")
+    s.add_argument("--threads", type=int, default=2, help="CPU threads for both engines (default 2)")
+    s.add_argument("--repeats", type=int, default=None, help="timed repeats per figure (default 3; medians)")
+    s.add_argument("--quick", action="store_true", help="every figure at reduced sizes (tests), not for numbers")
+    s.set_defaults(func=cmd_bench)
     return p
 
 
