@@ -114,6 +114,19 @@ def test_body_over_the_limit(http):
     assert_error(r, 413, "PAYLOAD_TOO_LARGE")
 
 
+def test_chunked_body_over_the_limit(http):
+    """No Content-Length to check up front: the limit holds while the body streams in."""
+    def chunks():
+        yield b'{"prompt": "'
+        for _ in range(BODY_LIMIT // 4096 + 2):
+            yield b"a" * 4096
+        yield b'"}'
+
+    r = http.post("/api/generate", content=chunks(), headers={"content-type": "application/json"})
+    assert "content-length" not in r.request.headers
+    assert_error(r, 413, "PAYLOAD_TOO_LARGE")
+
+
 def test_unknown_route_and_method(http):
     assert_error(http.get("/api/nothing-here"), 404, "NOT_FOUND")
     assert_error(http.get("/api/generate"), 405, "METHOD_NOT_ALLOWED")
