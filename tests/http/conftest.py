@@ -9,14 +9,19 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from live_server import (ALLOWED_ORIGIN, KEYS, RATE_PER_MINUTE, RunningServer, base_config, free_port, start_server,
+from live_server import (ALLOWED_ORIGIN, KEYS, MODEL, RATE_PER_MINUTE, RunningServer, base_config, free_port, start_server,
                          stop_server)
 
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory, smollm2_path) -> RunningServer:
-    """An open server (no keys, no rate limit, no CORS) with 8 slots, compiled and warm."""
-    srv = start_server(tmp_path_factory.mktemp("server"), base_config())
+    """An open server (no keys, no rate limit, no CORS) with 8 slots, compiled and warm.
+
+    Started without a model argument: it serves the config's `models.preload`.
+    """
+    config = base_config()
+    config["models"] = {"preload": [MODEL]}
+    srv = start_server(tmp_path_factory.mktemp("server"), config, model=None)
     try:
         warm = httpx.post(srv.url + "/api/generate", json={"prompt": "Hi", "max_tokens": 2}, timeout=300)
         assert warm.status_code == 200, warm.text
@@ -38,8 +43,10 @@ def secure_server(tmp_path_factory, smollm2_path) -> RunningServer:
                           "rate_limiting": {"enabled": True, "requests_per_minute": 10 * RATE_PER_MINUTE}}
     config["server"]["cors"] = {"enabled": True, "origins": [ALLOWED_ORIGIN]}
     config["server"]["port"] = free_port()
+    workdir = tmp_path_factory.mktemp("secure_server")
+    config["logging"] = {"level": "info", "format": "text", "output": str(workdir / "woolly.log")}
     env = {"WOOLLY_RATE_LIMIT": str(RATE_PER_MINUTE), "WOOLLY_PORT": str(free_port())}
-    srv = start_server(tmp_path_factory.mktemp("secure_server"), config, env)
+    srv = start_server(workdir, config, env)
     try:
         yield srv
     finally:

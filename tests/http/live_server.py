@@ -53,8 +53,9 @@ def _clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("WOOLLY_") or k in keep}
 
 
-def start_server(workdir: Path, config: dict, env: dict[str, str] | None = None) -> RunningServer:
-    """`woolly serve` with `config` as its file, `env` as WOOLLY_* variables, `--port` a free port."""
+def start_server(workdir: Path, config: dict, env: dict[str, str] | None = None,
+                 model: str | None = MODEL) -> RunningServer:
+    """`woolly serve [model]` with `config` as its file, `env` as WOOLLY_* variables, `--port` a free port."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     config_path = workdir / "woolly.config.yaml"
@@ -62,7 +63,8 @@ def start_server(workdir: Path, config: dict, env: dict[str, str] | None = None)
     log_path = workdir / "server.log"
     log = open(log_path, "wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "woolly.cli", "serve", MODEL, "--port", str(port), "--config", str(config_path)],
+        [sys.executable, "-m", "woolly.cli", "serve", *([model] if model else []), "--port", str(port),
+         "--config", str(config_path)],
         cwd=workdir, stdout=log, stderr=subprocess.STDOUT, env={**_clean_env(), **(env or {})},
         start_new_session=True)
     log.close()

@@ -124,6 +124,16 @@ def test_open_server_sends_no_cors_headers(http):
     assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
 
 
+def test_text_access_log_in_the_configured_file(secure_server, secure):
+    secure.post("/api/tokenize", json={"text": "logged"}, headers=bearer(AUTH_KEY))
+    secure.get("/api/models")   # refused: 401
+    lines = (secure_server.log_path.parent / "woolly.log").read_text().splitlines()
+    access = [line for line in lines if " woolly.access: " in line]
+    assert any(" POST /api/tokenize 200 " in line and line.endswith("tokens=0") for line in access), access[-5:]
+    assert any(" GET /api/models 401 " in line for line in access)
+    assert not [line for line in lines if line.lstrip().startswith("{")]   # text, not JSON
+
+
 def test_unload_then_model_not_loaded_then_load(secure_server, secure):
     """Last in this module: every model-needing route says MODEL_NOT_LOADED until a load."""
     admin = bearer(ADMIN_KEY)
