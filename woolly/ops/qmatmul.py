@@ -8,15 +8,22 @@ and dequantizes inside the jitted matmul. Model code only calls `linear` and
 How `linear` multiplies (chosen per call from static facts: backend, weight kind, rows of x;
 the figures behind each choice come from `scripts/probe_qmatmul.py`):
 
-- Few rows (decode: rows <= KERNEL_MAX_ROWS) on CPU: an XLA custom call (`jax.ffi`) into a
-  small AVX-512 C++ kernel that reads the codes once, converts them in registers and
-  applies each sub-block's scale after a 16/32-wide dot, split over XLA's intra-op threads.
-  XLA:CPU's own matvec of a dequantized weight is a single-threaded loop fusion when the
-  step is a chain of dependent matmuls (as decode is); the kernel was ~3-5x faster there.
-  The kernel is compiled from the source below with the machine's g++ on first use and
-  cached under ~/.cache/woolly/kernels (WOOLLY_KERNEL_CACHE); without g++/AVX-512, or with
-  WOOLLY_QMATMUL_KERNEL=0, everything falls back to the pure-XLA formulations below.
-- Many rows (prefill) or no kernel: dequantize in XLA, then one f32 GEMM (`x @ W.T`).
+- Few rows (decode, small batches: rows <= KERNEL_MAX_ROWS) on CPU, dense f32 or quantized:
+  an XLA custom call (`jax.ffi`) into a small AVX-512 C++ kernel. It reads each weight row
+  once, forms 16 weights at a time in registers (int8 or 4-bit codes -> f32, one FMA with
+  the sub-block's scale and bias), FMAs them with up to 8 activation rows, and splits the
+  rows over XLA's intra-op thread pool. In a decode step (a chain of dependent matmuls)
+  XLA:CPU's own formulations were 3-10x slower: a dequantize fused into the dot runs as a
+  single-threaded loop, and inside the real model XLA materializes the dequantized f32
+  matrix every step.
+- Many rows (prefill), quantized: the kernel dequantizes to f32 (bit-exact, threaded), then
+  XLA's GEMM; dense: XLA's GEMM directly. Prefill is compute-bound, the GEMM dominates.
+- No kernel (not CPU, no g++ or AVX-512, WOOLLY_QMATMUL_KERNEL=0): dequantize in XLA, then
+  `x @ W.T`. Correct everywhere, but quantized decode is then several times slower than dense.
+
+The kernel is compiled from the source below with the machine's g++ (-march=native) on first
+use, into ~/.cache/woolly/kernels (or WOOLLY_KERNEL_CACHE), keyed by source, jax version and
+CPU; later processes load the cached .so.
 
 Quantized layout (`QuantizedWeight`): every GGUF block format is first decoded to the
 affine form w = scale * q + bias per sub-block of 16 or 32 weights (woolly.formats.quants).
@@ -47,7 +54,7 @@ from woolly.formats.quants import QuantizationType, decode_blocks
 
 RESIDENCIES = ("dense", "quantized")
 
-# Rows of x up to which the CPU kernel is used; above, dequantize + GEMM (XLA) wins.
+# Rows of x up to which the CPU kernel multiplies; above, (kernel) dequantize + XLA GEMM.
 KERNEL_MAX_ROWS = int(os.environ.get("WOOLLY_KERNEL_MAX_ROWS", "16"))
 # Below this many multiply-adds (rows capped at 8) the kernel stays on one thread.
 KERNEL_MIN_PARALLEL = 1 << 16
@@ -522,7 +529,14 @@ def _build_kernel() -> str:
     so = os.path.join(root, f"qmatvec-{key}.so")
     if os.path.exists(so):
         return so
-    os.makedirs(root, exist_ok=True)
+    try:
+        os.makedirs(root, exist_ok=True)
+    except OSError:  # read-only home: build in the temp dir instead
+        root = os.path.join(tempfile.gettempdir(), f"woolly-kernels-{os.getuid()}")
+        so = os.path.join(root, f"qmatvec-{key}.so")
+        if os.path.exists(so):
+            return so
+        os.makedirs(root, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root) as tmp:
         src = os.path.join(tmp, "qmatvec.cc")
         with open(src, "w") as f:
