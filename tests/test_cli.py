@@ -149,3 +149,11 @@ def test_subprocess_list(models):
     write_tiny_model(models / "listed.gguf")
     r = run_cli("list", env_models=models)
     assert r.returncode == 0 and "listed" in r.stdout and "smollm2-135m-instruct" in r.stdout
+
+
+def test_an_unusable_models_directory_is_one_line(tmp_path):
+    """An OSError from a path the user gave (here WOOLLY_MODELS_DIR under a file) is one line too."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    r = run_cli("pull", "smollm2-135m-instruct", env_models=blocker / "models")
+    assert_one_line_error(r.returncode, r.stderr, "Not a directory")

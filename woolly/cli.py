@@ -6,6 +6,7 @@ Every subcommand is a function `cmd_<name>(args) -> int`; a WoollyError prints o
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from woolly.errors import WoollyError
@@ -312,6 +313,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args) or 0
     except WoollyError as e:
         print(f"woolly: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a directory or file the user pointed at cannot be used: one line too
+        where = f": {os.path.basename(e.filename)}" if e.filename else ""
+        print(f"woolly: error: {e.strerror or e}{where}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("woolly: interrupted", file=sys.stderr)
