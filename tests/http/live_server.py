@@ -17,6 +17,7 @@ import yaml
 MODEL = "smollm2-135m-instruct"
 CONTEXT = 256
 BODY_LIMIT = 64 * 1024
+MAX_QUEUE = 8            # requests waiting for a slot before 503 SERVER_BUSY
 STARTUP_TIMEOUT = 240.0
 KEYS = ("key-auth-tests", "key-cors-tests", "key-rate-tests", "key-admin-tests")
 RATE_PER_MINUTE = 20
@@ -96,7 +97,7 @@ def stop_server(server: RunningServer) -> None:
 def base_config(**inference) -> dict:
     return {
         "inference": {"max_batch_size": 8, "max_sequence_length": CONTEXT, **inference},
-        "server": {"max_body_bytes": BODY_LIMIT},
+        "server": {"max_body_bytes": BODY_LIMIT, "max_queue": MAX_QUEUE},
         "logging": {"level": "info", "format": "json", "output": "stdout"},
     }
 

@@ -9,6 +9,8 @@ import httpx
 import pytest
 import websockets
 
+from live_server import MAX_QUEUE
+
 pytestmark = pytest.mark.real
 
 STREAMS = 8
@@ -120,3 +122,35 @@ def test_many_early_cancels_leave_nothing_behind(server, http):
     results = asyncio.run(main())
     assert all(r["tokens"] for r in results)
     wait_for_idle(http, timeout=30)
+
+
+def test_full_queue_answers_busy_and_the_queued_still_complete(server, http):
+    """Slots all busy and the queue full: the extra requests get 503 SERVER_BUSY, not a reset;
+    the queued ones run once the slots free up."""
+    wait_for_idle(http)
+    extra = 3
+
+    async def main():
+        async with httpx.AsyncClient(base_url=server.url, timeout=300) as client:
+            longs = await asyncio.gather(*(client.send(client.build_request(
+                "POST", "/api/generate", json={"prompt": f"Long story {i}:", "max_tokens": 200, "stream": True}),
+                stream=True) for i in range(STREAMS)))   # each answers once its first token is out
+            assert [r.status_code for r in longs] == [200] * STREAMS
+            burst = [asyncio.create_task(client.post("/api/generate", json={"prompt": f"Queued {i}", "max_tokens": 1}))
+                     for i in range(MAX_QUEUE + extra)]
+            deadline = time.monotonic() + 60
+            while sum(t.done() for t in burst) < extra and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            refused = [t.result() for t in burst if t.done()]
+            queued = float((await client.get("/metrics")).text.split("\nwoolly_queue_depth ")[1].split()[0])
+            for r in longs:
+                await r.aclose()   # free the slots
+            return refused, queued, await asyncio.gather(*burst)
+
+    refused, queued, answers = asyncio.run(main())
+    assert len(refused) == extra and queued == MAX_QUEUE
+    for r in refused:
+        assert r.status_code == 503 and r.json()["error"]["code"] == "SERVER_BUSY"
+    assert sorted(r.status_code for r in answers) == [200] * MAX_QUEUE + [503] * extra
+    wait_for_idle(http)
+
