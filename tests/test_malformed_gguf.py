@@ -540,9 +540,10 @@ def test_chat_template_sandbox_escape_runs_nothing(tmp_path):
 
 
 # -- property test: mutations of a valid tiny model -----------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_bytes(tmp_path_factory) -> bytes:
-    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny.gguf", n_layers=1, n_merges=8).read_bytes()
+@pytest.fixture(scope="module", params=["llama", "gemma3"])
+def tiny_bytes(request, tmp_path_factory) -> bytes:
+    path = tmp_path_factory.mktemp("tiny") / "tiny.gguf"
+    return write_tiny_model(path, arch=request.param, n_layers=1, n_merges=8).read_bytes()
 
 
 def _mutate(data: bytes, ops: list) -> bytes:
@@ -577,7 +578,7 @@ _op = st.tuples(st.sampled_from(["flip", "set64", "truncate", "splice"]),
                 st.integers(0, 2**20), st.integers(0, 2**20), st.integers(0, 2**20))
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=st.lists(_op, min_size=1, max_size=4), head_bias=st.booleans())
 def test_mutated_files_load_cleanly_or_raise_a_woolly_error(tmp_path, tiny_bytes, ops, head_bias):
     """Model.from_file, validate, every tensor, then tokenizer and chat template: all or a WoollyError."""
