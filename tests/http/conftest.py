@@ -9,8 +9,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from live_server import (ALLOWED_ORIGIN, KEYS, MODEL, RATE_PER_MINUTE, RunningServer, base_config, free_port, start_server,
-                         stop_server)
+from live_server import (ALLOWED_ORIGIN, KEYS, MODEL, RATE_PER_MINUTE, RunningServer, base_config, free_port,
+                         start_server, stop_server)
 
 
 @pytest.fixture(scope="session")

@@ -39,8 +39,8 @@ def test_health_is_public(secure):
 
 
 @pytest.mark.parametrize("headers", [{}, bearer("wrong-key"), {"Authorization": AUTH_KEY},
-                                     {"Authorization": "Basic " + AUTH_KEY}, {"Authorization": "Bearer"}, bearer(AUTH_KEY + "x"),
-                                     bearer(AUTH_KEY[:-1])])
+                                     {"Authorization": "Basic " + AUTH_KEY}, {"Authorization": "Bearer"},
+                                     bearer(AUTH_KEY + "x"), bearer(AUTH_KEY[:-1])])
 def test_missing_or_wrong_key_is_401(secure, headers):
     for method, path in (("POST", "/api/tokenize"), ("GET", "/api/models"), ("GET", "/v1/models"),
                          ("GET", "/metrics")):

@@ -17,7 +17,7 @@ import msgspec
 from litestar import Litestar, Request, Response, get, post, websocket
 from litestar.config.cors import CORSConfig
 from litestar.connection import WebSocket
-from litestar.exceptions import HTTPException, WebSocketDisconnect
+from litestar.exceptions import HTTPException
 from litestar.middleware.rate_limit import RateLimitConfig
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
