@@ -543,7 +543,9 @@ def test_chat_template_sandbox_escape_runs_nothing(tmp_path):
 @pytest.fixture(scope="module", params=["llama", "gemma3"])
 def tiny_bytes(request, tmp_path_factory) -> bytes:
     path = tmp_path_factory.mktemp("tiny") / "tiny.gguf"
-    return write_tiny_model(path, arch=request.param, n_layers=1, n_merges=8).read_bytes()
+    write_tiny_model(path, arch=request.param, n_layers=1, n_merges=8)
+    use_vocabulary(path)  # first-use imports (tokenizers, jinja2) stay out of the timed examples
+    return path.read_bytes()
 
 
 def _mutate(data: bytes, ops: list) -> bytes:
