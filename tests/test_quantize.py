@@ -253,6 +253,15 @@ def test_alignment_is_kept(tmp_path):
     assert m.gguf.alignment == 64 and all(t.offset % 64 == 0 for t in m.tensors.values())
 
 
+def test_output_gets_the_usual_file_mode(tmp_path, tiny_f32):
+    """Written through a temporary file, but with the mode a plain open() gives (umask applied)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    out = tmp_path / "mode.gguf"
+    quantize_model(tiny_f32, out, Q.Q8_0)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 def test_same_type_tensors_are_copied_byte_for_byte(tmp_path):
     src = write_tiny_model(tmp_path / "q8.gguf", qtype=Q.Q8_0)
     out = tmp_path / "q8-again.gguf"

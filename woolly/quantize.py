@@ -17,7 +17,7 @@ The output is written to a temporary file beside `output_path` and renamed into 
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Callable
 
@@ -87,8 +87,8 @@ def quantize_model(
             raise ModelLoadFailed("metadata 'general.architecture' is missing or not a string")
         output = _check_output(Path(output_path))
         report(0.0)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
-        os.close(fd)
+        # a unique name beside the output (not mkstemp: its 0600 mode would stick to the output)
+        tmp_name = output.parent / f".{output.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
         try:
             _write(source, arch, target, Path(tmp_name), report)
             os.replace(tmp_name, output)
@@ -163,11 +163,17 @@ def _write(source: GGUFFile, arch: str, target: QuantizationType, path: Path, re
         rows = info.n_elements // info.dims[0]
         w.add_tensor_info(info.name, info.shape, np.dtype(np.float32), rows * row_nbytes(qtype, info.dims[0]),
                           raw_dtype=gguf.GGMLQuantizationType(int(qtype)))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
-    out = w.fout[0]
+    try:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        _write_tensor_data(source, plan, w.fout[0], report)
+    finally:
+        w.close()
 
+
+def _write_tensor_data(source: GGUFFile, plan: list[tuple[TensorInfo, QuantizationType]], out, report) -> None:
+    """Each tensor at the next aligned offset, converted a few million weights at a time."""
     total = sum(info.n_elements for info, _ in plan) or 1
     done = 0
     for info, qtype in plan:
@@ -186,4 +192,3 @@ def _write(source: GGUFFile, arch: str, target: QuantizationType, path: Path, re
             done += block.shape[0] * n
             report(0.99 * done / total)
         out.write(b"\0" * (-out.tell() % source.alignment))
-    w.close()
