@@ -11,7 +11,7 @@ import struct
 import time
 import tracemalloc
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
