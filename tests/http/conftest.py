@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from live_server import (ALLOWED_ORIGIN, KEYS, MODEL, RATE_PER_MINUTE, RunningServer, base_config, free_port,
-                         start_server, stop_server)
+                         models_directory, start_server, stop_server)
 
 
 @pytest.fixture(scope="session")
@@ -34,6 +34,8 @@ def server(tmp_path_factory, smollm2_path) -> RunningServer:
 def secure_server(tmp_path_factory, smollm2_path) -> RunningServer:
     """API keys required, rate limited per key, CORS for one origin; 1 slot (it never generates).
 
+    Its models directory holds the real model and a broken file (see `models_directory`).
+
     Settings come from all three places, so the tests also check their precedence: the
     file's rate limit and port are overridden by WOOLLY_RATE_LIMIT and WOOLLY_PORT, and
     WOOLLY_PORT by the --port flag (the server is reached on the flag's port).
@@ -44,6 +46,7 @@ def secure_server(tmp_path_factory, smollm2_path) -> RunningServer:
     config["server"]["cors"] = {"enabled": True, "origins": [ALLOWED_ORIGIN]}
     config["server"]["port"] = free_port()
     workdir = tmp_path_factory.mktemp("secure_server")
+    config["models"] = {"directory": str(models_directory(workdir / "models", smollm2_path))}
     config["logging"] = {"level": "info", "format": "text", "output": str(workdir / "woolly.log")}
     env = {"WOOLLY_RATE_LIMIT": str(RATE_PER_MINUTE), "WOOLLY_PORT": str(free_port())}
     srv = start_server(workdir, config, env)

@@ -94,6 +94,17 @@ def stop_server(server: RunningServer) -> None:
             server.process.wait(timeout=15)
 
 
+BROKEN_MODEL = "broken-model"
+
+
+def models_directory(directory: Path, real_model_path: str) -> Path:
+    """A models directory with the real model (a link) and `BROKEN_MODEL`, a file that is not GGUF."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"{MODEL}.gguf").symlink_to(real_model_path)
+    (directory / f"{BROKEN_MODEL}.gguf").write_bytes(b"GGUF" + b"\xff" * 60)
+    return directory
+
+
 def base_config(**inference) -> dict:
     return {
         "inference": {"max_batch_size": 8, "max_sequence_length": CONTEXT, **inference},

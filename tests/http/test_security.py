@@ -13,7 +13,7 @@ import httpx
 import pytest
 import websockets
 
-from live_server import ALLOWED_ORIGIN, KEYS, MODEL, RATE_PER_MINUTE
+from live_server import ALLOWED_ORIGIN, BROKEN_MODEL, KEYS, MODEL, RATE_PER_MINUTE
 from test_api_errors import assert_error
 from woolly.client import WoollyClient
 from woolly.errors import ModelNotLoaded, Unauthorized
@@ -132,6 +132,17 @@ def test_text_access_log_in_the_configured_file(secure_server, secure):
     assert any(" POST /api/tokenize 200 " in line and line.endswith("tokens=0") for line in access), access[-5:]
     assert any(" GET /api/models 401 " in line for line in access)
     assert not [line for line in lines if line.lstrip().startswith("{")]   # text, not JSON
+
+
+def test_loading_a_broken_model_fails_and_keeps_the_loaded_one(secure_server, secure):
+    admin = bearer(ADMIN_KEY)
+    err = assert_error(secure.post("/api/models/load", json={"name": BROKEN_MODEL}, headers=admin),
+                       500, "MODEL_LOAD_FAILED")
+    assert str(secure_server.log_path.parent) not in err["message"]   # no file system path leaks
+    assert secure.get("/health").json()["model"] == MODEL
+    assert secure.post("/api/tokenize", json={"text": "still here"}, headers=admin).status_code == 200
+    names = [m["name"] for m in secure.get("/api/models", headers=admin).json()]
+    assert names == [MODEL]   # the directory's unreadable file is not offered
 
 
 def test_unload_then_model_not_loaded_then_load(secure_server, secure):
