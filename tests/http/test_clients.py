@@ -105,8 +105,9 @@ def node_packages():
     if shutil.which("node") is None or shutil.which("npm") is None:
         pytest.fail("Node.js and npm are needed to run the reference's JavaScript clients")
     if not ((JS_DIR / "node_modules" / "ws").is_dir() and (JS_DIR / "node_modules" / "typescript").is_dir()):
-        subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=JS_DIR, check=True, timeout=300,
-                       capture_output=True)
+        npm = subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=JS_DIR, timeout=300,
+                             capture_output=True, text=True)
+        assert npm.returncode == 0, f"npm ci failed in {JS_DIR}:\n{npm.stderr[-2000:]}"
     return JS_DIR
 
 
