@@ -113,7 +113,12 @@ class _Slot:
 
 
 class PrefixCache:
-    """KV snapshots of finished sequences, keyed by their tokens; LRU within bytes and a TTL."""
+    """KV snapshots of finished sequences, keyed by their tokens; LRU within bytes and a TTL.
+
+    A new prompt reuses the longest prefix it shares with any snapshot (not only a whole
+    snapshot): two requests with one system prompt share its KV. Rows past the shared prefix
+    are stale but harmless: prefill overwrites them before any query position reaches them.
+    """
 
     def __init__(self, max_bytes: int, ttl: float):
         self.max_bytes, self.ttl = max_bytes, ttl
@@ -122,16 +127,19 @@ class PrefixCache:
         self.hits = 0
 
     def lookup(self, ids: list[int], limit: int) -> tuple[int, object | None]:
-        """Longest cached sequence that is a prefix of ids[:limit] -> (its length, rows)."""
+        """Longest prefix of ids[:limit] shared with a cached sequence -> (its length, that entry's rows)."""
         now = time.monotonic()
+        want = np.asarray(ids[:limit], np.int64)
         best, best_key = 0, None
         for key, (_, _, t) in list(self.entries.items()):
             if now - t > self.ttl:
                 self._drop(key)
                 continue
-            n = len(key)
-            if best < n <= limit and tuple(ids[:n]) == key:
-                best, best_key = n, key
+            n = min(len(key), len(want))
+            same = np.asarray(key[:n], np.int64) == want[:n]
+            shared = n if same.all() else int(np.argmin(same))
+            if shared > best:
+                best, best_key = shared, key
         if best_key is None:
             return 0, None
         rows, size, _ = self.entries.pop(best_key)
