@@ -143,6 +143,24 @@ def test_second_turn_reuses_the_first_turns_cache(engine):
     assert s.last_result.prompt_tokens == len(engine.tokenize(follow))
 
 
+def test_a_shared_system_prompt_is_prefilled_once(engine):
+    system = "You are a careful assistant. Answer briefly and truthfully, in plain English.\n"
+    first, second = system + "Question: what is two plus two?", system + "Question: name a red fruit."
+    sched = engine.scheduler()
+    sched.prefix_cache.clear()
+    a = engine.create_session()
+    a.generate_sync(first, max_tokens=4, temperature=0)
+    known = (engine.tokenize(first) + a.last_result.token_ids)[:-1]     # tokens whose KV was kept
+    ids = engine.tokenize(second)
+    shared = next(i for i, (x, y) in enumerate(zip(known + [-1], ids)) if x != y)
+    assert shared >= len(engine.tokenize(system)) - 1
+    b = engine.create_session()
+    text = b.generate_sync(second, max_tokens=6, temperature=0)
+    assert b.last_result.cached_prompt_tokens == shared
+    sched.prefix_cache.clear()                                          # the same without reuse
+    assert engine.create_session().generate_sync(second, max_tokens=6, temperature=0) == text
+
+
 def test_eight_sessions_progress_together_and_match_their_solo_text(engine, alone):
     assert len(PROMPTS) == SLOTS
     log: list[tuple[int, str]] = []
