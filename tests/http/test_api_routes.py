@@ -80,6 +80,20 @@ def test_generate_stream_matches_json(http):
     assert "".join(t["token"] for t in tokens) == whole["text"]
 
 
+def test_streamed_tokens_are_whole_characters(http):
+    """Emoji take several tokens each; SSE events carry whole characters only."""
+    body = {"prompt": "😀😃😄😁😆😅😂🤣", "max_tokens": 8, "temperature": 0}
+    streamed = http.post("/api/generate", json={**body, "stream": True})
+    tokens = [json.loads(e)["token"] for e in sse_events(streamed)[:-1]]
+    whole = http.post("/api/generate", json=body).json()
+    assert "".join(tokens) == whole["text"]
+    assert any(ord(c) > 0xFFFF for c in whole["text"]), whole["text"]   # multi-token characters were streamed
+    for t in tokens[:-1]:
+        assert "\ufffd" not in t
+    # only a generation cut off inside a character may end with its replacement (the engine's choice)
+    assert not tokens[-1].endswith("\ufffd") or whole["finish_reason"] == "length"
+
+
 def test_generate_stop_string_ends_the_text(http):
     free = http.post("/api/generate", json={"prompt": "1, 2, 3, 4,", "max_tokens": 8, "temperature": 0}).json()
     assert len(free["text"]) > 2
