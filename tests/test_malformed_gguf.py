@@ -596,7 +596,8 @@ def test_mutated_files_load_cleanly_or_raise_a_woolly_error(tmp_path, tiny_bytes
             full_load(path)
             use_vocabulary(path)
         except WoollyError as e:
-            assert e.code == "MODEL_LOAD_FAILED", (e.code, str(e))
+            # a corrupted chat template is the tokenizer layer's error, said as such
+            assert e.code in ("MODEL_LOAD_FAILED", "TOKENIZER_ERROR"), (e.code, str(e))
             assert str(e) and "\n" not in str(e)
     assert time.perf_counter() - start < TIME_LIMIT_S
 
