@@ -16,7 +16,7 @@ import websockets
 from live_server import ALLOWED_ORIGIN, BROKEN_MODEL, KEYS, MODEL, RATE_PER_MINUTE
 from test_api_errors import assert_error
 from woolly.client import WoollyClient
-from woolly.errors import ModelNotLoaded, Unauthorized
+from woolly.errors import ModelNotLoaded, RateLimited, Unauthorized
 
 pytestmark = pytest.mark.real
 
@@ -87,6 +87,10 @@ def test_rate_limit_per_key_with_retry_after(secure):
     assert statuses[-1] == 429
     assert_error(r, 429, "RATE_LIMITED")
     assert 0 < int(r.headers["retry-after"]) <= 60
+    with WoollyClient(str(secure.base_url), api_key=RATE_KEY) as client:
+        with pytest.raises(RateLimited) as e:
+            client.tokenize("x")
+    assert e.value.status == 429 and 0 < e.value.retry_after <= 60
     # another key keeps its own budget, and /health stays exempt
     assert secure.post("/api/tokenize", json={"text": "x"}, headers=bearer(AUTH_KEY)).status_code == 200
     assert secure.get("/health").status_code == 200
