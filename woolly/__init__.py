@@ -15,6 +15,7 @@ def __getattr__(name):  # heavier parts load on first use, so `import woolly` st
         "Tokenizer": "woolly.tokenizers", "BPETokenizer": "woolly.tokenizers",
         "SentencePieceTokenizer": "woolly.tokenizers",
         "pull": "woolly.registry", "list_models": "woolly.registry",
+        "WoollyClient": "woolly.client", "AsyncWoollyClient": "woolly.client",
         **{n: "woolly.engine" for n in ("Engine", "EngineConfig", "CacheConfig", "MmapConfig", "Session",
                                          "Sampler", "DefaultSampler", "MirostatSampler", "GenerationResult")},
     }

@@ -22,7 +22,7 @@ def assert_error(response, status: int, code: str, *words: str) -> dict:
 
 
 @pytest.mark.parametrize("field,value", [
-    ("max_tokens", -1), ("max_tokens", 2**31), ("max_tokens", 2**63), ("max_tokens", "ten"),
+    ("max_tokens", 0), ("max_tokens", -1), ("max_tokens", 2**31), ("max_tokens", 2**63), ("max_tokens", "ten"),
     ("temperature", -0.5), ("top_k", -1), ("top_k", 2**40), ("top_p", 1.5),
     ("top_p", -0.1), ("repeat_penalty", 0), ("seed", 2**64), ("stop", [""]), ("stop", ["x"] * 100),
 ])

@@ -11,7 +11,7 @@ import msgspec
 from msgspec import Meta
 
 MAX_TOKENS = 1 << 20
-MaxTokens = Annotated[int, Meta(ge=0, le=MAX_TOKENS)]
+MaxTokens = Annotated[int, Meta(ge=1, le=MAX_TOKENS)]   # 0 asks for nothing: a 400, as reliability.md says
 Temperature = Annotated[float, Meta(ge=0.0, le=100.0)]
 Unit = Annotated[float, Meta(ge=0.0, le=1.0)]
 TopK = Annotated[int, Meta(ge=0, le=MAX_TOKENS)]
