@@ -76,10 +76,16 @@ class LoadModelResponse(msgspec.Struct, omit_defaults=True):   # unload's answer
     load_time_ms: int | None = None
 
 
+# A request may not bring its own chat template (only the model file's, sandboxed, is used):
+# any value but null is a 400 naming the field, rather than being silently ignored.
+NoTemplate = Annotated[None, Meta(description="refused: the model's own template is always used")]
+
+
 class GenerateRequest(SamplingFields, kw_only=True):
     prompt: str
     stream: bool = False
     model: ModelName | None = None
+    template: NoTemplate = None   # Ollama's per-request template override: refused, not silently ignored
 
 
 class GenerateResponse(msgspec.Struct):
@@ -97,16 +103,12 @@ class ChatMessage(msgspec.Struct, kw_only=True):
     name: str | None = None
 
 
-# A request may not bring its own chat template (only the model file's, sandboxed, is used):
-# any value but null is a 400 naming the field, rather than being silently ignored.
-NoTemplate = Annotated[None, Meta(description="refused: the model's own template is always used")]
-
-
 class ChatRequest(SamplingFields, kw_only=True):
     messages: Annotated[list[ChatMessage], Meta(min_length=1, max_length=4096)]
     stream: bool = False
     model: ModelName | None = None
     chat_template: NoTemplate = None
+    template: NoTemplate = None   # Ollama's name for it
 
 
 class ChatResponse(msgspec.Struct):
