@@ -88,9 +88,15 @@ def internal_error_handler(_: Request, exc: Exception) -> Response:
 
 
 class AccessLogAndAuth:
-    """ASGI middleware: API keys (constant-time), then one access-log line per request."""
+    """ASGI middleware: header limits, API keys (constant-time), then one access-log line per request.
+
+    uvicorn's h11 parser bounds only headers that arrive in pieces: a header block sent in one
+    write passes whatever its size, so the limits on their number and size are enforced here.
+    """
 
     PUBLIC = ("/health",)
+    MAX_HEADERS = 128
+    MAX_HEADER_BYTES = 32 * 1024
 
     def __init__(self, app: ASGIApp, keys: list[str], required: bool, metrics: Metrics):
         self.app, self.metrics = app, metrics
@@ -122,6 +128,16 @@ class AccessLogAndAuth:
             await send(message)
 
         try:
+            raw_headers = scope.get("headers") or []
+            if len(raw_headers) > self.MAX_HEADERS or \
+                    sum(len(k) + len(v) for k, v in raw_headers) > self.MAX_HEADER_BYTES:
+                if scope["type"] == "websocket":
+                    await send({"type": "websocket.close", "code": 1008})
+                    status["code"] = 431
+                    return
+                resp = error_response(431, "INVALID_REQUEST", f"too many or too large request headers (at most "
+                                      f"{self.MAX_HEADERS} headers, {self.MAX_HEADER_BYTES} bytes)")
+                return await resp.to_asgi_response(None, None)(scope, receive, send_wrapper)  # type: ignore[arg-type]
             if not self._authorized(scope):
                 if scope["type"] == "websocket":
                     await send({"type": "websocket.close", "code": 4401})
