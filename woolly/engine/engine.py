@@ -180,20 +180,22 @@ class Engine:
         q: queue.Queue = queue.Queue()
         sched = self.scheduler()
         reqs = []
-        for i, p in enumerate(prompts):
-            ids = self.tokenize(p)
-            reqs.append(sched.submit(ids, params, lambda k, pl, i=i: q.put((i, k, pl))))
         results: list[GenerationResult | None] = [None] * len(prompts)
         pending = len(prompts)
-        while pending:
-            i, kind, payload = q.get()
-            if kind == "done":
-                results[i] = payload
-                pending -= 1
-            elif kind == "error":
+        try:
+            for i, p in enumerate(prompts):
+                reqs.append(sched.submit(self.tokenize(p), params, lambda k, pl, i=i: q.put((i, k, pl))))
+            while pending:
+                i, kind, payload = q.get()
+                if kind == "error":
+                    raise payload
+                if kind == "done":
+                    results[i] = payload
+                    pending -= 1
+        finally:
+            if pending:   # a refused prompt, an error or an interrupt: the others stop at the next step
                 for r in reqs:
                     r.cancel()
-                raise payload
         self._count_generated(sum(r.generated_tokens for r in results))
         return results
 
