@@ -260,8 +260,19 @@ def test_generate_batch_matches_each_prompt_alone(engine, alone):
     assert [r.text for r in results] == [alone(p, 8).text for p in PROMPTS[:3]]
 
 
+def test_generate_batch_with_a_refused_prompt_stops_the_others(engine):
+    sched = engine.scheduler()
+    too_long = "word " * (engine.scheduler().runner.cache_length + 10)
+    with pytest.raises(InvalidRequest):
+        engine.generate_batch([STORY, PROMPTS[1], too_long], max_tokens=200, temperature=0)
+    at_error = sched.steps
+    # a request queued after them finishes after their first step (slots are admitted in order)
+    engine.create_session().generate_sync(PROMPTS[2], max_tokens=1, temperature=0)
+    assert engine.stats().active_sessions == 0 and sched.steps - at_error <= 3   # not 200 steps
+
+
 def test_perplexity_matches_llama_cpp(engine, smollm2_path):
-    text = open("tests/data/perplexity.txt", encoding="utf-8").read()
+    text = open("tests/data/perplexity.txt", encoding="utf-8").read()[:2400]   # 4 chunks: quick
     n_ctx = 128
     ours = engine.perplexity(text, n_ctx=n_ctx)
     llm = llama_cpp_model(smollm2_path, logits_all=True, n_ctx=n_ctx)
