@@ -41,7 +41,7 @@ class Runner:
     # -- one step at a time ------------------------------------------------------------
     def prefill(self, tokens: Sequence[int], slot: int = 0, start: int = 0) -> jax.Array:
         """Feed tokens into `slot` from position `start` -> next-token logits f32 [V] (on device)."""
-        if not tokens:
+        if len(tokens) == 0:
             raise ValueError("prefill needs at least one token")
         if start + len(tokens) > self.cache_length:
             raise ValueError(f"{start + len(tokens)} positions exceed the cache length {self.cache_length}")
