@@ -30,6 +30,7 @@ from woolly.errors import HTTP_STATUS, ContextLengthExceeded, InvalidRequest, Mo
 from woolly.http import schemas as S
 from woolly.http.chat import chat_prompt_ids
 from woolly.http.metrics import Metrics
+from woolly.http.responses import ERROR_RESPONSES
 from woolly.http.models_list import list_model_infos
 from woolly.http.streaming import EventStream, Primed, prime
 
@@ -205,16 +206,17 @@ def create_app(config: WoollyConfig, engine: Engine) -> Litestar:
     server = Server(config, engine)
     sec = config.security
 
-    @get("/health", summary="Liveness, version and uptime")
+    @get("/health", summary="Liveness, version and uptime", responses=ERROR_RESPONSES)
     async def health() -> S.Health:
         return S.Health(status="ok", version=woolly.__version__, uptime=int(time.time() - server.started),
                         model=engine.current_model_name)
 
-    @get("/api/models", summary="Pulled and loaded models")
+    @get("/api/models", summary="Pulled and loaded models", responses=ERROR_RESPONSES)
     async def models() -> list[S.ModelInfo]:
         return await asyncio.to_thread(list_model_infos, engine)
 
-    @post("/api/models/load", status_code=200, summary="Load a model (a pulled model's name)")
+    @post("/api/models/load", status_code=200,
+          summary="Load a model (a pulled model's name)", responses=ERROR_RESPONSES)
     async def load_model(data: S.LoadModelRequest) -> S.LoadModelResponse:
         from woolly.registry import check_name
         check_name(data.name)
@@ -222,35 +224,38 @@ def create_app(config: WoollyConfig, engine: Engine) -> Litestar:
         await asyncio.to_thread(engine.load_model, data.name)
         return S.LoadModelResponse(True, "Model loaded successfully", int((time.perf_counter() - t0) * 1000))
 
-    @post("/api/models/unload", status_code=200, summary="Unload the current model")
+    @post("/api/models/unload", status_code=200, summary="Unload the current model", responses=ERROR_RESPONSES)
     async def unload_model() -> S.LoadModelResponse:
         await asyncio.to_thread(engine.unload_model)
         return S.LoadModelResponse(True, "Model unloaded")
 
-    @post("/api/generate", status_code=200, summary="Complete a prompt (JSON, or SSE with stream=true)")
+    @post("/api/generate", status_code=200,
+          summary="Complete a prompt (JSON, or SSE with stream=true)", responses=ERROR_RESPONSES)
     async def generate(data: S.GenerateRequest, request: Request) -> Any:
         server.check_model(data.model)
         ids = engine.tokenize(data.prompt)
         return await _answer(request, server.events(ids, data.options()), data.stream, _generate_json)
 
-    @post("/api/chat", status_code=200, summary="Chat with the model's template applied (JSON, or SSE with stream=true)")
+    @post("/api/chat", status_code=200,
+          summary="Chat with the model's template applied (JSON, or SSE with stream=true)", responses=ERROR_RESPONSES)
     async def chat(data: S.ChatRequest, request: Request) -> Any:
         server.check_model(data.model)
         ids = chat_prompt_ids(engine.model, data.messages)
         return await _answer(request, server.events(ids, data.options()), data.stream, _chat_json)
 
-    @post("/api/tokenize", status_code=200, summary="Text to token ids")
+    @post("/api/tokenize", status_code=200, summary="Text to token ids", responses=ERROR_RESPONSES)
     async def tokenize(data: S.TokenizeRequest) -> S.TokenizeResponse:
         server.check_model(None)
         ids = engine.tokenize(data.text, add_bos=data.add_bos, parse_special=data.parse_special)
         return S.TokenizeResponse(ids, len(ids))
 
-    @post("/api/detokenize", status_code=200, summary="Token ids to text")
+    @post("/api/detokenize", status_code=200, summary="Token ids to text", responses=ERROR_RESPONSES)
     async def detokenize(data: S.DetokenizeRequest) -> S.DetokenizeResponse:
         server.check_model(None)
         return S.DetokenizeResponse(engine.detokenize(data.tokens))
 
-    @post("/api/embeddings", status_code=200, summary="Mean-pooled, L2-normalized embeddings")
+    @post("/api/embeddings", status_code=200,
+          summary="Mean-pooled, L2-normalized embeddings", responses=ERROR_RESPONSES)
     async def embeddings(data: S.EmbeddingsRequest) -> S.EmbeddingsResponse:
         server.check_model(data.model)
         texts = [data.input] if isinstance(data.input, str) else data.input

@@ -16,6 +16,7 @@ from litestar import Request, get, post
 from woolly.errors import InvalidRequest, WoollyError
 from woolly.http import schemas as S
 from woolly.http.chat import chat_prompt_ids
+from woolly.http.responses import ERROR_RESPONSES
 from woolly.http.streaming import EventStream, prime
 
 
@@ -31,7 +32,7 @@ def openai_routes(server) -> list:
     def token_bytes(token_id: int) -> list[int]:
         return list(engine.tokenizer.token_bytes(token_id))
 
-    @get("/v1/models", summary="OpenAI: list models")
+    @get("/v1/models", summary="OpenAI: list models", responses=ERROR_RESPONSES)
     async def list_models() -> dict:
         from woolly.registry import list_models as pulled
 
@@ -41,7 +42,7 @@ def openai_routes(server) -> list:
         return {"object": "list", "data": [{"id": n, "object": "model", "created": int(server.started),
                                             "owned_by": "woolly"} for n in names]}
 
-    @post("/v1/completions", status_code=200, summary="OpenAI: text completion")
+    @post("/v1/completions", status_code=200, summary="OpenAI: text completion", responses=ERROR_RESPONSES)
     async def completions(data: S.CompletionRequest, request: Request) -> Any:
         server.check_model(data.model)
         if isinstance(data.prompt, list):
@@ -76,7 +77,7 @@ def openai_routes(server) -> list:
         return {"id": rid, "object": "text_completion", "created": created, "model": model_name(),
                 "choices": [choice], "usage": _usage(result)}
 
-    @post("/v1/chat/completions", status_code=200, summary="OpenAI: chat completion")
+    @post("/v1/chat/completions", status_code=200, summary="OpenAI: chat completion", responses=ERROR_RESPONSES)
     async def chat_completions(data: S.ChatCompletionRequest, request: Request) -> Any:
         server.check_model(data.model)
         ids = chat_prompt_ids(engine.model, data.messages)
@@ -108,7 +109,7 @@ def openai_routes(server) -> list:
                              "logprobs": content_logprobs(toks), "finish_reason": result.finish_reason}],
                 "usage": _usage(result)}
 
-    @post("/v1/embeddings", status_code=200, summary="OpenAI: embeddings")
+    @post("/v1/embeddings", status_code=200, summary="OpenAI: embeddings", responses=ERROR_RESPONSES)
     async def embeddings(data: S.OpenAIEmbeddingsRequest) -> dict:
         import asyncio
 
