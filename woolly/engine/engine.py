@@ -100,13 +100,14 @@ class Engine:
         scheduler = Scheduler(runner, tokenizer, max_queue=self.config.max_queue, cache_bytes=cc.size,
                               cache_ttl=cc.ttl, cache_enabled=cc.enabled)
         with self._lock:
-            old = self._scheduler
+            old, old_model = self._scheduler, self._model
             self._model, self._runner, self._scheduler = model, runner, scheduler
             self._model_name = os.fspath(path_or_name) if not str(path_or_name).endswith(".gguf") \
                 else os.path.basename(os.fspath(path_or_name))[:-5]
             self._load_time = time.perf_counter() - t0
         if old is not None:
             old.close(ModelNotLoaded("the model was replaced while this request ran"))
+            old_model.close()
 
     def unload_model(self) -> None:
         with self._lock:
@@ -115,6 +116,7 @@ class Engine:
         if sched is None:
             raise ModelNotLoaded("no model is loaded")
         sched.close(ModelNotLoaded("the model was unloaded while this request ran"))
+        model.close()
 
     @property
     def current_model_name(self) -> str | None:

@@ -264,7 +264,15 @@ class Scheduler:
             if req.params.max_tokens == 0:
                 self._finish_unstarted(req, "length")
                 continue
-            self.slots[i] = self._prefill(i, req)
+            try:
+                self.slots[i] = self._prefill(i, req)
+            except Exception as e:  # this request fails alone; it has left the queue, so tell it here
+                log.exception("prefill failed")
+                req.emit("error", e if isinstance(e, WoollyError)
+                         else GenerationFailed(f"prefill failed: {type(e).__name__}"))
+                if self.runner.cache.k[0].is_deleted():  # donated and lost: the others' KV went with it
+                    raise
+                return
 
     def _prefill(self, slot: int, req: Request) -> _Slot:
         ids = req.prompt_ids
