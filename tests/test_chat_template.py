@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import llama_cpp_model
+from oracle import llama_cpp_model
 from woolly.chat_template import (
     GEMMA_TEMPLATE, MAX_PROMPT_CHARS, render_chat, render_chat_spans, tokenize_chat,
 )

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import llama_cpp_model, open_llama_cpp
+from oracle import llama_cpp_model, open_llama_cpp
 from test_malformed_gguf import BOOL, F32, F64, I8, I16, I32, I64, STR, U8, U16, U32, U64, gstr, kv, kv_array, u32, u64, valid_gguf
 from tiny_models import write_tiny_model
 from woolly.errors import InvalidRequest, ModelLoadFailed, ModelNotFound

@@ -17,12 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import llama_cpp_model
+from oracle import llama_cpp_model
 from tiny_models import write_tiny_model
 from woolly.formats.quants import QuantizationType
 from woolly.model import Model
 from woolly.quantize import quantize_model
 from woolly.runtime import Runner, entry
+from woolly.runtime.cache import bucket
 from woolly.runtime.params import load_params
 
 F32_KV = dict(type_k=0, type_v=0)   # GGML_TYPE_F32 caches in llama.cpp, as Woolly keeps them
@@ -118,7 +119,8 @@ def test_greedy_continuations_agree(real):
         ref_tokens, ref_rows = llama_cpp_greedy(llm, prompt, n)
         # Teacher-forced on llama.cpp's continuation, so one disagreement does not cascade.
         seq = prompt + ref_tokens
-        mine_rows = np.asarray(entry.all_logits(params, jnp.asarray([seq]), cfg=cfg))[0, len(prompt) - 1:-1]
+        padded = seq + [0] * (bucket(len(seq)) - len(seq))   # causal: padding after changes nothing before
+        mine_rows = np.asarray(entry.all_logits(params, jnp.asarray([padded]), cfg=cfg))[0, len(prompt) - 1:len(seq) - 1]
         mine_tokens = mine_rows.argmax(-1)
         for i in np.flatnonzero(mine_tokens != np.array(ref_tokens)):
             a, b = ref_tokens[i], int(mine_tokens[i])
@@ -136,7 +138,7 @@ def test_greedy_continuations_agree(real):
 
 
 def generate_greedy(model: Model, params: dict, prompt: list[int], n: int) -> list[int]:
-    runner = Runner(model, params=params, slots=1, cache_length=len(prompt) + n)
+    runner = Runner(model, params=params, slots=1, cache_length=bucket(len(prompt) + n))
     return runner.generate([prompt], max_tokens=n)[0]
 
 

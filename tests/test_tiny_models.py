@@ -61,7 +61,7 @@ def test_tiny_model_is_deterministic(tmp_path):
 def test_llama_cpp_runs_the_tiny_models(tmp_path, arch, qtype):
     import llama_cpp
 
-    from conftest import open_llama_cpp
+    from oracle import open_llama_cpp
 
     ll = open_llama_cpp(str(write_tiny_model(tmp_path / "t.gguf", arch=arch, qtype=qtype)), n_ctx=64)
     try:

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from conftest import llama_cpp_model
+from oracle import llama_cpp_model
 from woolly.errors import InvalidRequest, TokenizerError
 from woolly.model import Model
 from woolly.tokenizers import BPETokenizer, SentencePieceTokenizer, Tokenizer

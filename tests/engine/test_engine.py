@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from conftest import llama_cpp_model
+from oracle import llama_cpp_model
 from woolly.engine import MirostatSampler
 from woolly.errors import InvalidRequest
 
