@@ -106,7 +106,7 @@ def test_linear_matches_numpy(qtype, residency, path):
         W = dequantize(raw, qtype, shape)
         w = qm.prepare_weight(raw, qtype, shape, residency)
         f = jax.jit(qm.linear)
-        for rows in (1, 3, 8, qm.KERNEL_MAX_ROWS + 4):
+        for rows in (1, 3, 8, 21, qm.KERNEL_MAX_ROWS + 4):   # 21: 8+8+4+1 row blocks; last: GEMM path
             x = rng.standard_normal((rows, shape[1])).astype(np.float32)
             _check_linear(x, W, np.asarray(f(x, w)))
         x = rng.standard_normal((2, 1, shape[1])).astype(np.float32)   # leading dims [B, T]

@@ -8,7 +8,8 @@ and dequantizes inside the jitted matmul. Model code only calls `linear` and
 How `linear` multiplies (chosen per call from static facts: backend, weight kind, rows of x;
 the figures behind each choice come from `scripts/probe_qmatmul.py`):
 
-- Few rows (decode, small batches: rows <= KERNEL_MAX_ROWS) on CPU, dense f32 or quantized:
+- Decode, batches and short prefills on CPU (quantized: rows <= KERNEL_MAX_ROWS = 256;
+  dense f32: rows <= KERNEL_MAX_ROWS_DENSE = 8):
   an XLA custom call (`jax.ffi`) into a small AVX-512 C++ kernel. It reads each weight row
   once, forms 16 weights at a time in registers (int8 or 4-bit codes -> f32, one FMA with
   the sub-block's scale and bias), FMAs them with up to 8 activation rows, and splits the
@@ -16,8 +17,8 @@ the figures behind each choice come from `scripts/probe_qmatmul.py`):
   XLA:CPU's own formulations were 3-10x slower: a dequantize fused into the dot runs as a
   single-threaded loop, and inside the real model XLA materializes the dequantized f32
   matrix every step.
-- Many rows (prefill), quantized: the kernel dequantizes to f32 (bit-exact, threaded), then
-  XLA's GEMM; dense: XLA's GEMM directly. Prefill is compute-bound, the GEMM dominates.
+- More rows (long prefills), quantized: the kernel dequantizes to f32 (bit-exact, threaded),
+  then XLA's GEMM; dense: XLA's GEMM directly. Prefill is compute-bound; the GEMM dominates.
 - No kernel (not CPU, no g++ or AVX-512, WOOLLY_QMATMUL_KERNEL=0): dequantize in XLA, then
   `x @ W.T`. Correct everywhere, but quantized decode is then several times slower than dense.
 
@@ -54,8 +55,12 @@ from woolly.formats.quants import QuantizationType, decode_blocks
 
 RESIDENCIES = ("dense", "quantized")
 
-# Rows of x up to which the CPU kernel multiplies; above, (kernel) dequantize + XLA GEMM.
-KERNEL_MAX_ROWS = int(os.environ.get("WOOLLY_KERNEL_MAX_ROWS", "16"))
+# Rows of x up to which the CPU kernel multiplies. Quantized: the kernel beat dequantize +
+# GEMM at every measured shape up to 128 rows (it reads 4/8-bit codes once per 8 rows instead
+# of writing and re-reading an f32 copy); above, (kernel) dequantize + XLA GEMM. Dense f32:
+# the kernel wins up to ~8 rows, XLA's GEMM beyond.
+KERNEL_MAX_ROWS = int(os.environ.get("WOOLLY_KERNEL_MAX_ROWS", "256"))
+KERNEL_MAX_ROWS_DENSE = int(os.environ.get("WOOLLY_KERNEL_MAX_ROWS_DENSE", "8"))
 # Below this many multiply-adds (rows capped at 8) the kernel stays on one thread.
 KERNEL_MIN_PARALLEL = 1 << 16
 
@@ -165,7 +170,8 @@ def linear(x: jax.Array, w) -> jax.Array:
     lead, I = x.shape[:-1], x.shape[-1]
     rows = int(np.prod(lead)) if lead else 1
     O = w.shape[0]
-    if rows > 0 and rows <= KERNEL_MAX_ROWS and _use_kernel(w, I):
+    max_rows = KERNEL_MAX_ROWS if isinstance(w, QuantizedWeight) else KERNEL_MAX_ROWS_DENSE
+    if 0 < rows <= max_rows and _use_kernel(w, I):
         y = _kernel_call(x.reshape(rows, I).astype(jnp.float32), w)
         return y.reshape(*lead, O).astype(x.dtype)
     if isinstance(w, QuantizedWeight):
