@@ -1,0 +1,69 @@
+"""One real `woolly serve` for the reliability suite, and a recorder of every error body.
+
+The server is small on purpose (2 slots, a queue of 4, a 256-token context, an 8 MiB
+prefix cache) so that "slots + 1", "more than the queue admits" and "memory flat after
+warm-up" are cheap to reach. It is started like `tests/http`'s servers (their helpers are
+imported from tests/http/live_server.py), without --host, so it also shows the default bind.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "http"))   # live_server, test_api_errors
+
+from live_server import MODEL, RunningServer, base_config, models_directory, start_server, stop_server  # noqa: E402
+
+import leak_recorder  # noqa: E402
+
+from rel_shapes import CACHE_BYTES, CONTEXT, QUEUE, SLOTS  # noqa: E402
+
+leak_recorder.install()
+
+
+def pytest_collection_modifyitems(config, items):
+    """The path-leak scan reads every error body the session saw: it runs last."""
+    last = [i for i in items if i.get_closest_marker("runs_last")]
+    if last:
+        items[:] = [i for i in items if i not in last] + last
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "runs_last: scheduled after every other test of the session")
+
+
+@pytest.fixture(scope="session")
+def rserver(tmp_path_factory, smollm2_path) -> RunningServer:
+    """2 slots, queue 4, context 256; its models directory also holds a file that is not GGUF.
+
+    WOOLLY_RELIABILITY_URL and WOOLLY_RELIABILITY_PID attach to a server already running with
+    these shapes instead (for working on the suite; not used by `make`).
+    """
+    if os.environ.get("WOOLLY_RELIABILITY_URL"):
+        url = os.environ["WOOLLY_RELIABILITY_URL"]
+        process = SimpleNamespace(pid=int(os.environ["WOOLLY_RELIABILITY_PID"]), poll=lambda: None)
+        yield RunningServer(url, int(url.rsplit(":", 1)[1]), process, Path("/dev/null"))
+        return
+    config = base_config(max_batch_size=SLOTS, max_sequence_length=CONTEXT)
+    config["server"]["max_queue"] = QUEUE
+    config["cache"] = {"size": CACHE_BYTES}
+    workdir = tmp_path_factory.mktemp("reliability_server")
+    config["models"] = {"directory": str(models_directory(workdir / "models", smollm2_path))}
+    srv = start_server(workdir, config, model=MODEL)
+    try:
+        warm = httpx.post(srv.url + "/api/generate", json={"prompt": "Hi", "max_tokens": 2}, timeout=600)
+        assert warm.status_code == 200, warm.text
+        yield srv
+    finally:
+        stop_server(srv)
+
+
+@pytest.fixture(scope="session")
+def rhttp(rserver) -> httpx.Client:
+    with httpx.Client(base_url=rserver.url, timeout=600) as client:
+        yield client
