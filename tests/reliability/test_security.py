@@ -138,6 +138,7 @@ def test_the_key_check_has_no_ordinary_comparison():
 
 
 # -- no file system path in any error body the session saw ---------------------------------------------------
+@pytest.mark.real
 @pytest.mark.runs_last
 def test_no_error_body_names_a_file_system_path():
     """Every error body recorded this session (httpx clients of every test, schemathesis' calls) is

@@ -1,0 +1,161 @@
+"""Every line of reliability.md, and the tests (here and elsewhere in tests/) that build it.
+
+Patterns are fnmatch patterns over pytest node ids. `kind` says how the summary counts a line:
+"case" (a bad input or check), "load" (load held) or "fault" (fault survived).
+"""
+from __future__ import annotations
+
+E = "tests/http/test_api_errors.py::"
+R = "tests/http/test_api_routes.py::"
+C = "tests/http/test_concurrency.py::"
+S = "tests/http/test_security.py::"
+G = "tests/test_malformed_gguf.py::"
+T = "tests/test_chat_template.py::"
+K = "tests/test_tokenizers.py::"
+N = "tests/engine/test_engine.py::"
+L = "tests/engine/test_lifecycle.py::"
+RQ = "tests/reliability/test_requests.py::"
+RF = "tests/reliability/test_faults.py::"
+RL = "tests/reliability/test_load.py::"
+RS = "tests/reliability/test_security.py::"
+FZ = "tests/reliability/test_schema_fuzz.py::"
+
+SANDBOX = [G + "test_chat_template_sandbox_escape_runs_nothing", T + "test_sandbox_escape_is_an_error_and_runs_nothing*"]
+
+LINES: list[tuple[str, str, str, list[str]]] = [
+    # (section, line, kind, patterns)
+    ("Malformed GGUF files", "empty file; bad magic; version 1, 0, current+1; truncated at every byte", "case",
+     [G + p for p in ("test_the_base_file_is_valid", "test_missing_file_is_model_not_found", "test_empty_file",
+                      "test_directory_named_gguf", "test_bad_magic*", "test_unsupported_version*",
+                      "test_big_endian_version_is_named", "test_truncated_*")]),
+    ("Malformed GGUF files", "tensor count or KV count = 2^64-1, or larger than the bytes left", "case",
+     [G + "test_tensor_count_larger_than_the_file*", G + "test_kv_count_*"]),
+    ("Malformed GGUF files", "key/string length 2^64-1 or past the end; array length 2^63; nested arrays", "case",
+     [G + "test_key_length_beyond_the_file*", G + "test_string_value_length_beyond_the_file*",
+      G + "test_array_length_beyond_the_file*", G + "test_nested_array"]),
+    ("Malformed GGUF files", "value type out of range; array of the wrong element type; duplicate keys", "case",
+     [G + "test_value_type_out_of_range*", G + "test_array_element_type_out_of_range*", G + "test_duplicate_key",
+      G + "test_metadata_of_the_wrong_type*", G + "test_vocabulary_text_that_is_not_utf8*",
+      G + "test_block_count_beyond_the_tensors*"]),
+    ("Malformed GGUF files", "general.alignment 0, 13, 2^31, or of the wrong type", "case",
+     [G + "test_bad_alignment_value*", G + "test_alignment_of_the_wrong_type*", G + "test_custom_alignment_is_honoured"]),
+    ("Malformed GGUF files", "tensor name of 64+ bytes; duplicate tensor names", "case",
+     [G + "test_tensor_name_of_6*", G + "test_duplicate_tensor_names"]),
+    ("Malformed GGUF files", "n_dims 0, 5, 2^32-1; dimensions 0, -1, 2^63; products overflowing 64 bits", "case",
+     [G + "test_bad_number_of_dimensions*", G + "test_bad_dimension*", G + "test_dimensions_whose_product_*"]),
+    ("Malformed GGUF files", "tensor type out of range or negative; row length not a multiple of the block", "case",
+     [G + "test_tensor_type_out_of_range*", G + "test_row_length_not_a_multiple_of_the_block"]),
+    ("Malformed GGUF files", "tensor offset unaligned, 2^64-1, or past the end; overlapping tensors", "case",
+     [G + "test_bad_tensor_offset*", G + "test_tensor_data_past_the_end_of_the_file", G + "test_overlapping_tensors"]),
+    ("Malformed GGUF files", "a tensor the architecture needs is missing or has the wrong shape", "case",
+     [G + "test_missing_required_tensor*", G + "test_required_tensor_with_the_wrong_shape",
+      G + "test_embedding_rows_differ_from_the_vocabulary"]),
+    ("Malformed GGUF files", "vocabulary arrays of different lengths, bad byte tokens, special ids past the end",
+     "case", [G + "test_vocabulary_arrays_of_different_lengths*", G + "test_malformed_byte_token*",
+              G + "test_special_token_id_beyond_the_vocabulary*", G + "test_bpe_vocabulary_without_merges",
+              G + "test_empty_vocabulary", G + "test_invalid_utf8_in_names_does_not_escape"]),
+    ("Malformed GGUF files", "a chat template that tries to escape the Jinja sandbox", "case", SANDBOX),
+    ("Malformed GGUF files", "property test: flipped, truncated and spliced bytes of a valid tiny GGUF", "case",
+     [G + "test_mutated_files_load_cleanly_or_raise_a_woolly_error*"]),
+
+    ("Requests", "prompt longer than the context: a 400 that says so", "case",
+     [E + "test_prompt_longer_than_the_context", E + "test_max_tokens_beyond_the_context",
+      RQ + "test_prompt_of_token_ids_longer_than_the_context"]),
+    ("Requests", "max_tokens, n, top_k, logprobs, temperature, seed out of range: 400 INVALID_REQUEST", "case",
+     [E + "test_bad_sampling_parameter*", E + "test_non_finite_temperature*", E + "test_openai_routes_bad_parameters*",
+      N + "test_invalid_options_raise_invalid_request*"]),
+    ("Requests", "token ids out of range or negative in detokenize / prompts: 400", "case",
+     [E + "test_detokenize_ids_out_of_range*", RQ + "test_ids_at_the_vocabulary_edge",
+      RQ + "test_prompt_token_ids_out_of_range_are_a_400*"]),
+    ("Requests", "invalid UTF-8, lone surrogates, split characters: streamed text always valid UTF-8", "case",
+     [E + "test_malformed_body*", RQ + "test_invalid_unicode_in_any_text_field_is_a_400*",
+      RQ + "test_an_escaped_surrogate_pair_is_one_valid_character",
+      RQ + "test_streamed_bytes_are_always_valid_utf8_even_at_high_temperature",
+      R + "test_streamed_tokens_are_whole_characters", N + "test_streamed_pieces_are_whole_characters"]),
+    ("Requests", "special-token text in user content is tokenized as plain text", "case",
+     [RQ + "test_tokenize_keeps_special_token_text_plain_unless_asked", RQ + "test_a_text_prompt_is_tokenized*",
+      RQ + "test_chat_content_with_special_token_text_stays_plain*", R + "test_special_token_text_is_plain_text*",
+      T + "test_control_tokens_come_only_from_the_template*", K + "test_user_text_with_control_tokens_stays_text*"]),
+    ("Requests", "a request-supplied chat template is refused", "case",
+     [E + "test_request_supplied_chat_template_is_refused*", RQ + "test_any_request_chat_template_value_is_refused*",
+      RQ + "test_ollamas_template_field_is_refused_too*"]),
+    ("Requests", "bodies over the size limit: 413; too many headers: rejected", "case",
+     [E + "test_body_over_the_limit", E + "test_chunked_body_over_the_limit",
+      RQ + "test_too_many_or_too_large_headers_are_rejected*"]),
+    ("Requests", "model names with ../, absolute paths, odd characters: 400, nothing opened", "case",
+     [E + "test_path_like_model_names*", E + "test_path_like_model_field*", E + "test_load_unknown_model",
+      RQ + "test_odd_model_names_are_a_400_on_every_route*"]),
+    ("Requests", "(issue 8) schemathesis over /schema/openapi.json: no 5xx, no answer off the schema", "case",
+     [FZ + "*"]),
+
+    ("Faults and load", "a disconnect mid-stream or a WebSocket cancel stops within a step and frees the slot",
+     "fault", [C + "test_disconnect_mid_stream_frees_the_slot", C + "test_websocket_closed_mid_generation_frees*",
+               "tests/http/test_websocket.py::test_cancel_stops_the_generation",
+               N + "test_cancel_from_the_stream_consumer_takes_effect_within_one_step"]),
+    ("Faults and load", "100 requests cancelled 10 ms in, then 100 that all succeed; nothing left behind", "fault",
+     [RF + "test_100_requests_cancelled_10ms_in_then_100_that_all_succeed",
+      C + "test_many_early_cancels_leave_nothing_behind"]),
+    ("Faults and load", "(issue 8) a model unloaded while requests run ends them clearly; the server stays up",
+     "fault", [RF + "test_unload_while_requests_run*", L + "test_unload_while_generating*"]),
+    ("Faults and load", "(issue 8) a failed load leaves the previous state usable", "fault",
+     [RF + "test_a_failed_load_leaves_the_loaded_model_serving", L + "test_a_failed_load*",
+      S + "test_loading_a_broken_model_fails_and_keeps_the_loaded_one"]),
+    ("Faults and load", "(slots + 1) concurrent streams for several rounds, each with its solo text", "load",
+     [RL + "test_slots_plus_one_streams_for_three_rounds_each_as_alone",
+      N + "test_same_seed_same_text_alone_and_in_a_batch_of_four", N + "test_eight_sessions_progress_together*",
+      N + "test_requests_beyond_the_slots_queue_and_complete", C + "test_eight_streams_all_receive_tokens*"]),
+    ("Faults and load", "more clients than the queue holds: a clear busy error, no reset connection", "load",
+     [RL + "test_more_clients_than_the_queue_admits_get_503_and_no_reset",
+      C + "test_full_queue_answers_busy_and_the_queued_still_complete"]),
+    ("Faults and load", "memory stays flat over thousands of requests (RssAnon)", "load",
+     [RL + "test_memory_is_flat_over_2000_requests_after_warm_up"]),
+    ("Faults and load", "stream output equals non-stream output for the same seed", "case",
+     [R + "test_generate_stream_matches_json", R + "test_chat_stream_matches_json",
+      "tests/http/test_openai_client.py::test_chat_stream_with_usage_matches_non_stream"]),
+    ("Faults and load", "/health answers while a long generation runs", "load",
+     [RL + "test_health_answers_quickly_while_every_slot_decodes_and_the_queue_is_full",
+      C + "test_disconnect_mid_stream_frees_the_slot"]),
+
+    ("Security", "bind 127.0.0.1 by default; 0.0.0.0 only when configured", "case",
+     [RS + "test_the_server_binds_loopback_by_default", RS + "test_all_interfaces_only_when_configured"]),
+    ("Security", "missing or wrong API key: 401 UNAUTHORIZED, compared in constant time; /health public", "case",
+     [S + "test_missing_or_wrong_key_is_401*", S + "test_health_is_public", S + "test_every_configured_key_works",
+      S + "test_websocket_needs_a_key", RS + "test_missing_or_wrong_key_is_401_and_never_reaches_the_app*",
+      RS + "test_each_configured_key_passes_and_health_is_public*", RS + "test_keys_are_compared_with_hmac*",
+      RS + "test_the_key_check_has_no_ordinary_comparison"]),
+    ("Security", "rate limiting per key: 429 RATE_LIMITED with Retry-After", "case",
+     [S + "test_rate_limit_per_key_with_retry_after"]),
+    ("Security", "CORS: only the configured origins", "case",
+     [S + "test_cors_for_the_configured_origin_only", S + "test_open_server_sends_no_cors_headers"]),
+    ("Security", "error messages never leak file system paths", "case",
+     [RS + "test_no_error_body_names_a_file_system_path", E + "test_load_unknown_model",
+      S + "test_loading_a_broken_model_fails_and_keeps_the_loaded_one"]),
+    ("Security", "(issue 8) the Jinja sandbox holds against the known escape payloads", "case", SANDBOX),
+]
+
+SECTIONS = ["Malformed GGUF files", "Requests", "Faults and load", "Security"]
+
+# What `make reliability` runs besides tests/reliability: the existing tests the lines above name.
+EXISTING = [
+    "tests/test_malformed_gguf.py",
+    "tests/test_chat_template.py::test_sandbox_escape_is_an_error_and_runs_nothing",
+    "tests/test_chat_template.py::test_control_tokens_come_only_from_the_template",
+    "tests/test_tokenizers.py::test_user_text_with_control_tokens_stays_text_unless_asked",
+    "tests/http/test_api_errors.py", "tests/http/test_security.py", "tests/http/test_concurrency.py",
+    "tests/http/test_websocket.py::test_cancel_stops_the_generation",
+    "tests/http/test_api_routes.py::test_generate_stream_matches_json",
+    "tests/http/test_api_routes.py::test_chat_stream_matches_json",
+    "tests/http/test_api_routes.py::test_streamed_tokens_are_whole_characters",
+    "tests/http/test_api_routes.py::test_special_token_text_is_plain_text_unless_asked",
+    "tests/http/test_openai_client.py::test_chat_stream_with_usage_matches_non_stream",
+    "tests/engine/test_lifecycle.py",
+    "tests/engine/test_engine.py::test_cancel_from_the_stream_consumer_takes_effect_within_one_step",
+    "tests/engine/test_engine.py::test_same_seed_same_text_alone_and_in_a_batch_of_four",
+    "tests/engine/test_engine.py::test_eight_sessions_progress_together_and_match_their_solo_text",
+    "tests/engine/test_engine.py::test_requests_beyond_the_slots_queue_and_complete",
+    "tests/engine/test_engine.py::test_streamed_pieces_are_whole_characters",
+    "tests/engine/test_engine.py::test_invalid_options_raise_invalid_request",
+]
+
+if __name__ == "__main__":   # the Makefile asks for the list of existing tests to run
+    print(" ".join(EXISTING))
