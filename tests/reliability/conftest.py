@@ -26,8 +26,15 @@ from rel_shapes import CACHE_BYTES, CONTEXT, QUEUE, SLOTS  # noqa: E402
 leak_recorder.install()
 
 
+HERE = Path(__file__).resolve().parent
+
+
 def pytest_collection_modifyitems(config, items):
-    """The path-leak scan reads every error body the session saw: it runs last."""
+    """Tests here are marked `reliability` (so `-m "not (slow and reliability)"` drops only this
+    suite's slow ones); the path-leak scan reads every error body the session saw: it runs last."""
+    for item in items:
+        if HERE in Path(str(item.fspath)).resolve().parents:
+            item.add_marker(pytest.mark.reliability)
     last = [i for i in items if i.get_closest_marker("runs_last")]
     if last:
         items[:] = [i for i in items if i not in last] + last
@@ -35,6 +42,7 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "runs_last: scheduled after every other test of the session")
+    config.addinivalue_line("markers", "reliability: in tests/reliability (reliability.md's suite)")
 
 
 @pytest.fixture(scope="session")
