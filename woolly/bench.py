@@ -18,9 +18,10 @@ Figures (keys of the JSON report, per engine):
   sampling included (temperature 0.8, top-k 40, top-p 0.95, min-p 0.05 on both).
 - aggregate_tps[N]: generated tokens / wall time for N concurrent sessions (Woolly: the
   Engine's continuous batching with max_batch_size 8; llama.cpp: N sequential runs, since
-  llama-cpp-python serves one sequence at a time).
+  llama-cpp-python serves one sequence at a time: the first N of 8 back-to-back runs).
 - memory: process RSS and RssAnon after load minus before (the runtime already started),
-  and the bytes JAX reports for live arrays (weights + KV cache).
+  and the bytes JAX reports for live arrays (weights + KV cache); model_bytes is the RSS
+  delta less the KV cache the engine allocates at load (the figure for the 2x-file target).
 - decode_bound_fraction: decode_tps / (memory read bandwidth / GGUF weight bytes read per
   token); bandwidth is a numpy read of a large array, measured in the same run.
 
@@ -359,14 +360,18 @@ class LlamaSide:
             llama_cpp.llama_set_n_threads(ctx, self.cfg.threads, self.cfg.threads)
         return count / (last - first)
 
-    def aggregate(self, n_sessions: int, n_tokens: int, seed: int, tokenizer=None) -> tuple[float, int]:
-        total = 0
+    def aggregate_all(self, sessions: tuple[int, ...], n_tokens: int, seed: int) -> dict:
+        """N sessions one after another (llama-cpp-python serves one sequence at a time): the
+        first N of max(sessions) sequential runs are the N-session figure -> {N: (tok/s, tokens)}."""
+        total, out = 0, {}
         t0 = time.perf_counter()
-        for i in range(n_sessions):
+        for i in range(max(sessions)):
             ids = self.llm.tokenize(prompt_text(12, seed * 100 + i).encode(), add_bos=True)
             _, _, count = self._run(ids, n_tokens - 1)
             total += count + 1
-        return total / (time.perf_counter() - t0), total
+            if i + 1 in sessions:
+                out[i + 1] = (total / (time.perf_counter() - t0), total)
+        return out
 
     def ttft_warmup(self, ids: list[int]) -> None:
         self.prefill(ids[:16])
@@ -390,7 +395,14 @@ def _child(argv: list[str]) -> int:
             if event.startswith("/jax/compilation_cache/cache_"):
                 cache_events[event.rsplit("_", 1)[-1]] = cache_events.get(event.rsplit("_", 1)[-1], 0) + 1
 
+        def duration(event: str, secs: float, **_):
+            key = {"/jax/compilation_cache/cache_retrieval_time_sec": "retrieval_s",
+                   "/jax/core/compile/backend_compile_duration": "backend_compile_s"}.get(event)
+            if key:
+                cache_events[key] = cache_events.get(key, 0.0) + secs
+
         jax.monitoring.register_event_listener(count)
+        jax.monitoring.register_event_duration_secs_listener(duration)
         t_import = time.time()
         e = Engine(EngineConfig(max_batch_size=1, max_sequence_length=1024, residency=residency,
                                 cache_config=CacheConfig(enabled=False)))
@@ -409,7 +421,9 @@ def _child(argv: list[str]) -> int:
         t_first = time.time()
     print(json.dumps({"t_start": t_start, "t_first": t_first, "import_s": t_import - t_start,
                       "load_s": t_load - t_import, "first_token_s": t_first - t_load,
-                      "compile_cache_hits": cache_events["hits"], "compile_cache_misses": cache_events["misses"]}),
+                      "compile_cache_hits": cache_events["hits"], "compile_cache_misses": cache_events["misses"],
+                      "compile_cache_retrieval_s": cache_events.get("retrieval_s", 0.0),
+                      "backend_compile_s": cache_events.get("backend_compile_s", 0.0)}),
           flush=True)
     os._exit(0)
 
@@ -504,9 +518,12 @@ def run(cfg: BenchConfig) -> dict:
             _settle()
             got["llama_cpp"].decode_one_thread.append(sides[1].decode_one_thread(ids, cfg.decode_tokens // 2))
         for n in cfg.sessions:
-            for s in sides:
-                _settle()
-                got[s.name].aggregate.setdefault(n, []).append(s.aggregate(n, cfg.aggregate_tokens, seed=r))
+            _settle()
+            got["woolly"].aggregate.setdefault(n, []).append(sides[0].aggregate(n, cfg.aggregate_tokens, seed=r))
+        if cfg.compare:
+            _settle()
+            for n, v in sides[1].aggregate_all(cfg.sessions, cfg.aggregate_tokens, seed=r).items():
+                got["llama_cpp"].aggregate.setdefault(n, []).append(v)
 
     bandwidth = max(bandwidths)
     bound = bandwidth / bytes_per_token
