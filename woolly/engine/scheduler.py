@@ -198,7 +198,11 @@ class Scheduler:
         with self._wake:
             if self._closing is not None:
                 raise self._closing
-            if len(self.queue) >= self.max_queue:
+            # a slot freed by a request that just finished takes from the queue on the next pass:
+            # until then it still counts as room, or a client that got its answer and sends the next
+            # request would be told "busy" while a slot stands idle
+            free_slots = sum(s is None for s in self.slots)
+            if len(self.queue) >= self.max_queue + free_slots:
                 raise ServerBusy(f"the server is busy: {len(self.queue)} requests are waiting for a slot")
             self.queue.append(req)
             self._wake.notify()
