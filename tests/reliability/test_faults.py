@@ -77,10 +77,12 @@ def test_unload_while_requests_run_ends_them_clearly_and_the_server_stays_up(rse
         async with httpx.AsyncClient(base_url=rserver.url, timeout=300) as client:
             streams = [asyncio.create_task(stream_text(client, {"prompt": f"A long story {i}:", "max_tokens": 200}))
                        for i in range(SLOTS)]
+            while metric(rhttp, "woolly_slots_in_use") < SLOTS:   # the streams hold the slots
+                await asyncio.sleep(0.05)
             queued = [asyncio.create_task(client.post("/api/generate", json={"prompt": f"Queued {i}",
                                                                              "max_tokens": 200}))
                       for i in range(2)]
-            while metric(rhttp, "woolly_slots_in_use") < SLOTS or metric(rhttp, "woolly_queue_depth") < 2:
+            while metric(rhttp, "woolly_queue_depth") < 2:
                 await asyncio.sleep(0.05)
             await asyncio.sleep(0.3)   # a few decode steps
             unloaded = await client.post("/api/models/unload")
