@@ -32,7 +32,7 @@ test-fast: $(STAMP)
 # reliability.md, every line: tests/reliability (slow tests included) and the existing tests its
 # catalogue names; writes the summary table to tests/reliability/README.md.
 reliability: models
-	PYTHONPATH=tests/reliability WOOLLY_FUZZ_EXAMPLES=$${WOOLLY_FUZZ_EXAMPLES:-20} $(PY) -m pytest -q -p rel_report \
+	PYTHONPATH=tests/reliability WOOLLY_FUZZ_EXAMPLES=$${WOOLLY_FUZZ_EXAMPLES:-10} $(PY) -m pytest -q -p rel_report \
 		--reliability-report=tests/reliability/README.md tests/reliability $$($(PY) tests/reliability/catalog.py)
 
 clean:
