@@ -172,7 +172,7 @@ def linear(x: jax.Array, w) -> jax.Array:
     O = w.shape[0]
     max_rows = KERNEL_MAX_ROWS if isinstance(w, QuantizedWeight) else KERNEL_MAX_ROWS_DENSE
     if 0 < rows <= max_rows and _use_kernel(w, I):
-        y = _kernel_call(x.reshape(rows, I).astype(jnp.float32), w)
+        y = _kernel_matmul(x.reshape(rows, I).astype(jnp.float32), w)
         return y.reshape(*lead, O).astype(x.dtype)
     if isinstance(w, QuantizedWeight):
         w = _kernel_dequantize(w).astype(x.dtype) if _use_kernel(w, I) else w.dequantize(x.dtype)
@@ -607,6 +607,25 @@ def _kernel_call(x2: jax.Array, w) -> jax.Array:
         attrs = dict(kind=np.int64(2), sub=np.int64(16), off=np.int64(0), has_bias=np.int64(0))
     call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((R, O), jnp.float32), vmap_method="sequential")
     return call(*args, min_par=np.int64(KERNEL_MIN_PARALLEL), **attrs)
+
+
+@jax.custom_jvp
+def _kernel_matmul(x2: jax.Array, w) -> jax.Array:
+    """`_kernel_call` made differentiable (a custom call has no derivative of its own), so
+    `jax.grad` works through decode-sized inputs: the tangent is two ordinary matmuls.
+    Gradients reach activations and dense weights; quantized codes and scales are constants."""
+    return _kernel_call(x2, w)
+
+
+@_kernel_matmul.defjvp
+def _kernel_matmul_jvp(primals, tangents):
+    x2, w = primals
+    dx, dw = tangents
+    dense = w.dequantize() if isinstance(w, QuantizedWeight) else w                  # [O, I]
+    dy = dx @ dense.T                                                                 # [R, O]
+    if not isinstance(w, QuantizedWeight):
+        dy = dy + x2 @ dw.T
+    return _kernel_call(x2, w), dy
 
 
 def _kernel_dequantize(w: QuantizedWeight) -> jax.Array:
