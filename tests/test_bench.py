@@ -49,6 +49,7 @@ def test_bench_json_has_every_figure_and_ratio(tmp_path):
     for key in ("aggregate_tps", "aggregate_tps_vs_peer_decode"):
         assert set(ratios[key]) == set(SESSIONS) and all(v > 0 for v in ratios[key].values())
     assert set(r["targets"]) == {"decode_ratio", "prefill_512_ratio", "aggregate_8_vs_peer_decode", "load_s",
+                                 "decode_ratio_vs_peer_best", "aggregate_8_vs_peer_best_decode",
                                  "ttft_warm_s", "memory_file_ratio"}
     assert all(t["met"] in (True, False) for t in r["targets"].values())
     assert plot.stat().st_size > 10_000
