@@ -3,19 +3,26 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 WOOLLY := $(VENV)/bin/woolly
+# STAMP: the package, what `make serve` needs; TEST_STAMP: plus the test tools, llama.cpp
+# (the oracle, built from source by pip) and plotting for `woolly bench`.
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 
 .PHONY: install models serve test test-fast reliability bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,peer]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e .
 	touch $(STAMP)
 
-install: $(STAMP)
+$(TEST_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,peer,bench]'
+	touch $(TEST_STAMP)
 
-models: $(STAMP)
+install: $(TEST_STAMP)
+
+models: $(TEST_STAMP)
 	$(WOOLLY) pull smollm2-135m-instruct
 	$(WOOLLY) pull gemma3-270m
 
@@ -26,7 +33,7 @@ serve: $(STAMP)
 test: models
 	$(PY) -m pytest -q tests
 
-test-fast: $(STAMP)
+test-fast: $(TEST_STAMP)
 	$(PY) -m pytest -q tests -m "not real and not slow"
 
 # reliability.md, every line: tests/reliability (slow tests included) and the existing tests its
