@@ -30,8 +30,10 @@ serve: $(STAMP)
 	$(WOOLLY) pull smollm2-135m-instruct
 	$(WOOLLY) serve
 
+# Everything but the reliability suite's long runs (100 cancels, 2,000-request memory soak),
+# which `make reliability` adds.
 test: models
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests -m "not (slow and reliability)"
 
 test-fast: $(TEST_STAMP)
 	$(PY) -m pytest -q tests -m "not real and not slow"
