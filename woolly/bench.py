@@ -266,7 +266,7 @@ def plain_cpu_buffers(llama_cpp) -> None:
 
     This machine's CPU reports AMX, and llama.cpp's AMX/repacked weight buffers segfault
     here on the first quantized matmul; `Llama()` has no option for it, so the default
-    params it starts from are patched once (the same fix as tests/conftest.py).
+    params it starts from are patched once (tests/oracle.py loads llama.cpp through here too).
     """
     import llama_cpp.llama as llama_module
 
