@@ -74,19 +74,10 @@ def figures(name: str, residency: str, prompt_len: int, steps: int, batch: int) 
 
 
 def llama_cpp_figures(name: str, prompt_len: int, steps: int) -> tuple[str, str]:
-    import llama_cpp
-    import llama_cpp.llama as llama_module
-
+    from woolly.bench import import_llama_cpp   # plain CPU buffers: AMX/repacked ones segfault on this CPU
     from woolly.registry import resolve_model_path
 
-    default = llama_cpp.llama_model_default_params
-
-    def plain():  # AMX/repacked weight buffers segfault on this CPU (see tests/conftest.py)
-        p = default()
-        p.use_extra_bufts = False
-        return p
-
-    llama_module.llama_cpp.llama_model_default_params = plain
+    llama_cpp = import_llama_cpp()
     llm = llama_cpp.Llama(model_path=str(resolve_model_path(name)), n_ctx=prompt_len + steps + 8, n_threads=2,
                           n_batch=512, verbose=False)
     prompt = np.random.default_rng(0).integers(10, 1000, prompt_len).tolist()
