@@ -6,12 +6,12 @@ set -e
 cd "$(dirname "$0")/.."
 WOOLLY=${WOOLLY:-.venv/bin/woolly}
 PY=${PY:-.venv/bin/python}
-uptime | tee benchmarks/uptime.txt
-for model in smollm2-135m-instruct gemma3-270m; do
+date -u | tee benchmarks/uptime.txt; uptime | tee -a benchmarks/uptime.txt
+for model in ${MODELS:-smollm2-135m-instruct gemma3-270m}; do
   for residency in dense quantized; do
     "$WOOLLY" bench "$model" --compare llama-cpp --residency "$residency" --threads 2 \
-      --plot "benchmarks/$model-$residency.png" --output "benchmarks/$model-$residency.json"
-    uptime | tee -a benchmarks/uptime.txt
+      --repeats "${REPEATS:-3}" --plot "benchmarks/$model-$residency.png" --output "benchmarks/$model-$residency.json"
+    date -u | tee -a benchmarks/uptime.txt; uptime | tee -a benchmarks/uptime.txt
   done
 done
 "$PY" -m woolly.bench --summarize benchmarks/smollm2-135m-instruct-dense.json \
