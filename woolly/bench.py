@@ -737,16 +737,22 @@ def plot(reports: list[dict], path: str) -> None:
         if l:
             lv_ = [l["prefill_tps"].get(n) or 0 for n in w["prefill_tps"]] + [l["decode_tps"] or 0]
             ax.bar([i + 0.2 for i in x], lv_, 0.4, label="llama.cpp")
+            if l.get("decode_tps_one_thread"):
+                ax.plot([len(labels) - 1 + 0.2], [l["decode_tps_one_thread"]], "k*", ms=12,
+                        label="llama.cpp decode, 1 thread (contention check)")
         ax.set_xticks(list(x), labels)
         ax.set_ylabel("tokens/s")
         ax.set_title(title)
-        ax.legend()
+        ax.legend(fontsize=7)
         ax = row[1]
         ns = [int(n) for n in w["aggregate_tps"]]
         ax.plot(ns, [w["aggregate_tps"][str(n)] for n in ns], "o-", label="woolly (continuous batching)")
         if l:
             ax.plot(ns, [l["aggregate_tps"].get(str(n)) for n in ns], "s-", label="llama.cpp (sequential)")
             ax.axhline(4 * l["decode_tps"], ls=":", c="gray", label="target: 4x llama.cpp batch-1")
+            if l.get("decode_tps_one_thread"):
+                ax.axhline(4 * l["decode_tps_one_thread"], ls="-.", c="black",
+                           label="4x llama.cpp batch-1 on 1 thread")
         ax.axhline(rep["decode_bound_tps"], ls="--", c="red", label="batch-1 bandwidth bound")
         ax.set_xscale("log", base=2)
         ax.set_xticks(ns, [str(n) for n in ns])
