@@ -213,7 +213,7 @@ def main():
     a = ap.parse_args()
     cands = [c for c in CANDIDATES if not a.candidates or any(s in c for s in a.candidates.split(","))]
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, kernel {qm.kernel_available()} "
-          f"{qm._kernel_state.get('error') or ''}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+          f"{qm.kernel_error() or ''}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     rows_list = [int(r) for r in a.rows.split(",")]
     for key in a.models.split(","):
         m = Model.from_file(MODELS[key])

@@ -44,7 +44,7 @@ def path(request, monkeypatch):
     """Run a test through the CPU kernel (where it builds) and through pure XLA."""
     if request.param == "kernel":
         if not qm.kernel_available():
-            pytest.skip(f"CPU kernel unavailable: {qm._kernel_state.get('error')}")
+            pytest.skip(f"CPU kernel unavailable: {qm.kernel_error()}")
     else:
         monkeypatch.setattr(qm, "kernel_available", lambda: False)
     return request.param
@@ -68,7 +68,7 @@ def test_quantized_weight_dequantizes_exactly(qtype):
 @pytest.mark.parametrize("qtype", BLOCK_FORMATS, ids=lambda t: t.name)
 def test_kernel_dequantize_is_exact(qtype):
     if not qm.kernel_available():
-        pytest.skip(f"CPU kernel unavailable: {qm._kernel_state.get('error')}")
+        pytest.skip(f"CPU kernel unavailable: {qm.kernel_error()}")
     for shape in _shapes(qtype):
         raw = random_raw(qtype, shape, seed=7)
         w = qm.prepare_weight(raw, qtype, shape, "quantized")
