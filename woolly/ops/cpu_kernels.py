@@ -10,6 +10,8 @@ is reported once as a warning and the caller falls back to pure XLA.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
 import hashlib
 import os
@@ -25,12 +27,30 @@ import jax
 KERNEL_DIR = os.path.join(os.path.dirname(__file__), "kernels")
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC", "-w"]
 
+_xla_only = contextvars.ContextVar("woolly_xla_only", default=False)
 _lock = threading.Lock()
 _state: dict[str, dict] = {}   # kernel name -> {"ok": bool, "error": str, "lib": CDLL}
 
 
 def disabled() -> bool:
     return os.environ.get("WOOLLY_QMATMUL_KERNEL", "1").lower() in ("0", "false", "no", "off")
+
+
+@contextlib.contextmanager
+def xla_only():
+    """Trace without the C++ kernels (ops code asks `in_use()`): for computations XLA must
+    partition itself, e.g. over a device mesh, where a custom call would be replicated.
+    Traces made inside must not share a jit cache entry with ones made outside."""
+    token = _xla_only.set(True)
+    try:
+        yield
+    finally:
+        _xla_only.reset(token)
+
+
+def in_use() -> bool:
+    """False inside `xla_only()`; whether a kernel also built is `load_kernel`'s answer."""
+    return not _xla_only.get()
 
 
 def cpu_tag() -> str:

@@ -208,7 +208,7 @@ def kernel_error() -> str | None:
 
 
 def _use_kernel(w, I: int) -> bool:
-    if I % 16 != 0 or jax.default_backend() != "cpu":
+    if I % 16 != 0 or jax.default_backend() != "cpu" or not cpu_kernels.in_use():
         return False
     if isinstance(w, QuantizedWeight):
         if w.sub not in (16, 32) or I % w.sub != 0:
