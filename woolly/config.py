@@ -1,7 +1,8 @@
 """Server configuration: `woolly.config.yaml`, overridden by `WOOLLY_*` variables, then flags.
 
 The sections follow the API reference (server, models, inference, cache, logging,
-security). Values are validated by msgspec; a bad file is one clear `InvalidRequest`.
+security), plus `distributed` (multi-process JAX, `woolly.runtime.distributed`). Values are
+validated by msgspec; a bad file is one clear `InvalidRequest`.
 """
 from __future__ import annotations
 
@@ -74,6 +75,21 @@ class SecuritySection(msgspec.Struct, forbid_unknown_fields=True):
     rate_limiting: RateLimiting = msgspec.field(default_factory=RateLimiting)
 
 
+class DistributedSection(msgspec.Struct, forbid_unknown_fields=True):
+    """`jax.distributed.initialize`'s arguments. Off unless coordinator_address is set; then every
+    process gets the same address and process count, and its own process_id (0 runs the coordinator)."""
+    coordinator_address: str | None = None     # "host:port" of process 0, reachable from every process
+    num_processes: int | None = None
+    process_id: int | None = None
+    local_device_ids: list[int] | None = None  # this process's devices (GPUs); default: all it sees
+    initialization_timeout: int = 300          # seconds to wait for every process to join
+    cpu_collectives: Literal["gloo", "mpi"] = "gloo"   # cross-process collectives on the CPU backend
+
+    @property
+    def enabled(self) -> bool:
+        return self.coordinator_address is not None
+
+
 class WoollyConfig(msgspec.Struct, forbid_unknown_fields=True):
     server: ServerSection = msgspec.field(default_factory=ServerSection)
     models: ModelsSection = msgspec.field(default_factory=ModelsSection)
@@ -81,6 +97,7 @@ class WoollyConfig(msgspec.Struct, forbid_unknown_fields=True):
     cache: CacheSection = msgspec.field(default_factory=CacheSection)
     logging: LoggingSection = msgspec.field(default_factory=LoggingSection)
     security: SecuritySection = msgspec.field(default_factory=SecuritySection)
+    distributed: DistributedSection = msgspec.field(default_factory=DistributedSection)
 
 
 # WOOLLY_* variable -> (path in the config, type)
@@ -95,6 +112,12 @@ ENV_VARS: dict[str, tuple[tuple[str, ...], type]] = {
     "WOOLLY_LOG_FORMAT": (("logging", "format"), str),
     "WOOLLY_API_KEY": (("security", "api_keys"), list),
     "WOOLLY_RATE_LIMIT": (("security", "rate_limiting", "requests_per_minute"), int),
+    "WOOLLY_COORDINATOR_ADDRESS": (("distributed", "coordinator_address"), str),
+    "WOOLLY_NUM_PROCESSES": (("distributed", "num_processes"), int),
+    "WOOLLY_PROCESS_ID": (("distributed", "process_id"), int),
+    "WOOLLY_LOCAL_DEVICE_IDS": (("distributed", "local_device_ids"), list),
+    "WOOLLY_DISTRIBUTED_TIMEOUT": (("distributed", "initialization_timeout"), int),
+    "WOOLLY_CPU_COLLECTIVES": (("distributed", "cpu_collectives"), str),
 }
 
 
@@ -154,4 +177,38 @@ def load_config(path: str | os.PathLike | None = None, env: dict[str, str] | Non
         raise InvalidRequest(f"server.port {cfg.server.port} is out of range")
     if cfg.inference.max_batch_size < 1 or cfg.inference.max_sequence_length < 16:
         raise InvalidRequest("inference.max_batch_size must be >= 1 and max_sequence_length >= 16")
+    check_distributed(cfg.distributed)
     return cfg
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """"host:port" (an IPv6 host in brackets: "[::1]:1234") -> (host, port), or InvalidRequest."""
+    host, sep, port = address.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidRequest(f"distributed.coordinator_address must be host:port with a port in 1..65535, got {address!r}")
+    if host.startswith("[") != host.endswith("]") or (":" in host and not host.startswith("[")):
+        raise InvalidRequest(f"distributed.coordinator_address: write an IPv6 host in brackets ([::1]:1234), got {address!r}")
+    return host, int(port)
+
+
+def check_distributed(d: DistributedSection) -> None:
+    """The distributed section must be all there (or all absent) and consistent."""
+    if not d.enabled:
+        if d.num_processes is not None or d.process_id is not None or d.local_device_ids is not None:
+            raise InvalidRequest("distributed.coordinator_address (WOOLLY_COORDINATOR_ADDRESS) is required "
+                                 "when num_processes, process_id or local_device_ids is set")
+        return
+    split_address(d.coordinator_address)
+    if d.num_processes is None or d.process_id is None:
+        raise InvalidRequest("distributed: num_processes (WOOLLY_NUM_PROCESSES) and process_id (WOOLLY_PROCESS_ID) "
+                             "are required with a coordinator_address")
+    if d.num_processes < 1:
+        raise InvalidRequest(f"distributed.num_processes must be >= 1, got {d.num_processes}")
+    if not 0 <= d.process_id < d.num_processes:
+        raise InvalidRequest(f"distributed.process_id must be in 0..{d.num_processes - 1} "
+                             f"(num_processes {d.num_processes}), got {d.process_id}")
+    if d.local_device_ids is not None:
+        if not d.local_device_ids or min(d.local_device_ids) < 0 or len(set(d.local_device_ids)) != len(d.local_device_ids):
+            raise InvalidRequest(f"distributed.local_device_ids must be distinct device ids >= 0, got {d.local_device_ids}")
+    if d.initialization_timeout < 1:
+        raise InvalidRequest(f"distributed.initialization_timeout must be >= 1 second, got {d.initialization_timeout}")
