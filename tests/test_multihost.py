@@ -7,7 +7,8 @@ forward in a plain single-device process.
 
 This file is also the worker: `python test_multihost.py MODE MODEL OUT` (MODE "dist" or
 "single", or "dist-sharding" to lay the params out with `woolly.runtime.sharding`).
-Every child has a timeout and is killed in a `finally`; initialize itself times out.
+`woolly run` is also started twice with the cluster flags, to show the CLI joins before the
+engine touches a device. Every child has a timeout and is killed in a `finally`; initialize itself times out.
 """
 from __future__ import annotations
 
@@ -220,6 +221,38 @@ def test_with_the_sharding_module(tmp_path):
     model = write_tiny_model(tmp_path / "tiny.gguf", n_heads=4, n_kv_heads=2)
     reports, ref = run_cluster(model, tmp_path, mode="dist-sharding")
     check_cluster(reports, ref)
+
+
+def test_woolly_run_joins_a_cluster_from_its_flags(tmp_path):
+    """`woolly run` on two processes: each joins through the CLI flags before the engine starts."""
+    from tiny_models import write_tiny_model
+
+    model = write_tiny_model(tmp_path / "tiny.gguf")
+    port = _free_port()
+    procs = []
+    try:
+        for i in range(2):
+            env = _child_env(1, {"WOOLLY_DISTRIBUTED_TIMEOUT": str(INIT_TIMEOUT)})
+            cmd = [sys.executable, "-m", "woolly.cli", "run", str(model), "hello there", "-n", "4", "--temperature", "0",
+                   "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)]
+            procs.append(subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          text=True))
+        outs = []
+        deadline = time.time() + CHILD_TIMEOUT
+        for i, p in enumerate(procs):
+            try:
+                out, err = p.communicate(timeout=max(1.0, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"woolly run (process {i}) did not finish in {CHILD_TIMEOUT} s")
+            assert p.returncode == 0, err[-3000:]
+            assert f"woolly: distributed: process {i} of 2: 1 local / 2 global cpu devices" in err, err
+            outs.append(out)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=10)
+    assert outs[0] == outs[1] and outs[0].strip()      # greedy, same model: the same text
 
 
 @pytest.mark.real

@@ -117,7 +117,24 @@ def _sampling(args) -> dict:
             "top_k": args.top_k, "seed": args.seed, "stop": args.stop or None}
 
 
+def _distributed_overrides(args) -> dict:
+    return {("distributed", "coordinator_address"): getattr(args, "coordinator_address", None),
+            ("distributed", "num_processes"): getattr(args, "num_processes", None),
+            ("distributed", "process_id"): getattr(args, "process_id", None)}
+
+
+def _join_cluster(cfg) -> None:
+    """Join the jax.distributed cluster the configuration names (if any), before JAX touches a device."""
+    from woolly.runtime.distributed import describe, initialize
+
+    if initialize(cfg):
+        print(f"woolly: distributed: {describe()}", file=sys.stderr)
+
+
 def cmd_run(args) -> int:
+    from woolly.config import load_config
+
+    _join_cluster(load_config(overrides=_distributed_overrides(args)))
     engine = _engine(args)
     session = engine.create_session()
     for piece in session.stream_sync(args.prompt, **_sampling(args)):
@@ -200,7 +217,9 @@ def cmd_serve(args) -> int:
     from woolly.http.logs import setup_logging
 
     cfg = load_config(args.config, overrides={("server", "host"): args.host, ("server", "port"): args.port,
-                                              ("inference", "residency"): args.residency})
+                                              ("inference", "residency"): args.residency,
+                                              **_distributed_overrides(args)})
+    _join_cluster(cfg)
     if cfg.models.directory:
         import os
         os.environ["WOOLLY_MODELS_DIR"] = cfg.models.directory
@@ -257,10 +276,17 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--ctx", type=int, default=ctx, help="context length")
         s.add_argument("--residency", choices=("dense", "quantized"), default="dense")
 
+    def distributed_flags(s):
+        g = s.add_argument_group("multi-process (jax.distributed; also WOOLLY_COORDINATOR_ADDRESS, ...)")
+        g.add_argument("--coordinator-address", default=None, metavar="HOST:PORT", help="process 0's address")
+        g.add_argument("--num-processes", type=int, default=None)
+        g.add_argument("--process-id", type=int, default=None)
+
     s = sub.add_parser("run", help="complete a prompt, streaming to the terminal")
     s.add_argument("model")
     s.add_argument("prompt")
     generation_flags(s)
+    distributed_flags(s)
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("chat", help="an interactive chat with the model's template")
@@ -289,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default=None)
     s.add_argument("--port", type=int, default=None)
     s.add_argument("--residency", choices=("dense", "quantized"), default=None)
+    distributed_flags(s)
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("bench", help="measure load, first token, prefill, decode and memory (vs llama.cpp)")

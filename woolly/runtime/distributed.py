@@ -12,13 +12,20 @@ order (JAX's multi-controller model).
 It must run before anything touches a JAX backend (`jax.devices()`, `device_put`, any
 computation): the CLI calls it right after reading the configuration. A second call with
 the same settings is a no-op; different settings, or a call after the backend started,
-is a clear `InvalidRequest`.
+is a clear `InvalidRequest`. Before calling JAX it checks what JAX would otherwise answer by
+killing the process: process 0's coordinator port must be free, and the other processes
+wait (up to `initialization_timeout`) for the coordinator to accept connections. One case
+is left to JAX: if process 0 runs but a peer never joins, JAX aborts every joined process
+after `initialization_timeout` seconds with a fatal `DEADLINE_EXCEEDED` log line.
 """
 from __future__ import annotations
 
+import errno
+import socket
 import threading
+import time
 
-from woolly.config import DistributedSection, check_distributed
+from woolly.config import DistributedSection, check_distributed, split_address
 from woolly.errors import InvalidRequest, WoollyError
 
 _lock = threading.Lock()
@@ -32,6 +39,49 @@ def _section(cfg) -> DistributedSection:
 def _one_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def _port_free(port: int) -> bool:
+    """Whether process 0's coordinator can bind `port` on every interface, as JAX's service does ([::]:port)."""
+    for family, addr in ((socket.AF_INET6, ("::", port)), (socket.AF_INET, ("0.0.0.0", port))):
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                s.bind(addr)
+                return True
+        except OSError as e:
+            if family == socket.AF_INET6 and e.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+                continue            # no IPv6 here: JAX falls back too; check IPv4
+            return False
+    return False
+
+
+def _wait_for_coordinator(host: str, port: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), port), timeout=min(2.0, timeout)):
+                return True
+        except OSError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.2)
+
+
+def _preflight(d: DistributedSection) -> None:
+    """Turn the two common mistakes into one clear line. JAX itself answers both by killing the
+    process (a busy port: a crash in its gRPC server; an unreachable coordinator: a fatal
+    DEADLINE_EXCEEDED log and abort after initialization_timeout)."""
+    host, port = split_address(d.coordinator_address)
+    if d.process_id == 0:
+        if not _port_free(port):
+            raise InvalidRequest(f"distributed: process 0 runs the coordinator on port {port}, which is in use; "
+                                 "choose another coordinator_address port")
+    elif not _wait_for_coordinator(host, port, d.initialization_timeout):
+        raise WoollyError(f"distributed: no coordinator answered at {d.coordinator_address} within "
+                          f"{d.initialization_timeout} s (is process 0 running, and is the address reachable from here?)")
 
 
 def initialize(cfg) -> bool:
@@ -59,6 +109,7 @@ def initialize(cfg) -> bool:
         if xla_bridge.backends_are_initialized():
             raise InvalidRequest("distributed initialization must come before anything uses a JAX device; "
                                  "call woolly.runtime.distributed.initialize first")
+        _preflight(d)
         jax.config.update("jax_cpu_collectives_implementation", d.cpu_collectives)
         try:
             jax.distributed.initialize(
