@@ -1,8 +1,20 @@
-"""Grouped-query attention over a preallocated KV cache, and the in-place cache write."""
+"""Grouped-query attention over a preallocated KV cache, and the in-place cache write.
+
+`attend` is the jnp attention over the whole cache with a mask (prefill, and the fallback).
+`decode_attend` is one new token per slot: on CPU it calls the C++ kernel
+`kernels/attention.cc` from inside jit through `jax.ffi`, which reads only each slot's live
+rows (s <= p, within the window) instead of the whole cache bucket of every slot; elsewhere
+(another backend, no g++/AVX-512, `cpu_kernels.xla_only()`) it is `attend` with the mask.
+"""
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from woolly.ops import cpu_kernels
 
 NEG_INF = -1e30
 
@@ -51,3 +63,73 @@ def attend(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, mask: jax.Array
     # whole V cache every step (5x slower decode attention, measured).
     out = jnp.einsum("bkgts,bksh->bkgth", probs, v_cache)                               # [B, K, G, T, H]
     return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+
+
+# ----------------------------------------------------------------------------------------
+# Decode attention (T == 1) through the CPU kernel (kernels/attention.cc).
+
+_TARGET = "woolly_decode_attention"
+# Below this much work (live rows x K x H x (G + 1)) the kernel stays on the calling thread:
+# handing tiny chunks to XLA's pool costs more than it saves.
+KERNEL_MIN_PARALLEL = 1 << 17
+# False: decode uses the masked jnp `attend` even where the kernel works (for measuring).
+USE_KERNEL = True
+
+
+def kernel_available() -> bool:
+    """Whether the decode-attention kernel is built and registered (builds it on first call)."""
+    return cpu_kernels.load_kernel("attention", {_TARGET: "WoollyDecodeAttention"})
+
+
+def kernel_error() -> str | None:
+    """Why the decode-attention kernel is not in use, if it is not."""
+    return cpu_kernels.kernel_error("attention")
+
+
+def _use_kernel(q: jax.Array, k_cache: jax.Array) -> bool:
+    B, T, N, H = q.shape
+    K = k_cache.shape[1]
+    return (USE_KERNEL and T == 1 and H % 16 == 0 and K > 0 and N % K == 0 and N // K <= 64
+            and k_cache.dtype in (jnp.float32, jnp.float16, jnp.bfloat16)
+            and jax.default_backend() == "cpu" and cpu_kernels.in_use() and kernel_available())
+
+
+def _kernel_call(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, positions: jax.Array,
+                 window: int, scale: float) -> jax.Array:
+    call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32), vmap_method="sequential")
+    return call(q.astype(jnp.float32), k_cache, v_cache.astype(k_cache.dtype), positions.reshape(-1).astype(jnp.int32),
+                window=np.int64(window), scale=np.float32(scale), min_par=np.int64(KERNEL_MIN_PARALLEL))
+
+
+def _decode_reference(q, k_cache, v_cache, positions, window: int, scale: float) -> jax.Array:
+    """The kernel's result in jnp: masked `attend`, zeros for idle slots (position < 0)."""
+    out = attend(q, k_cache, v_cache, attention_mask(positions, k_cache.shape[2], window), scale)
+    return jnp.where((positions >= 0)[:, :, None, None], out, 0).astype(jnp.float32)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5))
+def _kernel_attend(q, k_cache, v_cache, positions, window: int, scale: float) -> jax.Array:
+    """`_kernel_call` made differentiable: the tangent goes through the jnp reference."""
+    return _kernel_call(q, k_cache, v_cache, positions, window, scale)
+
+
+@_kernel_attend.defjvp
+def _kernel_attend_jvp(window, scale, primals, tangents):
+    q, k_cache, v_cache, positions = primals
+    dq, dk, dv = tangents[:3]
+    f = lambda a, b, c: _decode_reference(a, b, c, positions, window, scale)  # noqa: E731
+    _, dout = jax.jvp(f, (q, k_cache, v_cache), (dq, dk, dv))
+    return _kernel_call(q, k_cache, v_cache, positions, window, scale), dout
+
+
+def decode_attend(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, positions: jax.Array,
+                  scale: float, window: int = 0) -> jax.Array:
+    """Attention of one new token per slot: q [B, 1, N, H] at positions [B, 1] (-1: idle) over
+    caches [B, K, S, H] -> [B, 1, N, H], reading rows s <= p (and p - s < window when window > 0).
+
+    On CPU with the kernel, only live rows are read and an idle slot's output is zeros; else
+    it is `attend` with `attention_mask` (an idle slot's output is then meaningless, not zero).
+    """
+    if _use_kernel(q, k_cache):
+        return _kernel_attend(q, k_cache, v_cache, positions, int(window), float(scale)).astype(q.dtype)
+    return attend(q, k_cache, v_cache, attention_mask(positions, k_cache.shape[2], window), scale)

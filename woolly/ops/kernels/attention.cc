@@ -1,0 +1,276 @@
+// Woolly's CPU decode attention (see woolly/ops/attention.py; built by woolly/ops/cpu_kernels.py).
+// One new token per slot: q [B, 1, N, H] f32 over caches k, v [B, K, S, H] (f32, f16 or bf16;
+// row s holds position s), positions i32 [B] -> out f32 [B, 1, N, H]. Query head n reads kv
+// head n / G (G = N / K). Slot b reads only rows s <= p = positions[b] (and p - s < window
+// when window > 0); an idle slot (p < 0) reads nothing and gets zeros. The live rows of each
+// (slot, kv head) are cut into chunks, each chunk one pass with an online softmax over blocks
+// of 16 rows (its K rows once, its V rows once); the chunks' partial (max, sum, acc) are then
+// merged. Chunks run on the calling thread and XLA's intra-op pool (qmatvec.cc's pattern).
+#if !defined(__AVX512F__)
+#error "woolly attention kernel needs AVX-512F"
+#endif
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+#include <immintrin.h>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// 16 cache values -> f32.
+template <int DT>  // 0: f32, 1: f16, 2: bf16
+static inline __m512 load16(const void* base, int64_t i) {
+  if (DT == 0) return _mm512_loadu_ps(static_cast<const float*>(base) + i);
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(base) + i));
+  if (DT == 1) return _mm512_cvtph_ps(h);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// exp(x) for x <= 0 (lanes below -100 give ~0): 2^n * p(r), x = n ln2 + r, |r| <= ln2/2,
+// p a degree-6 Taylor polynomial (relative error < 2e-7 over the range).
+static inline __m512 exp_ps(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-100.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+struct Unit {
+  int64_t b, k, lo, hi;  // rows [lo, hi) of slot b, kv head k
+};
+
+struct Job {
+  const float* q;
+  const void* kc;
+  const void* vc;
+  int64_t K, S, H, G;
+  float scale;
+  const Unit* units;
+  float* parts;  // per unit: m [G], l [G], acc [G, H]
+};
+
+// One unit: online softmax over its rows in blocks of 16, unnormalized result into parts.
+template <int DT>
+static void run_unit(const Job& J, int64_t u) {
+  const Unit& U = J.units[u];
+  const int64_t H = J.H, G = J.G, S = J.S;
+  const float* q = J.q + (U.b * J.K + U.k) * G * H;                  // [G, H]: this kv head's queries
+  const int64_t esz = DT == 0 ? 4 : 2;
+  const char* kb = static_cast<const char*>(J.kc) + ((U.b * J.K + U.k) * S) * H * esz;
+  const char* vb = static_cast<const char*>(J.vc) + ((U.b * J.K + U.k) * S) * H * esz;
+  float* m = J.parts + u * G * (H + 2);
+  float* l = m + G;
+  float* acc = l + G;
+  for (int64_t g = 0; g < G; ++g) m[g] = -INFINITY, l[g] = 0.f;
+  std::memset(acc, 0, sizeof(float) * G * H);
+  alignas(64) float sc[16];
+  alignas(64) float pr[64][16];  // G <= 64 probabilities per row of the block
+  const __m512 scale = _mm512_set1_ps(J.scale);
+  for (int64_t r0 = U.lo; r0 < U.hi; r0 += 16) {
+    const int64_t nb = U.hi - r0 < 16 ? U.hi - r0 : 16;
+    const __mmask16 live = nb == 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nb) - 1);
+    for (int64_t g = 0; g < G; ++g) {
+      const float* qg = q + g * H;
+      for (int64_t r = 0; r < nb; ++r) {
+        const void* kr = kb + (r0 + r) * H * esz;
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+        int64_t h = 0;
+        for (; h + 32 <= H; h += 32) {
+          a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qg + h), load16<DT>(kr, h), a0);
+          a1 = _mm512_fmadd_ps(_mm512_loadu_ps(qg + h + 16), load16<DT>(kr, h + 16), a1);
+        }
+        if (h < H) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qg + h), load16<DT>(kr, h), a0);
+        sc[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+      }
+      const __m512 s = _mm512_mask_mul_ps(_mm512_set1_ps(-INFINITY), live, _mm512_load_ps(sc), scale);
+      const float bm = _mm512_reduce_max_ps(s);
+      const float mn = bm > m[g] ? bm : m[g];
+      const float alpha = std::exp(m[g] - mn);  // 0 on the first block (m = -inf)
+      m[g] = mn;
+      const __m512 p = _mm512_maskz_mov_ps(live, exp_ps(_mm512_sub_ps(s, _mm512_set1_ps(mn))));
+      l[g] = l[g] * alpha + _mm512_reduce_add_ps(p);
+      _mm512_store_ps(pr[g], p);
+      if (alpha != 1.f) {
+        const __m512 av = _mm512_set1_ps(alpha);
+        for (int64_t h = 0; h < H; h += 16)
+          _mm512_storeu_ps(acc + g * H + h, _mm512_mul_ps(av, _mm512_loadu_ps(acc + g * H + h)));
+      }
+    }
+    // acc[g] += sum_r p[g][r] * v[r], four vectors of H at a time in registers.
+    for (int64_t h = 0; h < H; h += 64) {
+      const int64_t nv = H - h >= 64 ? 4 : (H - h) / 16;
+      for (int64_t g = 0; g < G; ++g) {
+        float* ag = acc + g * H + h;
+        __m512 a[4];
+        for (int64_t i = 0; i < nv; ++i) a[i] = _mm512_loadu_ps(ag + 16 * i);
+        for (int64_t r = 0; r < nb; ++r) {
+          const __m512 pb = _mm512_set1_ps(pr[g][r]);
+          const void* vr = vb + (r0 + r) * H * esz;
+          if (nv == 4) {
+            a[0] = _mm512_fmadd_ps(pb, load16<DT>(vr, h), a[0]);
+            a[1] = _mm512_fmadd_ps(pb, load16<DT>(vr, h + 16), a[1]);
+            a[2] = _mm512_fmadd_ps(pb, load16<DT>(vr, h + 32), a[2]);
+            a[3] = _mm512_fmadd_ps(pb, load16<DT>(vr, h + 48), a[3]);
+          } else {
+            for (int64_t i = 0; i < nv; ++i) a[i] = _mm512_fmadd_ps(pb, load16<DT>(vr, h + 16 * i), a[i]);
+          }
+        }
+        for (int64_t i = 0; i < nv; ++i) _mm512_storeu_ps(ag + 16 * i, a[i]);
+      }
+    }
+  }
+}
+
+using UnitFn = void (*)(const Job&, int64_t);
+
+struct Shared {
+  Job job;
+  UnitFn fn = nullptr;
+  int64_t total = 0, units = 0, per = 1;
+  std::atomic<int64_t> next{0}, done{0};
+  void work() {
+    for (;;) {
+      const int64_t u = next.fetch_add(1, std::memory_order_relaxed);
+      if (u >= units) return;
+      const int64_t a = u * per, z = a + per < total ? a + per : total;
+      for (int64_t i = a; i < z; ++i) fn(job, i);
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+// Split sp's units over the calling thread and XLA's intra-op pool; returns when all are done.
+static void run_parallel(ffi::ThreadPool& pool, const std::shared_ptr<Shared>& sp, bool parallel) {
+  int64_t nt = parallel ? pool.num_threads() : 1;
+  if (nt < 1) nt = 1;
+  const int64_t want = nt == 1 ? 1 : nt * 4;
+  sp->per = (sp->total + want - 1) / want;
+  if (sp->per < 1) sp->per = 1;
+  sp->units = (sp->total + sp->per - 1) / sp->per;
+  for (int64_t t = 1; t < nt && t < sp->units; ++t) pool.Schedule([sp]() { sp->work(); });
+  sp->work();
+  int spins = 0;
+  while (sp->done.load(std::memory_order_acquire) < sp->units) {
+    _mm_pause();
+    if (++spins > 2048) std::this_thread::yield();
+  }
+}
+
+}  // namespace
+
+static ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer kc,
+                                      ffi::AnyBuffer vc, ffi::Buffer<ffi::S32> pos,
+                                      ffi::ResultBuffer<ffi::F32> out, int64_t window, float scale,
+                                      int64_t min_par) {
+  auto qd = q.dimensions();
+  auto kd = kc.dimensions();
+  auto vd = vc.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || qd[1] != 1)
+    return ffi::Error::InvalidArgument("woolly_decode_attention: q [B, 1, N, H], caches [B, K, S, H] expected");
+  const int64_t B = qd[0], N = qd[2], H = qd[3], K = kd[1], S = kd[2];
+  for (int i = 0; i < 4; ++i)
+    if (kd[i] != vd[i]) return ffi::Error::InvalidArgument("woolly_decode_attention: k and v caches differ");
+  if (kd[0] != B || kd[3] != H || K == 0 || N % K != 0 || N / K > 64 || H % 16 != 0 ||
+      pos.element_count() != B || kc.element_type() != vc.element_type())
+    return ffi::Error::InvalidArgument("woolly_decode_attention: bad shapes");
+  UnitFn fn = nullptr;
+  switch (kc.element_type()) {
+    case ffi::DataType::F32: fn = run_unit<0>; break;
+    case ffi::DataType::F16: fn = run_unit<1>; break;
+    case ffi::DataType::BF16: fn = run_unit<2>; break;
+    default: return ffi::Error::InvalidArgument("woolly_decode_attention: cache must be f32, f16 or bf16");
+  }
+  const int64_t G = N / K;
+  const int32_t* p = pos.typed_data();
+  float* o = out->typed_data();
+  // Live rows [lo, hi) per slot; zeros for idle slots.
+  std::vector<int64_t> lo(B), hi(B);
+  int64_t rows = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t pb = p[b];
+    hi[b] = pb < 0 ? 0 : (pb + 1 < S ? pb + 1 : S);
+    lo[b] = window > 0 && pb - window + 1 > 0 ? pb - window + 1 : 0;
+    if (lo[b] > hi[b]) lo[b] = hi[b];
+    rows += hi[b] - lo[b];
+    if (hi[b] == lo[b]) std::memset(o + b * N * H, 0, sizeof(float) * N * H);
+  }
+  if (rows == 0) return ffi::Error::Success();
+  // Chunks of rows: about 4 per thread over all (slot, kv head) pairs, at least 64 rows.
+  const bool par = rows * K * H * (G + 1) >= min_par;
+  int64_t nt = par ? pool.num_threads() : 1;
+  if (nt < 1) nt = 1;
+  int64_t chunk = nt == 1 ? S : (rows * K + nt * 4 - 1) / (nt * 4);
+  chunk = chunk < 64 ? 64 : (chunk + 15) / 16 * 16;
+  auto sp = std::make_shared<Shared>();
+  std::vector<Unit> units;
+  std::vector<int64_t> first;  // per (b, k) with live rows: index of its first unit
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t k = 0; k < K && hi[b] > lo[b]; ++k) {
+      first.push_back((int64_t)units.size());
+      for (int64_t a = lo[b]; a < hi[b]; a += chunk) units.push_back(Unit{b, k, a, a + chunk < hi[b] ? a + chunk : hi[b]});
+    }
+  first.push_back((int64_t)units.size());
+  std::vector<float> parts(units.size() * G * (H + 2));
+  sp->job = Job{q.typed_data(), kc.untyped_data(), vc.untyped_data(), K, S, H, G, scale, units.data(), parts.data()};
+  sp->fn = fn;
+  sp->total = (int64_t)units.size();
+  run_parallel(pool, sp, par && units.size() > 1);
+  // Merge each (slot, kv head)'s chunks: out = sum_i e^(m_i - M) acc_i / sum_i e^(m_i - M) l_i.
+  for (size_t j = 0; j + 1 < first.size(); ++j) {
+    const Unit& u0 = units[first[j]];
+    for (int64_t g = 0; g < G; ++g) {
+      float M = -INFINITY;
+      for (int64_t u = first[j]; u < first[j + 1]; ++u) {
+        const float mu = parts[u * G * (H + 2) + g];
+        M = mu > M ? mu : M;
+      }
+      float L = 0.f;
+      __m512 w[16];  // H <= 256 in registers, else in passes below
+      float* dst = o + (u0.b * N + u0.k * G + g) * H;
+      for (int64_t h0 = 0; h0 < H; h0 += 256) {
+        const int64_t nv = (H - h0 < 256 ? H - h0 : 256) / 16;
+        for (int64_t i = 0; i < nv; ++i) w[i] = _mm512_setzero_ps();
+        L = 0.f;
+        for (int64_t u = first[j]; u < first[j + 1]; ++u) {
+          const float* pu = parts.data() + u * G * (H + 2);
+          const float e = std::exp(pu[g] - M);
+          L += e * pu[G + g];
+          const __m512 ev = _mm512_set1_ps(e);
+          const float* au = pu + 2 * G + g * H + h0;
+          for (int64_t i = 0; i < nv; ++i) w[i] = _mm512_fmadd_ps(ev, _mm512_loadu_ps(au + 16 * i), w[i]);
+        }
+        const __m512 inv = _mm512_set1_ps(1.f / L);
+        for (int64_t i = 0; i < nv; ++i) _mm512_storeu_ps(dst + h0 + 16 * i, _mm512_mul_ps(w[i], inv));
+      }
+    }
+  }
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(WoollyDecodeAttention, DecodeAttentionImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("window")
+                                  .Attr<float>("scale")
+                                  .Attr<int64_t>("min_par"));
