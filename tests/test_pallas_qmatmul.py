@@ -1,7 +1,8 @@
 """woolly.ops.pallas_qmatmul on CPU: the Pallas kernel in interpret mode against the numpy
 reference (gguf bytes -> `quants.dequantize` -> x @ W.T in float64) for every block format,
 both kernel paths (GEMV rows <= 8, tiled dot above), bf16 activations, jax.grad, the shapes it
-refuses, and its Triton lowering (to Triton IR, no GPU needed)."""
+refuses, and its Triton lowering (to Triton IR, no GPU needed). On a GPU backend the same
+tests run the kernel natively."""
 from __future__ import annotations
 
 import jax
@@ -15,6 +16,7 @@ from woolly.formats.quants import dequantize
 from woolly.ops import qmatmul as qm
 from woolly.ops.pallas_qmatmul import GEMV_MAX_ROWS, pallas_linear, pallas_supported
 
+INTERPRET = jax.default_backend() != "gpu"
 FORMATS = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K]
 ROWS = (1, 3, 16)          # 1 and 3: GEMV path; 16: tiled dot (> GEMV_MAX_ROWS)
 assert ROWS[1] <= GEMV_MAX_ROWS < ROWS[2]
@@ -26,7 +28,7 @@ def _shape(qtype: Q) -> tuple[int, int]:
 
 
 def _run(x, w, **kw):
-    return np.asarray(jax.jit(lambda x, w: pallas_linear(x, w, interpret=True, **kw))(x, w))
+    return np.asarray(jax.jit(lambda x, w: pallas_linear(x, w, interpret=INTERPRET, **kw))(x, w))
 
 
 def _check(x: np.ndarray, W: np.ndarray, y: np.ndarray, rtol: float = 1e-5):
@@ -106,7 +108,7 @@ def test_grad_through_activations():
     rng = np.random.default_rng(17)
     x = rng.standard_normal((3, 256)).astype(np.float32)
     c = rng.standard_normal((3, 32)).astype(np.float32)
-    f = lambda x, w: jnp.sum(pallas_linear(x, w, interpret=True) * c)   # noqa: E731
+    f = lambda x, w: jnp.sum(pallas_linear(x, w, interpret=INTERPRET) * c)   # noqa: E731
     val, g = jax.jit(jax.value_and_grad(f))(x, w)
     ref_val = float(np.sum((x.astype(np.float64) @ W.T) * c))
     assert abs(float(val) - ref_val) <= 1e-5 * float(np.sum(np.abs(x) @ np.abs(W).T * np.abs(c)))
@@ -126,8 +128,8 @@ def test_supported_shapes():
     assert not pallas_supported(weight(Q.Q8_0, (16, 64)), 32)        # I mismatch
     assert not pallas_supported(jnp.zeros((16, 64)), 64)              # dense weight
     with pytest.raises(ValueError):
-        pallas_linear(jnp.zeros((1, 64)), weight(Q.Q4_0, (16, 64)), interpret=True)
-    y = pallas_linear(jnp.zeros((0, 64)), weight(Q.Q8_0, (16, 64)), interpret=True)
+        pallas_linear(jnp.zeros((1, 64)), weight(Q.Q4_0, (16, 64)), interpret=INTERPRET)
+    y = pallas_linear(jnp.zeros((0, 64)), weight(Q.Q8_0, (16, 64)), interpret=INTERPRET)
     assert y.shape == (0, 16)
 
 

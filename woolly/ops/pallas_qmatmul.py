@@ -14,14 +14,18 @@ Two shapes of program, chosen by the static row count R:
   a row sum over the tile (f32 FMAs; a tensor-core dot would pad M to 16).
 - R > GEMV_MAX_ROWS (prefill): R in blocks of BR (16..64) on a second grid axis, one `jnp.dot`
   per tile: bf16 x -> bf16 weights, tensor cores, f32 accumulation (rounding as the XLA path
-  `w.dequantize(bf16)` then matmul); f32 x -> an exact f32 dot (precision HIGHEST -> IEEE).
+  `w.dequantize(bf16)` then matmul); f32 x -> TF32x3 on tensor cores (three TF32 products,
+  ~f32 accuracy; WOOLLY_PALLAS_F32_DOT=ieee for plain f32 FMAs, =tf32 for one TF32 product).
+  Interpret mode (CPU) always uses an f32 dot at HIGHEST.
 
 Tiles (for an H200: 132 SMs, 4.8 TB/s; memory-bound at decode, so tiles aim at enough
 programs to fill the SMs and at <= ~64 f32 weights a thread in registers with 4 warps):
   BK  = the largest power of two dividing I, at most 128 (GEMV) / 64 (dot); a multiple of sub,
         so no K masking (I = 576 -> 64, 640 -> 128, 1536/2048 -> 128 or 64).
   BO  = the largest power of two dividing O/P, at most 64/P (GEMV) / 64 (dot), at least 16,
-        so no O masking (SmolLM2 vocab 49152 Q8_0 -> 768 programs; a 576-row matrix -> 9+).
+        so no O masking; for GEMV halved (down to 16) while that gives fewer than
+        GEMV_MIN_PROGRAMS programs, since a small matrix (576 rows: 9 programs of 64) would
+        leave most of the 132 SMs idle (SmolLM2 vocab 49152 Q8_0 -> 768 programs of 64).
   BR  = GEMV: R itself (rows are loaded one at a time, so any count works); dot: the next
         power of two >= R, between 16 and 64, x padded with zero rows to a multiple of BR.
 Shapes outside this (O/P not a multiple of 16, I not a multiple of 16 and sub, sub not 16 or
@@ -35,6 +39,7 @@ scripts/gpu_pallas_check.py runs it natively and measures it against XLA on a GP
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -44,11 +49,18 @@ from jax.experimental.pallas import triton as pltriton
 from woolly.ops.qmatmul import QuantizedWeight
 
 GEMV_MAX_ROWS = 8        # rows of x up to which one program holds every row (decode)
+GEMV_MIN_PROGRAMS = 128  # GEMV output tiles shrink (to 16 rows) until there are this many
 _GEMV_BO, _GEMV_BK = 64, 128   # per program: BO weight rows (split over the P parts) x BK
 _DOT_BO, _DOT_BK, _DOT_BR = 64, 64, 64
 _MIN_BO = 16             # smallest output tile (a Triton dot needs N >= 16)
 _NUM_WARPS = 4
 _NUM_STAGES = 3          # Triton software pipelining of the K loop (prefill)
+_F32_DOTS = {"tf32x3": jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
+             "ieee": jax.lax.DotAlgorithmPreset.F32_F32_F32,
+             "tf32": jax.lax.DotAlgorithmPreset.TF32_TF32_F32}
+F32_DOT = os.environ.get("WOOLLY_PALLAS_F32_DOT", "tf32x3")
+if F32_DOT not in _F32_DOTS:
+    raise ValueError(f"WOOLLY_PALLAS_F32_DOT must be one of {sorted(_F32_DOTS)}, got {F32_DOT!r}")
 
 
 def _pow2_divisor(n: int, cap: int) -> int:
@@ -81,12 +93,16 @@ def pallas_supported(w, I: int) -> bool:
 def _tiles(R: int, Oh: int, I: int, P: int) -> tuple[bool, int, int, int, int]:
     """(gemv, BR, R padded, BO, BK) for R rows, Oh = O/P weight rows per part, I inputs."""
     if R <= GEMV_MAX_ROWS:
-        return True, R, R, max(_MIN_BO, _pow2_divisor(Oh, _GEMV_BO // P)), _pow2_divisor(I, _GEMV_BK)
+        bo = max(_MIN_BO, _pow2_divisor(Oh, _GEMV_BO // P))
+        while bo > _MIN_BO and Oh // bo < GEMV_MIN_PROGRAMS:
+            bo //= 2
+        return True, R, R, bo, _pow2_divisor(I, _GEMV_BK)
     br = min(_DOT_BR, max(16, _next_pow2(R)))
     return False, br, -(-R // br) * br, _pow2_divisor(Oh, _DOT_BO), _pow2_divisor(I, _DOT_BK)
 
 
-def _kernel(*refs, P: int, sub: int, off: int, has_bias: bool, gemv: bool, BR: int, BK: int, nk: int):
+def _kernel(*refs, P: int, sub: int, off: int, has_bias: bool, gemv: bool, BR: int, BK: int, nk: int,
+            f32_dot):
     """One program: y[rows, :, cols] for every part p (refs: x, q, scale[, bias], y)."""
     if has_bias:
         x_ref, q_ref, s_ref, b_ref, y_ref = refs
@@ -146,7 +162,7 @@ def _kernel(*refs, P: int, sub: int, off: int, has_bias: bool, gemv: bool, BR: i
             if bf16:
                 d = jnp.dot(x, ws[p].astype(jnp.bfloat16).T, preferred_element_type=jnp.float32)
             else:
-                d = jnp.dot(x.astype(jnp.float32), ws[p].T, precision=jax.lax.Precision.HIGHEST,
+                d = jnp.dot(x.astype(jnp.float32), ws[p].T, precision=f32_dot,
                             preferred_element_type=jnp.float32)
             out.append(acc[p] + d)                                               # [BR, BO]
         return tuple(out)
@@ -182,7 +198,8 @@ def _pallas_call(x2: jax.Array, w: QuantizedWeight, interpret: bool) -> jax.Arra
         operands.append(w.bias.reshape(P, Oh, nsub))
         in_specs.append(pl.BlockSpec((P, BO, nsub), smap))
     kernel = functools.partial(_kernel, P=P, sub=w.sub, off=int(w.off), has_bias=has_bias, gemv=gemv,
-                               BR=BR, BK=BK, nk=I // BK)
+                               BR=BR, BK=BK, nk=I // BK,
+                               f32_dot=jax.lax.Precision.HIGHEST if interpret else _F32_DOTS[F32_DOT])
     y = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((Rp, P, Oh), x2.dtype),
