@@ -28,6 +28,8 @@ import time
 from woolly.config import DistributedSection, check_distributed, split_address
 from woolly.errors import InvalidRequest, WoollyError
 
+_TOO_LATE = ("distributed initialization must come before anything uses a JAX device; "
+             "call woolly.runtime.distributed.initialize first")
 _lock = threading.Lock()
 _joined: DistributedSection | None = None   # the settings this process joined with
 
@@ -70,10 +72,19 @@ def _wait_for_coordinator(host: str, port: int, timeout: float) -> bool:
             time.sleep(0.2)
 
 
-def _preflight(d: DistributedSection) -> None:
+def _backend_started() -> bool:
+    try:
+        from jax._src import xla_bridge
+        return bool(xla_bridge.backends_are_initialized())
+    except (ImportError, AttributeError):   # a jax without it: jax.distributed.initialize checks too
+        return False
+
+
+def _preflight(d: DistributedSection) -> float:
     """Turn the two common mistakes into one clear line. JAX itself answers both by killing the
     process (a busy port: a crash in its gRPC server; an unreachable coordinator: a fatal
-    DEADLINE_EXCEEDED log and abort after initialization_timeout)."""
+    DEADLINE_EXCEEDED log and abort after initialization_timeout). -> seconds spent waiting."""
+    t = time.monotonic()
     host, port = split_address(d.coordinator_address)
     if d.process_id == 0:
         if not _port_free(port):
@@ -82,12 +93,13 @@ def _preflight(d: DistributedSection) -> None:
     elif not _wait_for_coordinator(host, port, d.initialization_timeout):
         raise WoollyError(f"distributed: no coordinator answered at {d.coordinator_address} within "
                           f"{d.initialization_timeout} s (is process 0 running, and is the address reachable from here?)")
+    return time.monotonic() - t
 
 
 def initialize(cfg) -> bool:
     """Join the cluster `cfg` describes; -> True when this process is (now or already) part of
-    one, False when the configuration asks for no cluster. Raises `WoollyError`, never hangs
-    longer than `initialization_timeout` seconds waiting for the other processes."""
+    one, False when the configuration asks for no cluster. Raises `WoollyError`; waits at most
+    `initialization_timeout` seconds in all for the other processes."""
     global _joined
     d = _section(cfg)
     check_distributed(d)
@@ -101,15 +113,13 @@ def initialize(cfg) -> bool:
                                  f"(coordinator {_joined.coordinator_address}, process {_joined.process_id} "
                                  f"of {_joined.num_processes})")
         import jax
-        from jax._src import xla_bridge
 
         if jax.distributed.is_initialized():   # someone called jax.distributed.initialize directly
             _joined = d
             return True
-        if xla_bridge.backends_are_initialized():
-            raise InvalidRequest("distributed initialization must come before anything uses a JAX device; "
-                                 "call woolly.runtime.distributed.initialize first")
-        _preflight(d)
+        if _backend_started():
+            raise InvalidRequest(_TOO_LATE)
+        waited = _preflight(d)
         jax.config.update("jax_cpu_collectives_implementation", d.cpu_collectives)
         try:
             jax.distributed.initialize(
@@ -118,11 +128,16 @@ def initialize(cfg) -> bool:
                 process_id=d.process_id,
                 local_device_ids=d.local_device_ids,
                 cluster_detection_method="deactivate",   # the configuration is explicit: no Slurm/MPI guessing
-                initialization_timeout=d.initialization_timeout,
+                initialization_timeout=max(1, round(d.initialization_timeout - waited)),   # one budget in all
                 # a process whose peers died waits this long at exit, not jax's default 5 minutes
                 shutdown_timeout_seconds=d.initialization_timeout,
             )
-        except Exception as e:  # a refused/late coordinator, a port in use: one line, not a gRPC dump
+        except RuntimeError as e:
+            if "must be called before" in str(e):
+                raise InvalidRequest(_TOO_LATE) from None
+            raise WoollyError(f"distributed initialization failed (coordinator {d.coordinator_address}, "
+                              f"process {d.process_id} of {d.num_processes}): {_one_line(e)}") from None
+        except Exception as e:  # whatever else JAX raises (not aborts): one line, not a gRPC dump
             raise WoollyError(f"distributed initialization failed (coordinator {d.coordinator_address}, "
                               f"process {d.process_id} of {d.num_processes}): {_one_line(e)}") from None
         _joined = d
