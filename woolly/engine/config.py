@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,12 @@ class EngineConfig:
     cache_config: CacheConfig = field(default_factory=CacheConfig)
     residency: str = "dense"          # "dense" or "quantized" weights (woolly.ops.qmatmul)
     max_queue: int = 64               # requests waiting for a slot before `busy`
+    # Devices (woolly.runtime.sharding, docs/sharding.md): a ("data", "model") jax Mesh, or
+    # tensor_parallel x data_parallel devices (data_parallel None: all the devices left).
+    # Defaults: no mesh, one device, exactly the single-device path.
+    tensor_parallel: int = 1          # devices the heads and MLP are split over ("model")
+    data_parallel: int | None = 1     # devices the batch (slots, perplexity chunks) is split over ("data")
+    mesh: Any = None                  # a jax.sharding.Mesh with axes ("data", "model"); overrides both
 
     def __post_init__(self):
         if not 1 <= self.max_batch_size <= 256:
@@ -40,6 +47,22 @@ class EngineConfig:
             raise ValueError("residency must be 'dense' or 'quantized'")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError("num_threads must be >= 1")
+        if self.tensor_parallel < 1:
+            raise ValueError("tensor_parallel must be >= 1")
+        if self.data_parallel is not None and self.data_parallel < 1:
+            raise ValueError("data_parallel must be >= 1 (or None: every device left)")
+        if self.mesh is not None and tuple(getattr(self.mesh, "axis_names", ())) != ("data", "model"):
+            raise ValueError("mesh must be a jax.sharding.Mesh with axes ('data', 'model') (sharding.make_mesh)")
+
+    def make_mesh(self):
+        """The mesh to run on, or None for the single-device path (built when a model loads)."""
+        if self.mesh is not None:
+            return self.mesh
+        if self.tensor_parallel == 1 and self.data_parallel == 1:
+            return None
+        from woolly.runtime.sharding import make_mesh
+        mesh = make_mesh(self.tensor_parallel, self.data_parallel)
+        return None if mesh.size == 1 else mesh
 
     @classmethod
     def default(cls) -> "EngineConfig":
@@ -87,6 +110,18 @@ class EngineConfigBuilder:
 
     def residency(self, mode: str):
         self._kw["residency"] = mode
+        return self
+
+    def tensor_parallel(self, devices: int):
+        self._kw["tensor_parallel"] = devices
+        return self
+
+    def data_parallel(self, devices: int | None):
+        self._kw["data_parallel"] = devices
+        return self
+
+    def mesh(self, mesh):
+        self._kw["mesh"] = mesh
         return self
 
     def build(self) -> EngineConfig:

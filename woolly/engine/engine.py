@@ -85,7 +85,12 @@ class Engine:
             tokenizer = model.tokenizer
             cfg = self.config
             length = min(cfg.max_sequence_length, model.config.context_length or cfg.max_sequence_length)
-            runner = Runner(model, residency=cfg.residency, slots=cfg.max_batch_size, cache_length=length)
+            mesh = cfg.make_mesh()
+            slots = cfg.max_batch_size
+            if mesh is not None:   # whole slots per data-parallel device
+                dp = int(mesh.shape["data"])
+                slots = -(-slots // dp) * dp
+            runner = Runner(model, residency=cfg.residency, slots=slots, cache_length=length, mesh=mesh)
         except WoollyError:
             model.close()
             raise
@@ -203,8 +208,6 @@ class Engine:
 
     def perplexity(self, text: str, n_ctx: int = 512, progress=None) -> float:
         """llama-perplexity's measure: chunks of n_ctx tokens, the second half of each scored."""
-        from woolly.runtime import token_logprobs
-
         runner = self._runner
         if runner is None:
             raise ModelNotLoaded("no model is loaded")
@@ -216,17 +219,22 @@ class Engine:
         if n_chunks == 0:
             raise InvalidRequest(f"the text has {len(ids)} tokens; perplexity needs at least n_ctx={n_ctx}")
         first = n_ctx // 2
+        chunks = np.array(ids[:n_chunks * n_ctx], np.int32).reshape(n_chunks, n_ctx)        # [C, n_ctx]
+        if voc.add_bos and voc.bos_id is not None:
+            chunks[:, 0] = voc.bos_id
+        per_call = runner.data_parallel   # chunks scored at once: one per data-parallel device
         nll, count = 0.0, 0
-        for c in range(n_chunks):
-            chunk = np.array(ids[c * n_ctx:(c + 1) * n_ctx], np.int32)
-            if voc.add_bos and voc.bos_id is not None:
-                chunk[0] = voc.bos_id
-            logp = np.asarray(token_logprobs(runner.params, chunk[None], cfg=runner.cfg))[0]   # [n_ctx-1]
-            scored = logp[first - 1:]
-            nll -= float(scored.sum())
-            count += len(scored)
+        for c in range(0, n_chunks, per_call):
+            batch = chunks[c:c + per_call]
+            n = len(batch)
+            if n < per_call:   # the last group: pad with copies, scored but not counted
+                batch = np.concatenate([batch, np.repeat(batch[-1:], per_call - n, axis=0)])
+            for logp in runner.token_logprobs(batch)[:n]:                                   # [n_ctx-1] each
+                scored = logp[first - 1:]
+                nll -= float(scored.sum())
+                count += len(scored)
             if progress:
-                progress((c + 1) / n_chunks)
+                progress((c + n) / n_chunks)
         return float(np.exp(nll / count))
 
     def embed(self, texts: list[str]) -> np.ndarray:

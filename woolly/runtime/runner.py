@@ -26,17 +26,38 @@ class Runner:
     """A loaded model with `slots` concurrent sequences of up to `cache_length` positions."""
 
     def __init__(self, model: Model, residency: str = "dense", slots: int = 1, cache_length: int = 512,
-                 compile_cache: bool = True, params: dict | None = None):
-        """`params`: an already loaded pytree of `model` (shared between runners), else loaded here."""
+                 compile_cache: bool = True, params: dict | None = None, mesh=None):
+        """`params`: an already loaded pytree of `model` (shared between runners), else loaded here.
+        `mesh`: a ("data", "model") `jax.sharding.Mesh` (`sharding.make_mesh`): params and cache
+        are placed on it and every computation is partitioned by XLA; None: one device, as ever."""
         if compile_cache:
             enable_compile_cache()
         self.model = model
         self.cfg = model.config
         self.residency = residency
-        self.params = params if params is not None else load_params(model, residency)
+        self.mesh = mesh
+        params = params if params is not None else load_params(model, residency)
+        if mesh is None:
+            self._entry = entry          # the single-device entry points (with the CPU kernels)
+        else:
+            from woolly.runtime import sharding
+            self._entry = sharding.entry_points(mesh)
+            params = sharding.shard_params(params, self.cfg, mesh)
+        self.params = params
         self.slots = slots
         self.cache_length = bucket(cache_length)
-        self.cache = new_cache(self.cfg, slots, self.cache_length)
+        self.cache = self._new_cache()
+
+    def _new_cache(self):
+        if self.mesh is None:
+            return new_cache(self.cfg, self.slots, self.cache_length)
+        from woolly.runtime import sharding
+        return sharding.new_cache(self.cfg, self.mesh, self.slots, self.cache_length)
+
+    @property
+    def data_parallel(self) -> int:
+        """Devices the batch axis is split over (1 without a mesh)."""
+        return 1 if self.mesh is None else int(self.mesh.shape["data"])
 
     # -- one step at a time ------------------------------------------------------------
     def prefill(self, tokens: Sequence[int], slot: int = 0, start: int = 0) -> jax.Array:
@@ -50,13 +71,13 @@ class Runner:
             chunk = tokens[i:i + MAX_PREFILL_BUCKET]
             padded = np.zeros(min(bucket(len(chunk)), MAX_PREFILL_BUCKET), np.int32)     # [T]
             padded[:len(chunk)] = chunk
-            logits, self.cache = entry.prefill(self.params, self.cache, jnp.asarray(padded), jnp.int32(start + i),
+            logits, self.cache = self._entry.prefill(self.params, self.cache, jnp.asarray(padded), jnp.int32(start + i),
                                                jnp.int32(len(chunk)), jnp.int32(slot), cfg=self.cfg)
         return logits
 
     def decode(self, tokens: Sequence[int], positions: Sequence[int]) -> jax.Array:
         """One token per slot (position -1: slot idle) -> logits f32 [B, V] (on device)."""
-        logits, self.cache = entry.decode_step(self.params, self.cache, jnp.asarray(tokens, jnp.int32),
+        logits, self.cache = self._entry.decode_step(self.params, self.cache, jnp.asarray(tokens, jnp.int32),
                                                jnp.asarray(positions, jnp.int32), cfg=self.cfg)
         return logits
 
@@ -87,7 +108,7 @@ class Runner:
         sampling = sampling or SamplingParams.make(self.slots)
         seeds = np.zeros(self.slots, np.uint32)
         seeds[:n] = seed
-        out, counts, self.cache = entry.generate(
+        out, counts, self.cache = self._entry.generate(
             self.params, self.cache, logits, jnp.asarray(positions), jnp.asarray(np.arange(self.slots) < n),
             jnp.asarray(budgets), jnp.asarray(stops), jnp.asarray(seeds), sampling, jnp.asarray(recent),
             cfg=self.cfg, max_new=bucket(int(budgets.max())))
@@ -101,7 +122,12 @@ class Runner:
         for i, t in enumerate(token_lists):
             padded[i, :len(t)] = t
         lengths = np.array([len(t) for t in token_lists], np.int32)
-        return np.asarray(entry.embed(self.params, jnp.asarray(padded), jnp.asarray(lengths), cfg=self.cfg))
+        return np.asarray(self._entry.embed(self.params, jnp.asarray(padded), jnp.asarray(lengths), cfg=self.cfg))
+
+    def token_logprobs(self, tokens: np.ndarray) -> np.ndarray:
+        """log p(tokens[:, t+1] | tokens[:, :t+1]) for tokens i32 [B, T] from position 0 -> f32 [B, T-1].
+        With a mesh, the B rows are split over "data" (when B divides it)."""
+        return np.asarray(self._entry.token_logprobs(self.params, jnp.asarray(tokens, jnp.int32), cfg=self.cfg))
 
     # -- what the engine's scheduler drives ----------------------------------------------
     def step(self, tokens: np.ndarray, positions: np.ndarray, seeds: np.ndarray, counters: np.ndarray,
@@ -109,7 +135,7 @@ class Runner:
         """One batched decode step with per-slot sampling -> (next tokens i32 [B] on host,
         logits [B, V] on device when `want_logits`, else None)."""
         params = SamplingParams(**{k: jnp.asarray(sampling[k]) for k in SamplingParams._fields})
-        out, logits, self.cache = entry.decode_and_sample(
+        out, logits, self.cache = self._entry.decode_and_sample(
             self.params, self.cache, jnp.asarray(tokens, jnp.int32), jnp.asarray(positions, jnp.int32),
             jnp.asarray(seeds, jnp.uint32), jnp.asarray(counters, jnp.int32), params,
             jnp.asarray(recent, jnp.int32), cfg=self.cfg)
@@ -117,10 +143,10 @@ class Runner:
 
     def read_slot(self, slot: int):
         """A device copy of one slot's cache rows (for the prefix cache)."""
-        return entry.read_slot(self.cache, jnp.int32(slot))
+        return self._entry.read_slot(self.cache, jnp.int32(slot))
 
     def write_slot(self, rows, slot: int) -> None:
-        self.cache = entry.write_slot(self.cache, rows, jnp.int32(slot))
+        self.cache = self._entry.write_slot(self.cache, rows, jnp.int32(slot))
 
     @property
     def slot_nbytes(self) -> int:
@@ -129,4 +155,4 @@ class Runner:
 
     def reset_cache(self) -> None:
         """A fresh cache after a failed step (the donated one may be gone)."""
-        self.cache = new_cache(self.cfg, self.slots, self.cache_length)
+        self.cache = self._new_cache()
