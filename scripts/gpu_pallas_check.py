@@ -241,7 +241,7 @@ def main(argv=None) -> int:
     bench = throughput([Q[n.strip()] for n in args.formats.split(",") if n.strip()], args.budget_s, t0)
     results = dict(device=device, jax=jax.__version__, exact_summary=summary, exactness=exact, throughput=bench,
                    tiles=dict(gemv_max_rows=pallas_qmatmul.GEMV_MAX_ROWS, gemv_bo_bk=[pallas_qmatmul._GEMV_BO, pallas_qmatmul._GEMV_BK],
-                              dot_bo_bk_br=[pallas_qmatmul._DOT_BO, pallas_qmatmul._DOT_BK, pallas_qmatmul._DOT_BR],
+                              dot_bo_br=[pallas_qmatmul._DOT_BO, pallas_qmatmul._DOT_BR], dot_bk=pallas_qmatmul._DOT_BK,
                               gemv_min_programs=pallas_qmatmul.GEMV_MIN_PROGRAMS, f32_dot=pallas_qmatmul.F32_DOT,
                               num_warps=pallas_qmatmul._NUM_WARPS, num_stages=pallas_qmatmul._NUM_STAGES),
                    method=f"best of {REPS}; dependent chain over distinct weight copies (~{TARGET_BYTES >> 20} MB, "

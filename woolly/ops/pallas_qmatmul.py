@@ -20,14 +20,17 @@ Two shapes of program, chosen by the static row count R:
 
 Tiles (for an H200: 132 SMs, 4.8 TB/s; memory-bound at decode, so tiles aim at enough
 programs to fill the SMs and at <= ~64 f32 weights a thread in registers with 4 warps):
-  BK  = the largest power of two dividing I, at most 128 (GEMV) / 64 (dot); a multiple of sub,
-        so no K masking (I = 576 -> 64, 640 -> 128, 1536/2048 -> 128 or 64).
+  BK  = the largest power of two dividing I, at most 128 (GEMV) / 64 (bf16 dot) / 32 (f32 dot);
+        a multiple of sub, so no K masking (I = 576 -> 64, 640 -> 128, 1536/2048 -> 128).
   BO  = the largest power of two dividing O/P, at most 64/P (GEMV) / 64 (dot), at least 16,
         so no O masking; for GEMV halved (down to 16) while that gives fewer than
         GEMV_MIN_PROGRAMS programs, since a small matrix (576 rows: 9 programs of 64) would
         leave most of the 132 SMs idle (SmolLM2 vocab 49152 Q8_0 -> 768 programs of 64).
   BR  = GEMV: R itself (rows are loaded one at a time, so any count works); dot: the next
         power of two >= R, between 16 and 64, x padded with zero rows to a multiple of BR.
+  4 warps a program (8 for a bf16 "nib" dot tile, which feeds two 64-wide outputs), 3 stages.
+  Checked offline: the Triton IR of every path compiles with Triton 3.9 for sm_90a without
+  register spills (ptxas -v).
 Shapes outside this (O/P not a multiple of 16, I not a multiple of 16 and sub, sub not 16 or
 32) are refused by `pallas_supported`; the caller falls back to XLA. Triton needs
 power-of-two tiles, hence the divisibility rules instead of masks.
@@ -51,9 +54,10 @@ from woolly.ops.qmatmul import QuantizedWeight
 GEMV_MAX_ROWS = 8        # rows of x up to which one program holds every row (decode)
 GEMV_MIN_PROGRAMS = 128  # GEMV output tiles shrink (to 16 rows) until there are this many
 _GEMV_BO, _GEMV_BK = 64, 128   # per program: BO weight rows (split over the P parts) x BK
-_DOT_BO, _DOT_BK, _DOT_BR = 64, 64, 64
+_DOT_BO, _DOT_BR = 64, 64
+_DOT_BK = {"bf16": 64, "f32": 32}   # f32 (TF32x3) tiles need more registers: half the K step
 _MIN_BO = 16             # smallest output tile (a Triton dot needs N >= 16)
-_NUM_WARPS = 4
+_NUM_WARPS = 4           # 8 for "nib" dot tiles (two 64-wide output tiles a program)
 _NUM_STAGES = 3          # Triton software pipelining of the K loop (prefill)
 _F32_DOTS = {"tf32x3": jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
              "ieee": jax.lax.DotAlgorithmPreset.F32_F32_F32,
@@ -90,7 +94,7 @@ def pallas_supported(w, I: int) -> bool:
     return (O // P) % _MIN_BO == 0
 
 
-def _tiles(R: int, Oh: int, I: int, P: int) -> tuple[bool, int, int, int, int]:
+def _tiles(R: int, Oh: int, I: int, P: int, bf16: bool) -> tuple[bool, int, int, int, int]:
     """(gemv, BR, R padded, BO, BK) for R rows, Oh = O/P weight rows per part, I inputs."""
     if R <= GEMV_MAX_ROWS:
         bo = max(_MIN_BO, _pow2_divisor(Oh, _GEMV_BO // P))
@@ -98,7 +102,8 @@ def _tiles(R: int, Oh: int, I: int, P: int) -> tuple[bool, int, int, int, int]:
             bo //= 2
         return True, R, R, bo, _pow2_divisor(I, _GEMV_BK)
     br = min(_DOT_BR, max(16, _next_pow2(R)))
-    return False, br, -(-R // br) * br, _pow2_divisor(Oh, _DOT_BO), _pow2_divisor(I, _DOT_BK)
+    bk = _pow2_divisor(I, _DOT_BK["bf16" if bf16 else "f32"])
+    return False, br, -(-R // br) * br, _pow2_divisor(Oh, _DOT_BO), bk
 
 
 def _kernel(*refs, P: int, sub: int, off: int, has_bias: bool, gemv: bool, BR: int, BK: int, nk: int,
@@ -179,7 +184,8 @@ def _pallas_call(x2: jax.Array, w: QuantizedWeight, interpret: bool) -> jax.Arra
     O = w.shape[0]
     P = _parts(w)
     Oh = O // P
-    gemv, BR, Rp, BO, BK = _tiles(R, Oh, I, P)
+    gemv, BR, Rp, BO, BK = _tiles(R, Oh, I, P, x2.dtype == jnp.bfloat16)
+    num_warps = 2 * _NUM_WARPS if (P == 2 and not gemv and x2.dtype == jnp.bfloat16) else _NUM_WARPS
     if Rp != R:
         x2 = jnp.pad(x2, ((0, Rp - R), (0, 0)))                                  # [Rp, I]
     nsub = I // w.sub
@@ -206,7 +212,7 @@ def _pallas_call(x2: jax.Array, w: QuantizedWeight, interpret: bool) -> jax.Arra
         grid=grid,
         in_specs=in_specs,
         out_specs=pl.BlockSpec((BR, P, BO), ymap),
-        compiler_params=pltriton.CompilerParams(num_warps=_NUM_WARPS, num_stages=_NUM_STAGES),
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=_NUM_STAGES),
         interpret=interpret,
         name=f"woolly_qmatmul_{w.kind}{w.sub}",
     )(*operands)                                                                   # [Rp, P, Oh]
