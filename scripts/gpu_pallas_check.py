@@ -9,9 +9,10 @@ throughput against XLA's dequantize-then-matmul, for the prepared device check o
    `w.dequantize(jnp.bfloat16)` then `x @ W.T` (what XLA does without the kernel). Each cell
    jits a dependent chain over C distinct copies of the weight (C = copies for ~64 MB, 1..8:
    amortizes dispatch; the small layers are launch-bound and may sit in L2 either way, the
-   output layers are not) and reports the best of 5 runs per matmul: us, GB/s of resident weight bytes (codes + scales + biases), and
-   tokens/s-equivalent (rows / time). Weights are random codes in the format's layout
-   (K-quant layouts only where I % 256 == 0, as in a real file).
+   output layers are not) and reports the best of 5 runs per matmul: us, GB/s of resident
+   weight bytes (codes + scales + biases), and tokens/s-equivalent (rows / time). Weights are
+   random codes in the format's layout (K-quant layouts only where I % 256 == 0, as in a
+   real file).
 
     python scripts/gpu_pallas_check.py --output benchmarks/gpu-pallas-qmatmul.json
     python scripts/gpu_pallas_check.py --budget-s 200 --formats Q4_0,Q8_0
@@ -235,15 +236,18 @@ def main(argv=None) -> int:
     all_formats = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K]
     exact = [] if args.skip_exact else exactness(all_formats)
     bad = [r for r in exact if not r["ok"]]
-    summary = (f"{len(exact) - len(bad)}/{len(exact)} cases within tolerance"
-               + (f"; worst f32 rel err {max((r['max_rel_err'] for r in exact if r.get('dtype') == 'float32' and 'max_rel_err' in r), default=float('nan')):.2g}" if exact else ""))
+    f32_errs = [r["max_rel_err"] for r in exact if r.get("dtype") == "float32" and "max_rel_err" in r]
+    summary = f"{len(exact) - len(bad)}/{len(exact)} cases within tolerance"
+    if f32_errs:
+        summary += f"; worst f32 rel err {max(f32_errs):.2g}"
     print(f"exactness: {summary}", flush=True)
     bench = throughput([Q[n.strip()] for n in args.formats.split(",") if n.strip()], args.budget_s, t0)
+    pq = pallas_qmatmul
+    tiles = dict(gemv_max_rows=pq.GEMV_MAX_ROWS, gemv_bo_bk=[pq._GEMV_BO, pq._GEMV_BK],
+                 gemv_min_programs=pq.GEMV_MIN_PROGRAMS, dot_bo_br=[pq._DOT_BO, pq._DOT_BR], dot_bk=pq._DOT_BK,
+                 f32_dot=pq.F32_DOT, num_warps=pq._NUM_WARPS, num_stages=pq._NUM_STAGES)
     results = dict(device=device, jax=jax.__version__, exact_summary=summary, exactness=exact, throughput=bench,
-                   tiles=dict(gemv_max_rows=pallas_qmatmul.GEMV_MAX_ROWS, gemv_bo_bk=[pallas_qmatmul._GEMV_BO, pallas_qmatmul._GEMV_BK],
-                              dot_bo_br=[pallas_qmatmul._DOT_BO, pallas_qmatmul._DOT_BR], dot_bk=pallas_qmatmul._DOT_BK,
-                              gemv_min_programs=pallas_qmatmul.GEMV_MIN_PROGRAMS, f32_dot=pallas_qmatmul.F32_DOT,
-                              num_warps=pallas_qmatmul._NUM_WARPS, num_stages=pallas_qmatmul._NUM_STAGES),
+                   tiles=tiles,
                    method=f"best of {REPS}; dependent chain over distinct weight copies (~{TARGET_BYTES >> 20} MB, "
                           f"<= {MAX_COPIES}); x bf16; XLA path = w.dequantize(bf16) then x @ W.T",
                    elapsed_s=time.perf_counter() - t0)
