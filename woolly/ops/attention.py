@@ -71,7 +71,7 @@ def attend(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, mask: jax.Array
 _TARGET = "woolly_decode_attention"
 # Below this much work (live rows x K x H x (G + 1)) the kernel stays on the calling thread:
 # handing tiny chunks to XLA's pool costs more than it saves.
-KERNEL_MIN_PARALLEL = 1 << 17
+KERNEL_MIN_PARALLEL = 1 << 18
 # False: decode uses the masked jnp `attend` even where the kernel works (for measuring).
 USE_KERNEL = True
 

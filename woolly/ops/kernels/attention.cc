@@ -65,13 +65,103 @@ struct Job {
   float* parts;  // per unit: m [G], l [G], acc [G, H]
 };
 
+// Sums of 16 vectors -> one vector: lane r holds the sum of v[r]'s lanes. A shuffle-add tree
+// (about 3 ops per vector instead of a horizontal reduction each); it reads its inputs in the
+// order T (the tree's 4x4 transposition, its own inverse), so lane r comes out as row r.
+static inline __m512 reduce16(const __m512* v) {
+  static constexpr int T[16] = {0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15};
+  __m512 s1[8], s2[4], s3[2];
+  for (int i = 0; i < 8; ++i) {
+    const __m512 a = v[T[2 * i]], b = v[T[2 * i + 1]];
+    s1[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+  }
+  for (int i = 0; i < 4; ++i) {
+    const __m512 a = s1[2 * i], b = s1[2 * i + 1];
+    s2[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x88), _mm512_shuffle_f32x4(a, b, 0xDD));
+  }
+  for (int i = 0; i < 2; ++i) {
+    const __m512 a = s2[2 * i], b = s2[2 * i + 1];
+    s3[i] = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+  }
+  const __m512d a = _mm512_castps_pd(s3[0]), b = _mm512_castps_pd(s3[1]);
+  return _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+}
+
+// Scores of query heads g0..g0+GB-1 against rows r0..r0+nb-1: each K row is loaded once for
+// the GB heads; the 16 rows' partial vectors are then summed by reduce16. HV: H / 16 when
+// known at compile time (the queries then stay in registers), else 0.
+template <int DT, int GB, int HV>
+static inline void scores16(const float* q, const char* kb, int64_t H, int64_t r0, int64_t nb, __m512* out) {
+  constexpr int64_t esz = DT == 0 ? 4 : 2;
+  alignas(64) __m512 part[GB][16];
+  __m512 qr[GB][HV > 0 ? HV : 1];
+  if (HV > 0)
+    for (int g = 0; g < GB; ++g)
+      for (int i = 0; i < HV; ++i) qr[g][i] = _mm512_loadu_ps(q + g * H + 16 * i);
+  for (int64_t r = 0; r < 16; ++r) {
+    __m512 a[GB];
+    for (int g = 0; g < GB; ++g) a[g] = _mm512_setzero_ps();
+    if (r < nb) {
+      const void* kr = kb + (r0 + r) * H * esz;
+      if (HV > 0) {
+        for (int i = 0; i < HV; ++i) {
+          const __m512 kv = load16<DT>(kr, 16 * i);
+          for (int g = 0; g < GB; ++g) a[g] = _mm512_fmadd_ps(qr[g][i], kv, a[g]);
+        }
+      } else {
+        for (int64_t h = 0; h < H; h += 16) {
+          const __m512 kv = load16<DT>(kr, h);
+          for (int g = 0; g < GB; ++g) a[g] = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * H + h), kv, a[g]);
+        }
+      }
+    }
+    for (int g = 0; g < GB; ++g) part[g][r] = a[g];
+  }
+  for (int g = 0; g < GB; ++g) out[g] = reduce16(part[g]);
+}
+
+template <int DT, int GB>
+static inline void scores16_any(const float* q, const char* kb, int64_t H, int64_t r0, int64_t nb, __m512* out) {
+  if (H == 64) scores16<DT, GB, 4>(q, kb, H, r0, nb, out);
+  else scores16<DT, GB, 0>(q, kb, H, r0, nb, out);
+}
+
+// acc[g][h0..h0+16*NV) += sum_r p[g][r] v[r][h0..], heads g0..g0+GB-1, accumulators in registers.
+template <int DT, int GB, int NV>
+static inline void accumulate(float* acc, const float (*pr)[16], const char* vb, int64_t H, int64_t h0,
+                              int64_t r0, int64_t nb) {
+  constexpr int64_t esz = DT == 0 ? 4 : 2;
+  __m512 a[GB][NV];
+  for (int g = 0; g < GB; ++g)
+    for (int i = 0; i < NV; ++i) a[g][i] = _mm512_loadu_ps(acc + g * H + h0 + 16 * i);
+  for (int64_t r = 0; r < nb; ++r) {
+    const void* vr = vb + (r0 + r) * H * esz;
+    __m512 v[NV];
+    for (int i = 0; i < NV; ++i) v[i] = load16<DT>(vr, h0 + 16 * i);
+    for (int g = 0; g < GB; ++g) {
+      const __m512 pb = _mm512_set1_ps(pr[g][r]);
+      for (int i = 0; i < NV; ++i) a[g][i] = _mm512_fmadd_ps(pb, v[i], a[g][i]);
+    }
+  }
+  for (int g = 0; g < GB; ++g)
+    for (int i = 0; i < NV; ++i) _mm512_storeu_ps(acc + g * H + h0 + 16 * i, a[g][i]);
+}
+
+template <int DT, int GB>
+static inline void accumulate_all(float* acc, const float (*pr)[16], const char* vb, int64_t H, int64_t r0,
+                                  int64_t nb) {
+  int64_t h = 0;
+  for (; h + 64 <= H; h += 64) accumulate<DT, GB, 4>(acc, pr, vb, H, h, r0, nb);
+  for (; h < H; h += 16) accumulate<DT, GB, 1>(acc, pr, vb, H, h, r0, nb);
+}
+
 // One unit: online softmax over its rows in blocks of 16, unnormalized result into parts.
 template <int DT>
 static void run_unit(const Job& J, int64_t u) {
   const Unit& U = J.units[u];
   const int64_t H = J.H, G = J.G, S = J.S;
   const float* q = J.q + (U.b * J.K + U.k) * G * H;                  // [G, H]: this kv head's queries
-  const int64_t esz = DT == 0 ? 4 : 2;
+  constexpr int64_t esz = DT == 0 ? 4 : 2;
   const char* kb = static_cast<const char*>(J.kc) + ((U.b * J.K + U.k) * S) * H * esz;
   const char* vb = static_cast<const char*>(J.vc) + ((U.b * J.K + U.k) * S) * H * esz;
   float* m = J.parts + u * G * (H + 2);
@@ -79,59 +169,41 @@ static void run_unit(const Job& J, int64_t u) {
   float* acc = l + G;
   for (int64_t g = 0; g < G; ++g) m[g] = -INFINITY, l[g] = 0.f;
   std::memset(acc, 0, sizeof(float) * G * H);
-  alignas(64) float sc[16];
-  alignas(64) float pr[64][16];  // G <= 64 probabilities per row of the block
+  alignas(64) float pr[64][16];  // G <= 64: each head's probabilities for the block's rows
+  __m512 sc[4];
   const __m512 scale = _mm512_set1_ps(J.scale);
   for (int64_t r0 = U.lo; r0 < U.hi; r0 += 16) {
     const int64_t nb = U.hi - r0 < 16 ? U.hi - r0 : 16;
     const __mmask16 live = nb == 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nb) - 1);
-    for (int64_t g = 0; g < G; ++g) {
-      const float* qg = q + g * H;
-      for (int64_t r = 0; r < nb; ++r) {
-        const void* kr = kb + (r0 + r) * H * esz;
-        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-        int64_t h = 0;
-        for (; h + 32 <= H; h += 32) {
-          a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qg + h), load16<DT>(kr, h), a0);
-          a1 = _mm512_fmadd_ps(_mm512_loadu_ps(qg + h + 16), load16<DT>(kr, h + 16), a1);
-        }
-        if (h < H) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qg + h), load16<DT>(kr, h), a0);
-        sc[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+    for (int64_t g0 = 0; g0 < G; g0 += 4) {
+      const int64_t gb = G - g0 < 4 ? G - g0 : 4;
+      switch (gb) {
+        case 1: scores16_any<DT, 1>(q + g0 * H, kb, H, r0, nb, sc); break;
+        case 2: scores16_any<DT, 2>(q + g0 * H, kb, H, r0, nb, sc); break;
+        case 3: scores16_any<DT, 3>(q + g0 * H, kb, H, r0, nb, sc); break;
+        default: scores16_any<DT, 4>(q + g0 * H, kb, H, r0, nb, sc); break;
       }
-      const __m512 s = _mm512_mask_mul_ps(_mm512_set1_ps(-INFINITY), live, _mm512_load_ps(sc), scale);
-      const float bm = _mm512_reduce_max_ps(s);
-      const float mn = bm > m[g] ? bm : m[g];
-      const float alpha = std::exp(m[g] - mn);  // 0 on the first block (m = -inf)
-      m[g] = mn;
-      const __m512 p = _mm512_maskz_mov_ps(live, exp_ps(_mm512_sub_ps(s, _mm512_set1_ps(mn))));
-      l[g] = l[g] * alpha + _mm512_reduce_add_ps(p);
-      _mm512_store_ps(pr[g], p);
-      if (alpha != 1.f) {
-        const __m512 av = _mm512_set1_ps(alpha);
-        for (int64_t h = 0; h < H; h += 16)
-          _mm512_storeu_ps(acc + g * H + h, _mm512_mul_ps(av, _mm512_loadu_ps(acc + g * H + h)));
-      }
-    }
-    // acc[g] += sum_r p[g][r] * v[r], four vectors of H at a time in registers.
-    for (int64_t h = 0; h < H; h += 64) {
-      const int64_t nv = H - h >= 64 ? 4 : (H - h) / 16;
-      for (int64_t g = 0; g < G; ++g) {
-        float* ag = acc + g * H + h;
-        __m512 a[4];
-        for (int64_t i = 0; i < nv; ++i) a[i] = _mm512_loadu_ps(ag + 16 * i);
-        for (int64_t r = 0; r < nb; ++r) {
-          const __m512 pb = _mm512_set1_ps(pr[g][r]);
-          const void* vr = vb + (r0 + r) * H * esz;
-          if (nv == 4) {
-            a[0] = _mm512_fmadd_ps(pb, load16<DT>(vr, h), a[0]);
-            a[1] = _mm512_fmadd_ps(pb, load16<DT>(vr, h + 16), a[1]);
-            a[2] = _mm512_fmadd_ps(pb, load16<DT>(vr, h + 32), a[2]);
-            a[3] = _mm512_fmadd_ps(pb, load16<DT>(vr, h + 48), a[3]);
-          } else {
-            for (int64_t i = 0; i < nv; ++i) a[i] = _mm512_fmadd_ps(pb, load16<DT>(vr, h + 16 * i), a[i]);
-          }
+      for (int64_t j = 0; j < gb; ++j) {
+        const int64_t g = g0 + j;
+        const __m512 s = _mm512_mask_mul_ps(_mm512_set1_ps(-INFINITY), live, sc[j], scale);
+        const float bm = _mm512_reduce_max_ps(s);
+        if (bm > m[g]) {  // a new maximum: rescale what came before (nothing, on the first block)
+          const float alpha = m[g] == -INFINITY ? 0.f : std::exp(m[g] - bm);
+          m[g] = bm;
+          l[g] *= alpha;
+          const __m512 av = _mm512_set1_ps(alpha);
+          for (int64_t h = 0; h < H; h += 16)
+            _mm512_storeu_ps(acc + g * H + h, _mm512_mul_ps(av, _mm512_loadu_ps(acc + g * H + h)));
         }
-        for (int64_t i = 0; i < nv; ++i) _mm512_storeu_ps(ag + 16 * i, a[i]);
+        const __m512 p = _mm512_maskz_mov_ps(live, exp_ps(_mm512_sub_ps(s, _mm512_set1_ps(m[g]))));
+        l[g] += _mm512_reduce_add_ps(p);
+        _mm512_store_ps(pr[g], p);
+      }
+      switch (gb) {
+        case 1: accumulate_all<DT, 1>(acc + g0 * H, pr + g0, vb, H, r0, nb); break;
+        case 2: accumulate_all<DT, 2>(acc + g0 * H, pr + g0, vb, H, r0, nb); break;
+        case 3: accumulate_all<DT, 3>(acc + g0 * H, pr + g0, vb, H, r0, nb); break;
+        default: accumulate_all<DT, 4>(acc + g0 * H, pr + g0, vb, H, r0, nb); break;
       }
     }
   }
