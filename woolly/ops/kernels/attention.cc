@@ -98,24 +98,38 @@ static inline void scores16(const float* q, const char* kb, int64_t H, int64_t r
   if (HV > 0)
     for (int g = 0; g < GB; ++g)
       for (int i = 0; i < HV; ++i) qr[g][i] = _mm512_loadu_ps(q + g * H + 16 * i);
-  for (int64_t r = 0; r < 16; ++r) {
-    __m512 a[GB];
-    for (int g = 0; g < GB; ++g) a[g] = _mm512_setzero_ps();
-    if (r < nb) {
-      const void* kr = kb + (r0 + r) * H * esz;
-      if (HV > 0) {
+  if (HV > 0) {
+    for (int64_t r = 0; r < 16; ++r) {
+      __m512 a[GB];
+      for (int g = 0; g < GB; ++g) a[g] = _mm512_setzero_ps();
+      if (r < nb) {
+        const void* kr = kb + (r0 + r) * H * esz;
         for (int i = 0; i < HV; ++i) {
           const __m512 kv = load16<DT>(kr, 16 * i);
           for (int g = 0; g < GB; ++g) a[g] = _mm512_fmadd_ps(qr[g][i], kv, a[g]);
         }
-      } else {
+      }
+      for (int g = 0; g < GB; ++g) part[g][r] = a[g];
+    }
+  } else {  // two rows at a time: each query vector loaded once for both
+    for (int64_t r = 0; r < 16; r += 2) {
+      __m512 a[GB], b[GB];
+      for (int g = 0; g < GB; ++g) a[g] = b[g] = _mm512_setzero_ps();
+      const int64_t r1 = r + 1 < nb ? r + 1 : (nb > 0 ? nb - 1 : 0);  // past nb: a live row, masked later
+      if (r < nb) {
+        const void* ka = kb + (r0 + r) * H * esz;
+        const void* kc = kb + (r0 + r1) * H * esz;
         for (int64_t h = 0; h < H; h += 16) {
-          const __m512 kv = load16<DT>(kr, h);
-          for (int g = 0; g < GB; ++g) a[g] = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * H + h), kv, a[g]);
+          const __m512 kva = load16<DT>(ka, h), kvc = load16<DT>(kc, h);
+          for (int g = 0; g < GB; ++g) {
+            const __m512 qv = _mm512_loadu_ps(q + g * H + h);
+            a[g] = _mm512_fmadd_ps(qv, kva, a[g]);
+            b[g] = _mm512_fmadd_ps(qv, kvc, b[g]);
+          }
         }
       }
+      for (int g = 0; g < GB; ++g) part[g][r] = a[g], part[g][r + 1] = b[g];
     }
-    for (int g = 0; g < GB; ++g) part[g][r] = a[g];
   }
   for (int g = 0; g < GB; ++g) out[g] = reduce16(part[g]);
 }
