@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -159,7 +160,7 @@ def child_tiny(tmp: Path) -> dict:
     import jax.numpy as jnp
 
     from woolly.ops.qmatmul import kernel_available
-    from woolly.runtime import Runner, entry, sharding
+    from woolly.runtime import Runner, SamplingParams, entry, sharding
     from woolly.runtime.params import load_params
 
     facts = {"devices": len(jax.devices())}
@@ -199,6 +200,12 @@ def child_tiny(tmp: Path) -> dict:
             assert _spec(r.cache.k[0]) == (["data" if dp > 1 else None, "model"] if tp == 2 else
                                            ["data"] if dp > 1 else []), (tp, dp, _spec(r.cache.k[0]))
             assert len(r.cache.k[0].sharding.device_set) == tp * dp
+        if residency == "dense":   # whole completions (seeded sampling), prompts prefilled at once over "data"
+            sp = SamplingParams.make(2, temperature=0.8)
+            want = Runner(model, params=params, slots=2, cache_length=32).generate(prompts, 10, sp, seed=[3, 4])
+            got = Runner(model, params=params, slots=2, cache_length=32, mesh=sharding.make_mesh(2, 2)).generate(
+                prompts, 10, sp, seed=[3, 4])
+            assert got == want and got[0] != got[1], (got, want)
         facts[f"{arch}-{residency}"] = "ok"
 
     # A sharded trace never shares a jit cache entry with the single-device one.
@@ -219,6 +226,14 @@ def child_tiny(tmp: Path) -> dict:
     if kernel_available():
         assert "woolly_qmatvec" in plain_before and "woolly_qmatvec" in plain_after
     facts["kernel_separate"] = True
+
+    # Data-parallel prefill moves no KV between devices (the slot-slicing prefill gathered the whole cache).
+    mesh = sharding.make_mesh(1, 4)
+    r = Runner(model, params=params, slots=4, cache_length=32, mesh=mesh)
+    z = jnp.zeros((4, 16), jnp.int32)
+    text = sharding.entry_points(mesh).prefill_rows.lower(r.params, r.cache, z, z, z[:, 0], cfg=model.config)
+    cache_shape = "f32[{},{},{},{}]".format(*r.cache.k[0].shape)
+    assert cache_shape not in " ".join(re.findall(r"= (\S+) all-gather", text.compile().as_text()))
     return facts
 
 

@@ -66,19 +66,51 @@ class Runner:
             raise ValueError("prefill needs at least one token")
         if start + len(tokens) > self.cache_length:
             raise ValueError(f"{start + len(tokens)} positions exceed the cache length {self.cache_length}")
+        if self.data_parallel > 1:
+            return self.prefill_rows({slot: (tokens, start)})[slot]
         logits = None
         for i in range(0, len(tokens), MAX_PREFILL_BUCKET):
             chunk = tokens[i:i + MAX_PREFILL_BUCKET]
             padded = np.zeros(min(bucket(len(chunk)), MAX_PREFILL_BUCKET), np.int32)     # [T]
             padded[:len(chunk)] = chunk
-            logits, self.cache = self._entry.prefill(self.params, self.cache, jnp.asarray(padded), jnp.int32(start + i),
-                                               jnp.int32(len(chunk)), jnp.int32(slot), cfg=self.cfg)
+            logits, self.cache = self._entry.prefill(self.params, self.cache, jnp.asarray(padded),
+                                                     jnp.int32(start + i), jnp.int32(len(chunk)), jnp.int32(slot),
+                                                     cfg=self.cfg)
+        return logits
+
+    def prefill_rows(self, rows: dict[int, tuple[Sequence[int], int]]) -> jax.Array:
+        """Data-parallel prefill: {slot: (tokens, start)} fed at once over the whole cache, whose
+        B axis is split over "data", so each device runs its own slots and reads no other's KV;
+        other slots get padding (position -1, writes nothing) -> logits f32 [B, V] (rows of `rows` only)."""
+        if self.mesh is None:   # one device: slot by slot
+            logits = jnp.zeros((self.slots, self.cfg.vocab_size), jnp.float32)
+            for slot, (toks, start) in rows.items():
+                logits = logits.at[slot].set(self.prefill(toks, slot=slot, start=start))
+            return logits
+        longest = max(len(t) for t, _ in rows.values())
+        logits = None
+        for i in range(0, longest, MAX_PREFILL_BUCKET):
+            T = min(bucket(min(longest - i, MAX_PREFILL_BUCKET)), MAX_PREFILL_BUCKET)
+            tokens = np.zeros((self.slots, T), np.int32)                                  # [B, T]
+            positions = np.full((self.slots, T), -1, np.int32)                            # [B, T]
+            last = np.zeros(self.slots, np.int32)                                         # [B]
+            done = np.zeros(self.slots, bool)                                             # last token in this chunk
+            for slot, (toks, start) in rows.items():
+                chunk = list(toks[i:i + MAX_PREFILL_BUCKET])
+                if chunk:
+                    tokens[slot, :len(chunk)] = chunk
+                    positions[slot, :len(chunk)] = start + i + np.arange(len(chunk))
+                    last[slot] = len(chunk) - 1
+                    done[slot] = i + len(chunk) == len(toks)
+            out, self.cache = self._entry.prefill_rows(self.params, self.cache, jnp.asarray(tokens),
+                                                       jnp.asarray(positions), jnp.asarray(last), cfg=self.cfg)
+            logits = out if logits is None else jnp.where(jnp.asarray(done)[:, None], out, logits)
         return logits
 
     def decode(self, tokens: Sequence[int], positions: Sequence[int]) -> jax.Array:
         """One token per slot (position -1: slot idle) -> logits f32 [B, V] (on device)."""
         logits, self.cache = self._entry.decode_step(self.params, self.cache, jnp.asarray(tokens, jnp.int32),
-                                               jnp.asarray(positions, jnp.int32), cfg=self.cfg)
+                                                     jnp.asarray(positions, jnp.int32), cfg=self.cfg)
         return logits
 
     # -- whole completions -------------------------------------------------------------
@@ -95,11 +127,15 @@ class Runner:
         if max(len(p) for p in prompts) + int(budgets.max()) > self.cache_length:
             raise ValueError("prompt plus max_tokens exceed the cache length")
         V = self.cfg.vocab_size
-        logits = jnp.zeros((self.slots, V), jnp.float32)
         recent = np.full((self.slots, PENALTY_WINDOW), -1, np.int32)
         positions = np.zeros(self.slots, np.int32)
+        if self.data_parallel > 1:   # every prompt at once, each on its slot's device
+            logits = self.prefill_rows({slot: (prompt, 0) for slot, prompt in enumerate(prompts)})
+        else:
+            logits = jnp.zeros((self.slots, V), jnp.float32)
         for slot, prompt in enumerate(prompts):
-            logits = logits.at[slot].set(self.prefill(prompt, slot=slot))
+            if self.data_parallel == 1:
+                logits = logits.at[slot].set(self.prefill(prompt, slot=slot))
             tail = list(prompt[-PENALTY_WINDOW:])
             recent[slot, PENALTY_WINDOW - len(tail):] = tail
             positions[slot] = len(prompt)

@@ -195,6 +195,16 @@ def new_cache(cfg: ModelConfig, mesh: Mesh, slots: int, length: int, dtype=jnp.f
 
 
 # -- the sharded entry points ------------------------------------------------------------------------
+def prefill_rows(params, cache: KVCache, tokens: jax.Array, positions: jax.Array, last: jax.Array, cfg):
+    """tokens i32 [B, T] at positions i32 [B, T] (-1: padding, writes nothing) into the whole cache
+    -> (logits [B, V] of each row's token at index last i32 [B], cache). With B split over "data",
+    each device prefills its own slots against its own part of the cache: no KV moves."""
+    from woolly.models import forward_hidden, output_logits
+    h, cache = forward_hidden(params, tokens, positions, cache, cfg)                         # [B, T, D]
+    h_last = jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]                        # [B, D]
+    return output_logits(params, h_last), cache
+
+
 def _batch_sharded(x: jax.Array, mesh: Mesh) -> jax.Array:
     """Inside a trace: x [B, ...] split over "data" where B divides it."""
     d = axis_size(mesh, DATA)
@@ -241,6 +251,7 @@ def entry_points(mesh: Mesh) -> SimpleNamespace:
     raw = lambda f: f.__wrapped__   # noqa: E731  (the function under entry's jax.jit)
     return SimpleNamespace(
         prefill=wrap(raw(entry.prefill), (None, "cache"), **cfg_static, **donate),
+        prefill_rows=wrap(prefill_rows, (None, "cache"), batch_arg="tokens", **cfg_static, **donate),
         decode_step=wrap(raw(entry.decode_step), (None, "cache"), **cfg_static, **donate),
         decode_and_sample=wrap(raw(entry.decode_and_sample), ("rep", None, "cache"), **cfg_static, **donate),
         generate=wrap(raw(entry.generate), ("rep", "rep", "cache"), static_argnames=("cfg", "max_new"), **donate),
@@ -267,5 +278,5 @@ def describe(params: dict, cfg: ModelConfig, mesh: Mesh) -> dict[str, str]:
 
 
 __all__ = ["DATA", "MODEL", "axis_size", "buffer_sharding", "cache_sharding", "constrain_cache", "describe",
-           "entry_points", "layer_plan", "make_mesh", "new_cache", "place_matrix", "replicated", "shard_params",
+           "entry_points", "layer_plan", "make_mesh", "new_cache", "place_matrix", "prefill_rows", "replicated", "shard_params",
            "split_heads", "unpack_nibbles", "math"]
