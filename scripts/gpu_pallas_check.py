@@ -19,6 +19,12 @@ throughput against XLA's dequantize-then-matmul, for the prepared device check o
 
 Stops starting new throughput cells after --budget-s seconds (the JSON says what ran).
 Exit status: 0 all exact, 1 an exactness failure, 2 no GPU present (nothing checked).
+
+Without a GPU, --offline-triton PYTHON checks the rest of the GPU toolchain: it lowers every
+kernel path (both kinds, GEMV and dot, f32 and bf16) to Triton IR here, then has PYTHON (an
+interpreter with PyPI's `triton`, e.g. `python -m venv /tmp/tv && /tmp/tv/bin/pip install
+triton`) compile each to sm_90a cubin, and prints ptxas's registers and spills per kernel.
+Exit status 1 if any fails to compile.
 """
 from __future__ import annotations
 
@@ -219,13 +225,101 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+_OFFLINE_COMPILE = r'''
+import glob, json, os, re, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import compile as tcompile
+bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+ptxas = [os.path.join(bin_dir, n) for n in ("ptxas-blackwell", "ptxas")]   # newer first
+ptxas = next((p for p in ptxas if os.path.exists(p)), None)
+out = []
+for f in sorted(glob.glob(os.path.join(sys.argv[1], "*.ttir"))):
+    nw = int(re.search(r"_nw(\d+)", f).group(1))
+    rec = {"kernel": os.path.basename(f)[:-5]}
+    try:
+        opts = dict(num_warps=nw, num_stages=int(sys.argv[2]))
+        k = tcompile(f, target=GPUTarget("cuda", 90, 32), options=opts)
+        rec["smem"] = k.metadata.shared
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as t:
+            t.write(k.asm["ptx"])
+        if ptxas:
+            r = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", t.name, "-o", os.devnull],
+                               capture_output=True, text=True)
+            m = re.search(r"Used (\d+) registers", r.stderr)
+            sp = re.search(r"(\d+) bytes spill stores", r.stderr)
+            rec.update(ptxas_rc=r.returncode, registers=int(m.group(1)) if m else None,
+                       spill_bytes=int(sp.group(1)) if sp else None)
+        rec["ok"] = True
+    except Exception as e:
+        rec.update(ok=False, error=str(e)[-500:])
+    out.append(rec)
+print(json.dumps(out))
+'''
+
+
+def offline_triton(python: str) -> int:
+    """Lower every kernel path to Triton IR here; compile each with `python`'s triton."""
+    import subprocess
+    import tempfile
+
+    from jax._src.pallas.triton import pallas_call_registration as reg
+    from test_qmatmul import random_raw
+    from woolly.formats.quants import QuantizationType as Q
+    from woolly.ops import pallas_qmatmul as pq
+    from woolly.ops import qmatmul as qm
+
+    tmp = tempfile.mkdtemp(prefix="woolly-ttir-")
+    lower = reg.lowering.lower_jaxpr_to_triton_module
+    cur = {}
+
+    def dump(*a, **k):
+        r = lower(*a, **k)
+        with open(os.path.join(tmp, cur["name"] + ".ttir"), "w") as fh:
+            fh.write(r.module.operation.get_asm(enable_debug_info=False))
+        return r
+
+    reg.lowering.lower_jaxpr_to_triton_module = dump
+    try:
+        cases = [(Q.Q4_0, (576, 576)), (Q.Q4_1, (1536, 576)), (Q.Q8_0, (49152, 576)), (Q.Q3_K, (512, 256)),
+                 (Q.Q4_K, (2048, 1536)), (Q.Q6_K, (640, 2048))]
+        for qtype, shape in cases:
+            w = qm.prepare_weight(random_raw(qtype, shape), qtype, shape, "quantized")
+            for rows in (1, 3, 8, 16, 128):
+                for dt in (jnp.float32, jnp.bfloat16):
+                    nw = pq._num_warps(2 if w.kind == "nib" else 1, rows <= pq.GEMV_MAX_ROWS, dt == jnp.bfloat16)
+                    cur["name"] = f"{qtype.name}_{shape[0]}x{shape[1]}_r{rows}_{jnp.dtype(dt).name}_nw{nw}"
+                    jax.clear_caches()
+                    x = jax.ShapeDtypeStruct((rows, shape[1]), dt)
+                    jax.jit(pq.pallas_linear).trace(x, w).lower(lowering_platforms=("cuda",))
+    finally:
+        reg.lowering.lower_jaxpr_to_triton_module = lower
+    r = subprocess.run([python, "-c", _OFFLINE_COMPILE, tmp, str(pq._NUM_STAGES)], capture_output=True, text=True,
+                       env=dict(os.environ, TRITON_DEFAULT_FP_FUSION="1"))
+    if r.returncode != 0:
+        print(f"offline triton compile failed to run:\n{r.stderr[-2000:]}", file=sys.stderr)
+        return 1
+    recs = json.loads(r.stdout.strip().splitlines()[-1])
+    print("| kernel | compiled | registers | spill bytes | smem |\n|---|---|---|---|---|")
+    for rec in recs:
+        print(f"| {rec['kernel']} | {'yes' if rec['ok'] else 'NO: ' + rec['error'][:80]} | "
+              f"{rec.get('registers', '-')} | {rec.get('spill_bytes', '-')} | {rec.get('smem', '-')} |")
+    bad = [rec for rec in recs if not rec["ok"]]
+    print(f"\n{len(recs) - len(bad)}/{len(recs)} kernels compile for sm_90a (Triton IR in {tmp})")
+    return 1 if bad or not recs else 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--output", help="write the results as JSON here")
     ap.add_argument("--formats", default="Q4_0,Q8_0,Q4_K,Q6_K", help="throughput formats (comma-separated)")
     ap.add_argument("--budget-s", type=float, default=240.0, help="start no throughput cell after this many seconds")
     ap.add_argument("--skip-exact", action="store_true")
+    ap.add_argument("--offline-triton", metavar="PYTHON",
+                    help="no GPU needed: compile every kernel path with this interpreter's triton for sm_90a")
     args = ap.parse_args(argv)
+    if args.offline_triton:
+        return offline_triton(args.offline_triton)
     t0 = time.perf_counter()
     device = _gpu_or_exit()
 

@@ -106,6 +106,10 @@ def _tiles(R: int, Oh: int, I: int, P: int, bf16: bool) -> tuple[bool, int, int,
     return False, br, -(-R // br) * br, _pow2_divisor(Oh, _DOT_BO), bk
 
 
+def _num_warps(P: int, gemv: bool, bf16: bool) -> int:
+    return 2 * _NUM_WARPS if (P == 2 and not gemv and bf16) else _NUM_WARPS
+
+
 def _kernel(*refs, P: int, sub: int, off: int, has_bias: bool, gemv: bool, BR: int, BK: int, nk: int,
             f32_dot):
     """One program: y[rows, :, cols] for every part p (refs: x, q, scale[, bias], y)."""
@@ -186,7 +190,7 @@ def _pallas_call(x2: jax.Array, w: QuantizedWeight, interpret: bool) -> jax.Arra
     P = _parts(w)
     Oh = O // P
     gemv, BR, Rp, BO, BK = _tiles(R, Oh, I, P, x2.dtype == jnp.bfloat16)
-    num_warps = 2 * _NUM_WARPS if (P == 2 and not gemv and x2.dtype == jnp.bfloat16) else _NUM_WARPS
+    num_warps = _num_warps(P, gemv, x2.dtype == jnp.bfloat16)
     if Rp != R:
         x2 = jnp.pad(x2, ((0, Rp - R), (0, 0)))                                  # [Rp, I]
     nsub = I // w.sub
