@@ -29,8 +29,8 @@ programs to fill the SMs and at <= ~64 f32 weights a thread in registers with 4 
   BR  = GEMV: R itself (rows are loaded one at a time, so any count works); dot: the next
         power of two >= R, between 16 and 64, x padded with zero rows to a multiple of BR.
   4 warps a program (8 for a bf16 "nib" dot tile, which feeds two 64-wide outputs), 3 stages.
-  Checked offline: the Triton IR of every path compiles with Triton 3.9 for sm_90a without
-  register spills (ptxas -v).
+  Checked without a GPU (`scripts/gpu_pallas_check.py --offline-triton`): every path compiles
+  with Triton 3.9 to sm_90a cubin without register spills.
 Shapes outside this (O/P not a multiple of 16, I not a multiple of 16 and sub, sub not 16 or
 32) are refused by `pallas_supported`; the caller falls back to XLA. Triton needs
 power-of-two tiles, hence the divisibility rules instead of masks.
