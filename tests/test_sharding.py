@@ -234,6 +234,13 @@ def child_tiny(tmp: Path) -> dict:
     text = sharding.entry_points(mesh).prefill_rows.lower(r.params, r.cache, z, z, z[:, 0], cfg=model.config)
     cache_shape = "f32[{},{},{},{}]".format(*r.cache.k[0].shape)
     assert cache_shape not in " ".join(re.findall(r"= (\S+) all-gather", text.compile().as_text()))
+    # Nor does reading one slot for the prefix cache, which still equals the single-device read.
+    r.prefill([5, 6, 7, 8, 9], slot=2)
+    text = sharding.entry_points(mesh).read_slot.lower(r.cache, jnp.int32(2)).compile().as_text()
+    assert cache_shape not in " ".join(re.findall(r"= (\S+) all-gather", text))
+    got, want = r.read_slot(2), entry.read_slot(jax.device_get(r.cache), jnp.int32(2))
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
+    assert np.abs(np.asarray(got.k[0])).sum() > 0
     return facts
 
 
@@ -250,6 +257,9 @@ def child_engine(tmp: Path) -> dict:
         eng = Engine(cfg)
         eng.load_model(path)
         res = eng.generate_batch(prompts, max_tokens=12, temperature=0.8, seed=7)
+        again = eng.generate_batch(prompts[:2], max_tokens=12, temperature=0.8, seed=7)   # prefix-cache hits
+        assert [r.token_ids for r in again] == [r.token_ids for r in res[:2]]
+        assert all(r.cached_prompt_tokens > 0 for r in again), again
         out[name] = {"tokens": [r.token_ids for r in res],
                      "ppl": eng.perplexity(text, n_ctx=32)}
         if name == "dp4":

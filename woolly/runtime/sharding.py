@@ -205,6 +205,16 @@ def prefill_rows(params, cache: KVCache, tokens: jax.Array, positions: jax.Array
     return output_logits(params, h_last), cache
 
 
+def read_slot_rows(cache: KVCache, slot: jax.Array) -> KVCache:
+    """One slot's rows [1, K, S, H] per buffer as a masked sum over B: with B split over "data",
+    each device sums its own slots and XLA all-reduces one slot's worth (a dynamic slice of a
+    split axis made it all-gather the whole cache)."""
+    def rows(c):                                                                              # [B, K, S, H]
+        mine = (jnp.arange(c.shape[0]) == slot)[:, None, None, None]
+        return jnp.sum(jnp.where(mine, c, 0), axis=0, keepdims=True)                        # [1, K, S, H]
+    return jax.tree.map(rows, cache)
+
+
 def _batch_sharded(x: jax.Array, mesh: Mesh) -> jax.Array:
     """Inside a trace: x [B, ...] split over "data" where B divides it."""
     d = axis_size(mesh, DATA)
@@ -258,7 +268,7 @@ def entry_points(mesh: Mesh) -> SimpleNamespace:
         all_logits=wrap(raw(entry.all_logits), (None,), batch_arg="tokens", **cfg_static),
         token_logprobs=wrap(raw(entry.token_logprobs), ("rep",), batch_arg="tokens", **cfg_static),
         embed=wrap(raw(entry.embed), ("rep",), batch_arg="tokens", **cfg_static),
-        read_slot=wrap(raw(entry.read_slot), ("cache",)),
+        read_slot=wrap(read_slot_rows if axis_size(mesh, DATA) > 1 else raw(entry.read_slot), ("cache",)),
         write_slot=wrap(raw(entry.write_slot), ("cache",), donate_argnums=(0,)),
     )
 
@@ -278,5 +288,5 @@ def describe(params: dict, cfg: ModelConfig, mesh: Mesh) -> dict[str, str]:
 
 
 __all__ = ["DATA", "MODEL", "axis_size", "buffer_sharding", "cache_sharding", "constrain_cache", "describe",
-           "entry_points", "layer_plan", "make_mesh", "new_cache", "place_matrix", "prefill_rows", "replicated", "shard_params",
+           "entry_points", "layer_plan", "make_mesh", "new_cache", "place_matrix", "prefill_rows", "read_slot_rows", "replicated", "shard_params",
            "split_heads", "unpack_nibbles", "math"]
