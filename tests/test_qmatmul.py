@@ -47,6 +47,7 @@ def path(request, monkeypatch):
             pytest.skip(f"CPU kernel unavailable: {qm.kernel_error()}")
     else:
         monkeypatch.setattr(qm, "kernel_available", lambda: False)
+    jax.clear_caches()   # jit caches traces per function: a trace made on the other path must not be reused
     return request.param
 
 
@@ -87,8 +88,19 @@ def test_nibble_packing_is_used_for_4bit_formats():
         assert w.kind == "i8" and w.q.dtype == jnp.int8
 
 
-def _check_linear(x: np.ndarray, W: np.ndarray, y: np.ndarray):
-    """y == x @ W.T within float32 rounding of the sum (bound by |x| @ |W|.T)."""
+@pytest.fixture(params=["q8", "f32"])
+def activations(request, monkeypatch):
+    """Both ways the kernel multiplies quantized weights (int8 or f32 activations)."""
+    monkeypatch.setattr(qm, "ACTIVATIONS", request.param)
+    jax.clear_caches()
+    return request.param
+
+
+def _check_linear(x: np.ndarray, W: np.ndarray, y: np.ndarray, w=None):
+    """y == x @ W.T within float32 rounding of the sum (bound by |x| @ |W|.T); where the kernel
+    rounds activations to int8 for `w`, x is first rounded the same way (`q8_activations`)."""
+    if w is not None and qm.uses_q8_activations(w, x.shape[0], x.shape[1]):
+        x = qm.q8_activations(x)
     x64, W64 = x.astype(np.float64), W.astype(np.float64)
     ref = x64 @ W64.T
     scale = np.abs(x64) @ np.abs(W64).T
@@ -99,7 +111,7 @@ def _check_linear(x: np.ndarray, W: np.ndarray, y: np.ndarray):
 
 @pytest.mark.parametrize("qtype", BLOCK_FORMATS, ids=lambda t: t.name)
 @pytest.mark.parametrize("residency", qm.RESIDENCIES)
-def test_linear_matches_numpy(qtype, residency, path):
+def test_linear_matches_numpy(qtype, residency, path, activations):
     rng = np.random.default_rng(1)
     for shape in _shapes(qtype):
         raw = random_raw(qtype, shape, seed=2)
@@ -108,14 +120,14 @@ def test_linear_matches_numpy(qtype, residency, path):
         f = jax.jit(qm.linear)
         for rows in (1, 3, 8, 21, qm.KERNEL_MAX_ROWS + 4):   # 21: 8+8+4+1 row blocks; last: GEMM path
             x = rng.standard_normal((rows, shape[1])).astype(np.float32)
-            _check_linear(x, W, np.asarray(f(x, w)))
+            _check_linear(x, W, np.asarray(f(x, w)), w)
         x = rng.standard_normal((2, 1, shape[1])).astype(np.float32)   # leading dims [B, T]
         y = np.asarray(f(x, w))
         assert y.shape == (2, 1, shape[0])
-        _check_linear(x.reshape(2, -1), W, y.reshape(2, -1))
+        _check_linear(x.reshape(2, -1), W, y.reshape(2, -1), w)
 
 
-def test_linear_real_sizes(path):
+def test_linear_real_sizes(path, activations):
     """A decode-sized matrix (several threads' worth of rows) through each path."""
     rng = np.random.default_rng(3)
     for qtype, shape in ((Q.Q4_1, (1536, 576)), (Q.Q6_K, (640, 2048)), (Q.Q8_0, (2048, 640))):
@@ -125,17 +137,17 @@ def test_linear_real_sizes(path):
             w = qm.prepare_weight(raw, qtype, shape, residency)
             for rows in (1, 8):
                 x = rng.standard_normal((rows, shape[1])).astype(np.float32)
-                _check_linear(x, W, np.asarray(jax.jit(qm.linear)(x, w)))
+                _check_linear(x, W, np.asarray(jax.jit(qm.linear)(x, w)), w)
 
 
-def test_linear_under_vmap(path):
+def test_linear_under_vmap(path, activations):
     qtype, shape = Q.Q4_K, (8, 256)
     raw = random_raw(qtype, shape)
     W = dequantize(raw, qtype, shape)
     w = qm.prepare_weight(raw, qtype, shape, "quantized")
     x = np.random.default_rng(5).standard_normal((3, 2, 256)).astype(np.float32)
     y = np.asarray(jax.jit(jax.vmap(qm.linear, in_axes=(0, None)))(x, w))
-    _check_linear(x.reshape(6, -1), W, y.reshape(6, -1))
+    _check_linear(x.reshape(6, -1), W, y.reshape(6, -1), w)
 
 
 @pytest.mark.parametrize("qtype", BLOCK_FORMATS, ids=lambda t: t.name)

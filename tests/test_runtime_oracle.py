@@ -5,9 +5,10 @@ Tolerances say where the two computations differ on purpose:
   ~1e-3: llama.cpp's GELU reads an f16 table). KV caches are made f32 on both sides.
 - F16/BF16 weights: llama.cpp rounds the activations to that type before the dot product.
 - Quantized weights: llama.cpp quantizes the activations to 8 bits (Q8_0/Q8_1/Q8_K), which moves
-  real-model logits by up to ~1.5 (median ~0.16, measured on both real models) while Woolly
-  multiplies the exact dequantized weights in f32. Greedy tokens may then differ where two
-  candidates are within a near-tie; perplexities agree to well under 1%.
+  real-model logits by up to ~1.5 (median ~0.16, measured on both real models). Woolly's dense
+  residency multiplies the exact dequantized weights in f32; its quantized residency rounds the
+  activations to int8 per block of 32 (Q8_0's rule) as llama.cpp does. Greedy tokens may differ
+  where two candidates are within a near-tie; perplexities agree to well under 1%.
 """
 from __future__ import annotations
 
@@ -89,10 +90,15 @@ def test_exact_forward_on_f32_copy(tmp_path, name):
     assert max(errs) <= 2e-3
 
 
-@pytest.fixture(scope="module", params=["smollm2-135m-instruct", "gemma3-270m"])
+@pytest.fixture(scope="module", params=[("smollm2-135m-instruct", "dense"), ("gemma3-270m", "dense"),
+                                        ("smollm2-135m-instruct", "quantized"), ("gemma3-270m", "quantized")],
+                ids=lambda p: "-".join(p))
 def real(request):
-    model = Model.from_file(request.param)
-    return model, load_params(model, "dense"), llama_cpp_model(str(model.path), logits_all=True, n_ctx=512)
+    """(model, params, llama.cpp) per model and residency: quantized residency multiplies with
+    int8 activations, as llama.cpp does, dense in f32."""
+    name, residency = request.param
+    model = Model.from_file(name)
+    return model, load_params(model, residency), llama_cpp_model(str(model.path), logits_all=True, n_ctx=512)
 
 
 def llama_cpp_greedy(llm, prompt: list[int], n: int) -> tuple[list[int], np.ndarray]:

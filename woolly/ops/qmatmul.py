@@ -56,6 +56,12 @@ KERNEL_MAX_ROWS = int(os.environ.get("WOOLLY_KERNEL_MAX_ROWS", "256"))
 KERNEL_MAX_ROWS_DENSE = int(os.environ.get("WOOLLY_KERNEL_MAX_ROWS_DENSE", "8"))
 # Below this many multiply-adds (rows capped at 8) the kernel stays on one thread.
 KERNEL_MIN_PARALLEL = 1 << 16
+# How the kernel multiplies quantized weights: "q8" rounds activations to int8 per block of 32
+# (scale max|x|/127, llama.cpp's Q8_0 rule) and uses AVX512-VNNI integer dot products, as
+# llama.cpp does for these formats; "f32" forms each weight in f32 (exact W @ x, slower).
+ACTIVATIONS = os.environ.get("WOOLLY_QMATMUL_ACTIVATIONS", "q8")
+if ACTIVATIONS not in ("q8", "f32"):
+    raise ValueError(f"WOOLLY_QMATMUL_ACTIVATIONS must be q8 or f32, got {ACTIVATIONS!r}")
 
 # Code offsets for the formats packed as 4-bit codes: c = q + off lies in [0, 15].
 _NIBBLE_OFFSET = {
@@ -207,6 +213,28 @@ def kernel_error() -> str | None:
     return cpu_kernels.kernel_error("qmatvec")
 
 
+def _cpu_has_vnni() -> bool:
+    return "avx512_vnni" in cpu_kernels.cpu_tag()
+
+
+def uses_q8_activations(w, rows: int, I: int) -> bool:
+    """Whether `linear` rounds x to int8 for this weight and row count (see ACTIVATIONS);
+    the kernel does exactly when this holds."""
+    return (isinstance(w, QuantizedWeight) and ACTIVATIONS == "q8" and 0 < rows <= KERNEL_MAX_ROWS
+            and I % 64 == 0 and _use_kernel(w, I) and _cpu_has_vnni())
+
+
+def q8_activations(x: np.ndarray) -> np.ndarray:
+    """Host reference of the kernel's activation rounding: x f32 [R, I] (I % 32 == 0) rounded
+    per block of 32 to d * q, d = max|x| / 127, q = round-half-even(x / d) (llama.cpp's Q8_0)."""
+    R, I = x.shape
+    b = x.astype(np.float32).reshape(R, I // 32, 32)
+    d = np.abs(b).max(axis=-1, keepdims=True) / np.float32(127)
+    inv = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d != 0)
+    q = np.clip(np.rint(b * inv), -127, 127)
+    return (d * q).reshape(R, I).astype(np.float32)
+
+
 def _use_kernel(w, I: int) -> bool:
     if I % 16 != 0 or jax.default_backend() != "cpu" or not cpu_kernels.in_use():
         return False
@@ -225,11 +253,12 @@ def _kernel_call(x2: jax.Array, w) -> jax.Array:
     if isinstance(w, QuantizedWeight):
         args = (x2, w.q, w.scale, w.bias if w.bias is not None else jnp.zeros((1,), jnp.float32))
         attrs = dict(kind=np.int64(1 if w.kind == "nib" else 0), sub=np.int64(w.sub), off=np.int64(w.off),
-                     has_bias=np.int64(w.bias is not None))
+                     has_bias=np.int64(w.bias is not None),
+                     act=np.int64(ACTIVATIONS == "q8" and x2.shape[1] % 64 == 0))
     else:
         dummy = jnp.zeros((1,), jnp.float32)
         args = (x2, w, dummy.reshape(1, 1), dummy)
-        attrs = dict(kind=np.int64(2), sub=np.int64(16), off=np.int64(0), has_bias=np.int64(0))
+        attrs = dict(kind=np.int64(2), sub=np.int64(16), off=np.int64(0), has_bias=np.int64(0), act=np.int64(0))
     call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((R, O), jnp.float32), vmap_method="sequential")
     return call(*args, min_par=np.int64(KERNEL_MIN_PARALLEL), **attrs)
 

@@ -2,6 +2,8 @@
 // y[r, o] = sum_i x[r, i] * w[o, i],  w[o, i] = scale[o, i/SUB] * (code - off) (+ bias[o, i/SUB])
 // kind 0: int8 codes [O, I]; kind 1: row-pair nibbles uint8 [O/2, I] (row o low, row o+O/2
 // high); kind 2: dense f32 weights [O, I] (scale, bias unused).
+// act 0: f32 activations (exact: weights formed in f32); act 1 (codes, I % 64 == 0, AVX512-VNNI):
+// int8 activations, as llama.cpp multiplies its quantized weights (see "int8 activations" below).
 #if !defined(__AVX512F__) || !defined(__AVX512BW__)
 #error "woolly qmatvec kernel needs AVX-512 (F, BW)"
 #endif
@@ -209,7 +211,8 @@ struct Shared {
 };
 
 // Split sp's rows over the calling thread and XLA's intra-op pool; returns when all are done.
-static void run_parallel(ffi::ThreadPool& pool, const std::shared_ptr<Shared>& sp, bool parallel) {
+template <typename SP>
+static void run_parallel(ffi::ThreadPool& pool, const std::shared_ptr<SP>& sp, bool parallel) {
   int64_t nt = parallel ? pool.num_threads() : 1;
   if (nt < 1) nt = 1;
   const int64_t want = nt == 1 ? 1 : nt * 4;  // a few units per thread: a busy core holds back less
@@ -225,12 +228,160 @@ static void run_parallel(ffi::ThreadPool& pool, const std::shared_ptr<Shared>& s
   }
 }
 
+
+// ---- int8 activations (llama.cpp's way): x is quantized per block of 32 to int8 (scale d =
+// max|x|/127, as llama.cpp's Q8_0/Q8_1), and each 64-weight chunk becomes one VNNI dot
+// product of unsigned 4/8-bit codes with the int8 activations: 16 int32 lanes of 4 products,
+// lanes 0-7 one sub-block of 32 (or 0-3, 4-7, ... one of 16). Then per chunk one f32 FMA with
+// scale * d per lane. The offset and bias enter once per sub-block through the sums of the
+// quantized x: y = sum_sb scale * d * dot(code, xq) + (bias - K * scale) * d * sum(xq),
+// K = off (nibbles) or off + 128 (int8 codes, made unsigned by flipping the sign bit).
+// The result is W times the Q8-rounded x, in f32.
+#if defined(__AVX512VNNI__)
+#define WOOLLY_Q8 1
+
+struct Q8Job {
+  const int8_t* xq;   // [R, I]
+  const float* dxv;   // [R, I/64, 16]: each lane's activation scale
+  const float* xs;    // [R, NSP]: d * sum(xq) per sub-block, zero-padded to NSP (multiple of 16)
+  const uint8_t* q;
+  const float* s;
+  const float* b;
+  float* y;
+  int64_t R, I, O, nsub, nsp, K;
+};
+
+static void quantize_x(const float* x, int64_t R, int64_t I, int SUB, int8_t* xq, float* dxv, float* xs,
+                       int64_t nsp) {
+  const int64_t nch = I / 64, nblk = I / 32;
+  for (int64_t r = 0; r < R; ++r) {
+    float* xsr = xs + r * nsp;
+    for (int64_t j = 0; j < nsp; ++j) xsr[j] = 0.f;
+    for (int64_t k = 0; k < nblk; ++k) {
+      const float* xb = x + r * I + k * 32;
+      const __m512 a = _mm512_loadu_ps(xb), c = _mm512_loadu_ps(xb + 16);
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(c)));
+      const float d = amax / 127.f, id = d != 0.f ? 1.f / d : 0.f;
+      const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, _mm512_set1_ps(id)));
+      const __m512i qc = _mm512_cvtps_epi32(_mm512_mul_ps(c, _mm512_set1_ps(id)));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + r * I + k * 32), _mm512_cvtsepi32_epi8(qa));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + r * I + k * 32 + 16), _mm512_cvtsepi32_epi8(qc));
+      const int sa = _mm512_reduce_add_epi32(qa), sc = _mm512_reduce_add_epi32(qc);
+      if (SUB == 32) {
+        xsr[k] = d * (float)(sa + sc);
+      } else {
+        xsr[2 * k] = d * (float)sa;
+        xsr[2 * k + 1] = d * (float)sc;
+      }
+      float* dv = dxv + (r * nch + k / 2) * 16 + (k % 2) * 8;
+      for (int l = 0; l < 8; ++l) dv[l] = d;
+    }
+  }
+}
+
+// Weight row p (KIND 0) or row pair p, p + O/2 (KIND 1) against RB quantized activation rows.
+template <int KIND, int SUB, bool BIAS, int RB>
+static inline void q8_rows(const Q8Job& J, int64_t p, int64_t r0) {
+  constexpr int NR = KIND == 1 ? 2 : 1;
+  const int64_t I = J.I, nch = I / 64, nsub = J.nsub;
+  const uint8_t* q = J.q + p * I;
+  const int64_t orow[2] = {p, p + J.O / 2};
+  const __m512i idx = SUB == 32 ? _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0)
+                                : _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+  const __m512i m4 = _mm512_set1_epi8(15);
+  __m512 acc[NR][RB];
+  for (int h = 0; h < NR; ++h)
+    for (int r = 0; r < RB; ++r) acc[h][r] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < nch; ++c) {
+    const __m512i v = _mm512_loadu_si512(q + c * 64);
+    __m512i codes[NR];
+    __m512 ws[NR];
+    if (KIND == 1) {
+      codes[0] = _mm512_and_si512(v, m4);
+      codes[NR - 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+    } else {
+      codes[0] = _mm512_xor_si512(v, _mm512_set1_epi8((char)0x80));
+    }
+    for (int h = 0; h < NR; ++h) {
+      const float* sp = J.s + orow[h] * nsub + c * (64 / SUB);
+      const __m128 s4 = SUB == 32 ? _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(sp))) : _mm_loadu_ps(sp);
+      ws[h] = _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(s4));
+    }
+    for (int r = 0; r < RB; ++r) {
+      const __m512i xv = _mm512_loadu_si512(J.xq + (r0 + r) * I + c * 64);
+      const __m512 dv = _mm512_loadu_ps(J.dxv + ((r0 + r) * nch + c) * 16);
+      for (int h = 0; h < NR; ++h) {
+        const __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes[h], xv);
+        acc[h][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(ws[h], dv), acc[h][r]);
+      }
+    }
+  }
+  const __m512 kv = _mm512_set1_ps((float)J.K);
+  for (int h = 0; h < NR; ++h) {
+    const float* sr = J.s + orow[h] * nsub;
+    const float* br = BIAS ? J.b + orow[h] * nsub : nullptr;
+    for (int r = 0; r < RB; ++r) {
+      const float* xs = J.xs + (r0 + r) * J.nsp;
+      __m512 bacc = _mm512_setzero_ps();
+      for (int64_t sb = 0; sb < nsub; sb += 16) {
+        const __mmask16 m = nsub - sb >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (nsub - sb)) - 1);
+        const __m512 s16 = _mm512_maskz_loadu_ps(m, sr + sb);
+        const __m512 b16 = BIAS ? _mm512_maskz_loadu_ps(m, br + sb) : _mm512_setzero_ps();
+        bacc = _mm512_fmadd_ps(_mm512_fnmadd_ps(kv, s16, b16), _mm512_loadu_ps(xs + sb), bacc);
+      }
+      J.y[(r0 + r) * J.O + orow[h]] = _mm512_reduce_add_ps(acc[h][r]) + _mm512_reduce_add_ps(bacc);
+    }
+  }
+}
+
+template <int KIND, int SUB, bool BIAS>
+static void q8_range(const Q8Job& J, int64_t a, int64_t z) {
+  int64_t r = 0;
+  auto go = [&](auto rb) {
+    constexpr int RB = decltype(rb)::value;
+    for (int64_t p = a; p < z; ++p) q8_rows<KIND, SUB, BIAS, RB>(J, p, r);
+    r += RB;
+  };
+  while (J.R - r >= 4) go(std::integral_constant<int, 4>());
+  if (J.R - r >= 2) go(std::integral_constant<int, 2>());
+  if (J.R - r >= 1) go(std::integral_constant<int, 1>());
+}
+
+using Q8Fn = void (*)(const Q8Job&, int64_t, int64_t);
+
+static Q8Fn pick_q8(int64_t kind, int64_t sub, bool bias) {
+#define W_PICK(K, S) \
+  if (kind == K && sub == S) return bias ? q8_range<K, S, true> : q8_range<K, S, false>;
+  W_PICK(0, 16) W_PICK(0, 32) W_PICK(1, 16) W_PICK(1, 32)
+#undef W_PICK
+  return nullptr;
+}
+
+struct Q8Shared {
+  Q8Job job;
+  Q8Fn fn = nullptr;
+  std::vector<int8_t> xq;
+  std::vector<float> dxv, xs;
+  int64_t total = 0, units = 0, per = 1;
+  std::atomic<int64_t> next{0}, done{0};
+  void work() {
+    for (;;) {
+      const int64_t u = next.fetch_add(1, std::memory_order_relaxed);
+      if (u >= units) return;
+      const int64_t a = u * per, z = a + per < total ? a + per : total;
+      fn(job, a, z);
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+#endif
+
 }  // namespace
 
 static ffi::Error QMatVecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q,
                               ffi::Buffer<ffi::F32> s, ffi::Buffer<ffi::F32> b,
                               ffi::ResultBuffer<ffi::F32> y, int64_t kind, int64_t sub, int64_t off,
-                              int64_t has_bias, int64_t min_par) {
+                              int64_t has_bias, int64_t min_par, int64_t act) {
   auto xd = x.dimensions();
   auto yd = y->dimensions();
   if (xd.size() != 2 || yd.size() != 2 || yd[0] != xd[0])
@@ -243,15 +394,34 @@ static ffi::Error QMatVecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi
         (kind == 1 && O % 2 != 0))
       return ffi::Error::InvalidArgument("woolly_qmatvec: bad scale shape or sub-block");
   }
+  if (R == 0 || O == 0) return ffi::Error::Success();
+  const bool par = O * I * (R < 8 ? R : 8) >= min_par;
+#ifdef WOOLLY_Q8
+  if (act == 1 && kind != 2 && I % 64 == 0) {
+    auto qp = std::make_shared<Q8Shared>();
+    qp->fn = pick_q8(kind, sub, has_bias != 0);
+    if (qp->fn == nullptr) return ffi::Error::InvalidArgument("woolly_qmatvec: unsupported kind/sub");
+    const int64_t nsub = I / sub, nsp = (nsub + 15) / 16 * 16;
+    qp->xq.resize(R * I);
+    qp->dxv.resize(R * (I / 64) * 16);
+    qp->xs.resize(R * nsp);
+    quantize_x(x.typed_data(), R, I, (int)sub, qp->xq.data(), qp->dxv.data(), qp->xs.data(), nsp);
+    qp->job = Q8Job{qp->xq.data(), qp->dxv.data(), qp->xs.data(), static_cast<const uint8_t*>(q.untyped_data()),
+                    s.typed_data(), has_bias ? b.typed_data() : nullptr, y->typed_data(), R, I, O, nsub, nsp,
+                    kind == 0 ? off + 128 : off};
+    qp->total = kind == 1 ? O / 2 : O;
+    run_parallel(pool, qp, par);
+    return ffi::Error::Success();
+  }
+#endif
   RangeFn fn = pick(kind, sub, has_bias != 0);
   if (fn == nullptr) return ffi::Error::InvalidArgument("woolly_qmatvec: unsupported kind/sub");
-  if (R == 0 || O == 0) return ffi::Error::Success();
   auto sp = std::make_shared<Shared>();
   sp->job = Job{x.typed_data(), static_cast<const uint8_t*>(q.untyped_data()), s.typed_data(),
                 has_bias ? b.typed_data() : nullptr, y->typed_data(), R, I, O, off};
   sp->fn = fn;
   sp->total = kind == 1 ? O / 2 : O;
-  run_parallel(pool, sp, O * I * (R < 8 ? R : 8) >= min_par);
+  run_parallel(pool, sp, par);
   return ffi::Error::Success();
 }
 
@@ -301,4 +471,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(WoollyQMatVec, QMatVecImpl,
                                   .Attr<int64_t>("sub")
                                   .Attr<int64_t>("off")
                                   .Attr<int64_t>("has_bias")
-                                  .Attr<int64_t>("min_par"));
+                                  .Attr<int64_t>("min_par")
+                                  .Attr<int64_t>("act"));
