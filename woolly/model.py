@@ -264,6 +264,11 @@ class Model:
             if t.dims != dims:
                 raise ModelLoadFailed(f"tensor {name!r} has shape {list(t.dims)}, expected {list(dims)}")
 
+    def release_pages(self) -> None:
+        """Give back the resident pages of the mapped file (after the weights are copied out);
+        the model stays usable, pages fault back in on the next read."""
+        self.gguf.release_pages()
+
     def close(self) -> None:
         self.gguf.close()
 

@@ -272,6 +272,16 @@ class GGUFFile:
         a = np.frombuffer(self._mmap, dtype=np.uint8, count=t.nbytes, offset=t.offset)
         return a.reshape(*t.shape[:-1], row_nbytes(t.qtype, t.dims[0]))
 
+    def release_pages(self) -> None:
+        """Drop the map's pages from this process's resident memory (MADV_DONTNEED). The map
+        stays valid: a later read faults its pages back in from the page cache or the file."""
+        mm = getattr(self, "_mmap", None)
+        if mm is not None and hasattr(mmap, "MADV_DONTNEED"):
+            try:
+                mm.madvise(mmap.MADV_DONTNEED)
+            except (OSError, ValueError):
+                pass
+
     def close(self) -> None:
         mm, self._mmap = getattr(self, "_mmap", None), None
         if mm is not None:

@@ -1,6 +1,8 @@
 """Build the parameter pytree of a `Model`: GGUF names translated once, residency chosen here."""
 from __future__ import annotations
 
+import ctypes
+
 import jax.numpy as jnp
 
 from woolly.model import Model
@@ -39,4 +41,16 @@ def load_params(model: Model, residency: str = "dense") -> dict:
             lp[key] = _vector(model, name) if len(model.tensors[name].shape) == 1 else _matrix(model, name, residency)
         layers.append(lp)
     params["layers"] = layers
+    # The device copy is made: the file's pages and the host-side decoding buffers are no
+    # longer needed, so they leave the process's resident memory (bench: model memory).
+    model.release_pages()
+    trim_heap()
     return params
+
+
+def trim_heap() -> None:
+    """Return freed heap memory to the OS (glibc's malloc_trim; a no-op elsewhere)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
