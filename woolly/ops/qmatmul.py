@@ -19,6 +19,8 @@ the figures behind each choice come from `scripts/probe_qmatmul.py`):
   matrix every step.
 - More rows (long prefills), quantized: the kernel dequantizes to f32 (bit-exact, threaded),
   then XLA's GEMM; dense: XLA's GEMM directly. Prefill is compute-bound; the GEMM dominates.
+- Quantized weights on a GPU: the Pallas (Triton) kernel in `pallas_qmatmul.py`, which forms
+  weights tile by tile in registers and never writes the f32 matrix to HBM.
 - No kernel (not CPU, no g++ or AVX-512, WOOLLY_QMATMUL_KERNEL=0): dequantize in XLA, then
   `x @ W.T`. Correct everywhere, but quantized decode is then several times slower than dense.
 
@@ -167,6 +169,11 @@ def resident_nbytes(w) -> int:
 def linear(x: jax.Array, w) -> jax.Array:
     """x [..., I] times w [O, I] transposed -> [..., O], for a dense or quantized w."""
     lead, I = x.shape[:-1], x.shape[-1]
+    if isinstance(w, QuantizedWeight) and jax.default_backend() == "gpu" and cpu_kernels.in_use():
+        from woolly.ops.pallas_qmatmul import pallas_linear, pallas_supported   # imports this module
+
+        if pallas_supported(w, I):
+            return pallas_linear(x, w)   # codes stay codes in GPU memory (woolly/ops/pallas_qmatmul.py)
     rows = int(np.prod(lead)) if lead else 1
     O = w.shape[0]
     max_rows = KERNEL_MAX_ROWS if isinstance(w, QuantizedWeight) else KERNEL_MAX_ROWS_DENSE
