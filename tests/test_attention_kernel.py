@@ -179,3 +179,31 @@ def test_smollm2_greedy_tokens_unchanged(smollm2_path, monkeypatch):
     _, got = _greedy(runner, prompt, 4, use_kernel=True)
     _, want = _greedy(runner, prompt, 4, use_kernel=False)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * float(np.abs(want).max()))
+
+
+# -- the f16 / bf16 cache write ------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_half_precision_cache_write(dtype):
+    """The in-place kernel write rounds exactly as astype (to nearest even), drops position -1,
+    and serves prefill (T > 1) too."""
+    from woolly.ops.attention import write_cache
+
+    B, K, S_, H, T = 3, 2, 24, 32, 5
+    rng = np.random.default_rng(11)
+    cache = jnp.asarray(rng.standard_normal((B, K, S_, H)), dtype)
+    new = rng.standard_normal((B, T, K, H)).astype(np.float32) * 3
+    new[0, 0, 0, :3] = [np.nan, np.inf, 1 + 2 ** -9]   # a NaN, an infinity, a tie to even (bf16)
+    new = jnp.asarray(new)
+    positions = jnp.asarray([[0, 1, 2, -1, -1], [-1, -1, -1, -1, -1], [S_ - 1, 7, 3, 4, S_]], jnp.int32)
+    fn = jax.jit(write_cache)
+    assert "woolly_cache_write" in fn.lower(cache, new, positions).as_text()
+    got = np.asarray(fn(cache, new, positions))
+    want = np.asarray(attention._write_reference(cache, new, positions))
+    np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
+    one = jax.jit(write_cache)(cache, new[:, :1], positions[:, :1])     # the decode shape
+    np.testing.assert_array_equal(np.asarray(one).view(np.uint16),
+                                  np.asarray(attention._write_reference(cache, new[:, :1], positions[:, :1])).view(np.uint16))
+    g = jax.grad(lambda n: jnp.sum(write_cache(cache, n, positions).astype(jnp.float32)))(new)
+    g_ref = jax.grad(lambda n: jnp.sum(attention._write_reference(cache, n, positions).astype(jnp.float32)))(new)
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(g_ref))
+    assert float(g.sum()) == 7 * K * H   # the rows written: 3 of slot 0, 4 of slot 2 (position S is dropped)

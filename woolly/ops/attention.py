@@ -28,6 +28,10 @@ def write_cache(cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.A
     every step, measured); a two-index scatter stays in place.
     """
     B, K, S, H = cache.shape
+    if cache.dtype in (jnp.float16, jnp.bfloat16) and H % 16 == 0 and _kernel_ready():
+        # XLA:CPU has no 16-bit float scatter: it converts the whole cache to f32 and back every
+        # step (even a bitcast to uint16 is a copy there). The kernel writes the rows in place.
+        return _kernel_write(cache, new.astype(jnp.float32), positions.astype(jnp.int32))
     rows = jnp.where(positions >= 0, positions, S)                                      # [B, T]; S: dropped
     slot = jnp.broadcast_to(jnp.arange(B, dtype=rows.dtype)[:, None], rows.shape)       # [B, T]
     new = new.astype(cache.dtype)                                                       # [B, T, K, H]
@@ -69,6 +73,8 @@ def attend(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, mask: jax.Array
 # Decode attention (T == 1) through the CPU kernel (kernels/attention.cc).
 
 _TARGET = "woolly_decode_attention"
+_WRITE_TARGET = "woolly_cache_write"
+KERNEL_TARGETS = (_TARGET, _WRITE_TARGET)   # the FFI targets this module may put in a trace
 # Below this much work (live rows x K x H x (G + 1)) the kernel stays on the calling thread:
 # handing tiny chunks to XLA's pool costs more than it saves.
 KERNEL_MIN_PARALLEL = 1 << 18
@@ -78,7 +84,7 @@ USE_KERNEL = True
 
 def kernel_available() -> bool:
     """Whether the decode-attention kernel is built and registered (builds it on first call)."""
-    return cpu_kernels.load_kernel("attention", {_TARGET: "WoollyDecodeAttention"})
+    return cpu_kernels.load_kernel("attention", {_TARGET: "WoollyDecodeAttention", _WRITE_TARGET: "WoollyCacheWrite"})
 
 
 def kernel_error() -> str | None:
@@ -86,12 +92,15 @@ def kernel_error() -> str | None:
     return cpu_kernels.kernel_error("attention")
 
 
+def _kernel_ready() -> bool:
+    return USE_KERNEL and jax.default_backend() == "cpu" and cpu_kernels.in_use() and kernel_available()
+
+
 def _use_kernel(q: jax.Array, k_cache: jax.Array) -> bool:
     B, T, N, H = q.shape
     K = k_cache.shape[1]
-    return (USE_KERNEL and T == 1 and H % 16 == 0 and K > 0 and N % K == 0 and N // K <= 64
-            and k_cache.dtype in (jnp.float32, jnp.float16, jnp.bfloat16)
-            and jax.default_backend() == "cpu" and cpu_kernels.in_use() and kernel_available())
+    return (T == 1 and H % 16 == 0 and K > 0 and N % K == 0 and N // K <= 64
+            and k_cache.dtype in (jnp.float32, jnp.float16, jnp.bfloat16) and _kernel_ready())
 
 
 def _kernel_call(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, positions: jax.Array,
@@ -133,3 +142,30 @@ def decode_attend(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, position
     if _use_kernel(q, k_cache):
         return _kernel_attend(q, k_cache, v_cache, positions, int(window), float(scale)).astype(q.dtype)
     return attend(q, k_cache, v_cache, attention_mask(positions, k_cache.shape[2], window), scale)
+
+
+def _write_call(cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
+    call = jax.ffi.ffi_call(_WRITE_TARGET, jax.ShapeDtypeStruct(cache.shape, cache.dtype),
+                            input_output_aliases={0: 0}, vmap_method="sequential")
+    return call(cache, new, positions)
+
+
+def _write_reference(cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
+    B, K, S, H = cache.shape
+    rows = jnp.where(positions >= 0, positions, S)
+    slot = jnp.broadcast_to(jnp.arange(B, dtype=rows.dtype)[:, None], rows.shape)
+    return cache.at[slot, :, rows].set(new.astype(cache.dtype), mode="drop")
+
+
+@jax.custom_jvp
+def _kernel_write(cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
+    """f16/bf16 cache write in place through the kernel; the tangent is the jnp scatter's."""
+    return _write_call(cache, new, positions)
+
+
+@_kernel_write.defjvp
+def _kernel_write_jvp(primals, tangents):
+    cache, new, positions = primals
+    dc, dn = tangents[:2]
+    _, dout = jax.jvp(lambda c, n: _write_reference(c, n, positions), (cache, new), (dc, dn))
+    return _write_call(cache, new, positions), dout

@@ -6,6 +6,9 @@
 // (slot, kv head) are cut into chunks, each chunk one pass with an online softmax over blocks
 // of 16 rows (its K rows once, its V rows once); the chunks' partial (max, sum, acc) are then
 // merged. Chunks run on the calling thread and XLA's intra-op pool (qmatvec.cc's pattern).
+// Also the cache write for f16/bf16 caches (XLA:CPU has no 16-bit float scatter and would
+// convert the whole cache to f32 and back every step): new f32 [B, T, K, H] rounded to
+// nearest even into rows positions [B, T] of the cache, in place (the result aliases it).
 #if !defined(__AVX512F__)
 #error "woolly attention kernel needs AVX-512F"
 #endif
@@ -348,6 +351,56 @@ static ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32
   }
   return ffi::Error::Success();
 }
+
+static ffi::Error CacheWriteImpl(ffi::AnyBuffer cache, ffi::Buffer<ffi::F32> nw, ffi::Buffer<ffi::S32> pos,
+                                 ffi::Result<ffi::AnyBuffer> out) {
+  auto cd = cache.dimensions();
+  auto nd = nw.dimensions();
+  if (cd.size() != 4 || nd.size() != 4 || nd[0] != cd[0] || nd[2] != cd[1] || nd[3] != cd[3] ||
+      pos.element_count() != nd[0] * nd[1] || cd[3] % 16 != 0)
+    return ffi::Error::InvalidArgument("woolly_cache_write: cache [B, K, S, H], new [B, T, K, H], positions [B, T]");
+  const auto dt = cache.element_type();
+  if (dt != ffi::DataType::F16 && dt != ffi::DataType::BF16)
+    return ffi::Error::InvalidArgument("woolly_cache_write: f16 or bf16 cache expected");
+  const int64_t B = cd[0], K = cd[1], S = cd[2], H = cd[3], T = nd[1];
+  uint16_t* c = static_cast<uint16_t*>(out->untyped_data());
+  if (out->untyped_data() != cache.untyped_data())  // not aliased after all: start from a copy
+    std::memcpy(c, cache.untyped_data(), sizeof(uint16_t) * B * K * S * H);
+  const float* x = nw.typed_data();
+  const int32_t* p = pos.typed_data();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t s = p[b * T + t];
+      if (s < 0 || s >= S) continue;
+      for (int64_t k = 0; k < K; ++k) {
+        const float* src = x + ((b * T + t) * K + k) * H;
+        uint16_t* dst = c + ((b * K + k) * S + s) * H;
+        for (int64_t h = 0; h < H; h += 16) {
+          const __m512 v = _mm512_loadu_ps(src + h);
+          __m256i r;
+          if (dt == ffi::DataType::F16) {
+            r = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+          } else {  // bf16, round to nearest even; NaN stays a (quiet) NaN
+            const __m512i u = _mm512_castps_si512(v);
+            const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+            __m512i rr = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+            const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+            rr = _mm512_mask_mov_epi32(rr, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
+            r = _mm512_cvtepi32_epi16(rr);
+          }
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + h), r);
+        }
+      }
+    }
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(WoollyCacheWrite, CacheWriteImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::AnyBuffer>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(WoollyDecodeAttention, DecodeAttentionImpl,
                               ffi::Ffi::Bind()
