@@ -1,5 +1,5 @@
 """Compile counting: prompt lengths within a bucket and decode steps never recompile, and a second
-process with the persistent compilation cache compiles nothing."""
+process with the persistent compilation cache compiles nothing and traces no entry point."""
 from __future__ import annotations
 
 import json
@@ -72,7 +72,8 @@ from woolly.runtime import Runner
 runner = Runner(Model.from_file({path!r}), slots=2, cache_length=64)
 workload(runner, np.random.default_rng(0), prompt_lengths=[17, 30], decode_steps=3)
 from test_runtime_compiles import CACHE_HIT, COMPILE_EVENT
-print(json.dumps([events.count(COMPILE_EVENT), events.count(CACHE_HIT)]))
+from woolly.runtime import aot
+print(json.dumps([events.count(COMPILE_EVENT), events.count(CACHE_HIT), aot.stats["exported"], aot.stats["loaded"]]))
 """
 
 
@@ -80,11 +81,16 @@ def test_second_process_compiles_nothing(tmp_path):
     path = write_tiny_model(tmp_path / "tiny.gguf", arch="llama", qtype="Q4_K")
     env = dict(os.environ, WOOLLY_COMPILE_CACHE=str(tmp_path / "jax-cache"))
     script = CHILD.format(tests=str(Path(__file__).parent), path=str(path))
-    counts = []
+    counts, lowerings = [], []
     for _ in range(2):
         out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stderr[-2000:]
-        executables, loaded = json.loads(out.stdout.strip().splitlines()[-1])
+        executables, loaded, exported, read_back = json.loads(out.stdout.strip().splitlines()[-1])
         counts.append(executables - loaded)   # compiled, not loaded from the disk cache
-    print(f"XLA compiles: first process {counts[0]}, second process {counts[1]}")
+        lowerings.append((exported, read_back))
+    print(f"XLA compiles: first process {counts[0]}, second process {counts[1]}; "
+          f"entry-point lowerings (exported, read back): {lowerings}")
     assert counts[0] > 0 and counts[1] == 0
+    # prefill, decode_step, generate: traced and exported by the first process only (aot.py)
+    assert lowerings[0][0] >= 3 and lowerings[0][1] == 0
+    assert lowerings[1] == (0, lowerings[0][0])

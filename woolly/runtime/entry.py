@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from woolly.models import KVCache, forward_hidden, output_logits
+from woolly.runtime.aot import Exported
 from woolly.runtime.cache import new_cache
 from woolly.runtime.sampling import SamplingParams, push_recent, sample, slot_keys
 
@@ -129,3 +130,12 @@ read_slot = jax.jit(_slot_rows)
 
 write_slot = jax.jit(_put_slot_rows, donate_argnums=(0,))
 """Write rows ([1, K, S, H] per layer) into slot `slot` of the cache, in place."""
+
+
+# The decode path's entry points, traced once per machine rather than once per process: a new
+# process loads their exported lowering (woolly/runtime/aot.py) and goes straight to the
+# compile cache. Same arguments, same donation (the cache, argument 1).
+prefill = Exported(prefill, "prefill", donate_argnums=(1,))
+decode_step = Exported(decode_step, "decode_step", donate_argnums=(1,))
+decode_and_sample = Exported(decode_and_sample, "decode_and_sample", donate_argnums=(1,))
+generate = Exported(generate, "generate", donate_argnums=(1,), static_argnames=("cfg", "max_new"))
