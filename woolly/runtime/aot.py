@@ -94,7 +94,7 @@ class Exported:
         self.static_argnames = frozenset(static_argnames)
         self._calls: dict = {}   # in-memory signature -> jitted exported call
         self.__doc__ = jitted.__doc__
-        self.__wrapped__ = jitted
+        self.__wrapped__ = getattr(jitted, "__wrapped__", jitted)   # the Python function, as jax.jit's
 
     def _cache_size(self) -> int:
         """Executables behind this entry point (as `jax.jit`'s own `_cache_size`)."""
