@@ -96,6 +96,11 @@ class Exported:
         self.__doc__ = jitted.__doc__
         self.__wrapped__ = getattr(jitted, "__wrapped__", jitted)   # the Python function, as jax.jit's
 
+    def __getattr__(self, name):   # lower, trace, eval_shape, ...: the jitted function's own
+        if name == "jitted":
+            raise AttributeError(name)
+        return getattr(self.jitted, name)
+
     def _cache_size(self) -> int:
         """Executables behind this entry point (as `jax.jit`'s own `_cache_size`)."""
         return len(self._calls) + self.jitted._cache_size()
