@@ -23,6 +23,7 @@ import warnings
 from pathlib import Path
 
 import jax
+import numpy as np
 
 from woolly.models.base import KVCache
 from woolly.ops import attention, cpu_kernels, qmatmul
@@ -76,8 +77,10 @@ def _kernels() -> dict:
 
 
 def _single_device(leaves) -> bool:
-    """Every argument a concrete array on one device (not a tracer, not sharded)."""
+    """Every argument a host array or a concrete array on one device (not a tracer, not sharded)."""
     for x in leaves:
+        if isinstance(x, np.ndarray):
+            continue
         if isinstance(x, jax.core.Tracer) or not isinstance(x, jax.Array):
             return False
         s = getattr(x, "sharding", None)
@@ -110,7 +113,7 @@ class Exported:
         if (not enabled() or not cpu_kernels.in_use() or not static.keys() <= self.static_argnames
                 or not _single_device(leaves)):
             return self.jitted(*args, **static)
-        sig = (tree, tuple((x.shape, x.dtype, x.weak_type) for x in leaves),
+        sig = (tree, tuple((x.shape, x.dtype, getattr(x, "weak_type", False)) for x in leaves),
                tuple(sorted((k, v) for k, v in static.items())), tuple(sorted(_kernels().items())))
         call = self._calls.get(sig)
         if call is None:

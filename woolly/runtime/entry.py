@@ -11,6 +11,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from woolly.models import KVCache, forward_hidden, output_logits
 from woolly.runtime.aot import Exported
@@ -56,6 +57,33 @@ def decode_and_sample(params, cache: KVCache, tokens: jax.Array, positions: jax.
     counter i32 [B]); recent [B, W] is the penalty window -> (next tokens i32 [B], logits [B, V], cache)."""
     logits, cache = decode_logits(params, cache, tokens, positions, cfg)
     return sample(logits, slot_keys(seeds, counters), sampling, recent), logits, cache
+
+
+SAMPLING_FLOATS = ("temperature", "top_p", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty")
+
+
+def pack_step(tokens, positions, seeds, counters, sampling: dict, recent) -> tuple[np.ndarray, np.ndarray]:
+    """A decode step's per-slot host inputs as two arrays, so a step costs two host->device copies,
+    not thirteen: ints i32 [B, 5 + W] (token, position, seed bits, counter, top_k, recent window
+    [W]) and floats f32 [B, 6] (SAMPLING_FLOATS)."""
+    B = len(tokens)
+    ints = np.empty((B, 5 + recent.shape[1]), np.int32)
+    ints[:, 0], ints[:, 1], ints[:, 3], ints[:, 4] = tokens, positions, counters, sampling["top_k"]
+    ints[:, 2] = np.asarray(seeds, np.uint32).view(np.int32)
+    ints[:, 5:] = recent
+    floats = np.stack([np.asarray(sampling[k], np.float32) for k in SAMPLING_FLOATS], axis=1)
+    return ints, floats
+
+
+@partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
+def decode_and_sample_packed(params, cache: KVCache, ints: jax.Array, floats: jax.Array, cfg):
+    """`decode_and_sample` with its inputs packed by `pack_step` -> (next tokens i32 [B], logits [B, V], cache)."""
+    sampling = SamplingParams(temperature=floats[:, 0], top_k=ints[:, 4], top_p=floats[:, 1], min_p=floats[:, 2],
+                              repeat_penalty=floats[:, 3], presence_penalty=floats[:, 4],
+                              frequency_penalty=floats[:, 5])
+    seeds = jax.lax.bitcast_convert_type(ints[:, 2], jnp.uint32)
+    logits, cache = decode_logits(params, cache, ints[:, 0], ints[:, 1], cfg)
+    return sample(logits, slot_keys(seeds, ints[:, 3]), sampling, ints[:, 5:]), logits, cache
 
 
 @partial(jax.jit, static_argnames=("cfg", "max_new"), donate_argnames=("cache",))
@@ -138,4 +166,5 @@ write_slot = jax.jit(_put_slot_rows, donate_argnums=(0,))
 prefill = Exported(prefill, "prefill", donate_argnums=(1,))
 decode_step = Exported(decode_step, "decode_step", donate_argnums=(1,))
 decode_and_sample = Exported(decode_and_sample, "decode_and_sample", donate_argnums=(1,))
+decode_and_sample_packed = Exported(decode_and_sample_packed, "decode_and_sample_packed", donate_argnums=(1,))
 generate = Exported(generate, "generate", donate_argnums=(1,), static_argnames=("cfg", "max_new"))

@@ -170,6 +170,11 @@ class Runner:
              sampling: dict, recent: np.ndarray, want_logits: bool = False):
         """One batched decode step with per-slot sampling -> (next tokens i32 [B] on host,
         logits [B, V] on device when `want_logits`, else None)."""
+        if self.mesh is None:   # one device: the inputs in two arrays, two host->device copies
+            ints, floats = entry.pack_step(tokens, positions, seeds, counters, sampling, recent)
+            out, logits, self.cache = entry.decode_and_sample_packed(self.params, self.cache, ints, floats,
+                                                                     cfg=self.cfg)
+            return np.asarray(out), (logits if want_logits else None)
         params = SamplingParams(**{k: jnp.asarray(sampling[k]) for k in SamplingParams._fields})
         out, logits, self.cache = self._entry.decode_and_sample(
             self.params, self.cache, jnp.asarray(tokens, jnp.int32), jnp.asarray(positions, jnp.int32),
