@@ -133,6 +133,7 @@ def test_real_greedy_tensor_parallel_equals_one_device(name):
     facts = run_child("real", str(resolve_model_path(name)))
     print(name, facts)
     assert facts["equal"] == {"2": True, "4": True}
+    assert facts["logprob_err"] < 1e-3
 
 
 # -- the child ---------------------------------------------------------------------------------------
@@ -307,6 +308,15 @@ def child_real(path: str) -> dict:
             facts[f"tp{tp}"] = [tok.decode(g) for g in got]
     facts["one"] = [tok.decode(g) for g in one]
     facts["heads_split_at_4"] = [q, kv]
+
+    # Log-probs of 4 chunks (perplexity's measure) on a 2 x 2 mesh: rows over "data", heads and MLP over "model".
+    t0 = time.time()
+    ids = tok.tokenize("The quick brown fox jumps over the lazy dog. " * 16)[:128]
+    chunks = np.array(ids, np.int32).reshape(4, 32)
+    want = Runner(model, params=params, slots=1, cache_length=32).token_logprobs(chunks)
+    got = Runner(model, params=params, slots=4, cache_length=32, mesh=sharding.make_mesh(2, 2)).token_logprobs(chunks)
+    facts["logprob_err"] = float(np.abs(got - want).max())
+    facts["seconds"]["logprobs 2x2"] = round(time.time() - t0, 1)
     return facts
 
 
