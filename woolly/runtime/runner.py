@@ -36,7 +36,11 @@ class Runner:
         self.cfg = model.config
         self.residency = residency
         self.mesh = mesh
-        params = params if params is not None else load_params(model, residency)
+        if params is None and mesh is not None:   # whole on the host first: the model need not fit one device
+            with jax.default_device(jax.local_devices(backend="cpu")[0]):
+                params = load_params(model, residency)
+        elif params is None:
+            params = load_params(model, residency)
         if mesh is None:
             self._entry = entry          # the single-device entry points (with the CPU kernels)
         else:
