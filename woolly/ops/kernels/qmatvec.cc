@@ -334,17 +334,24 @@ static inline void q8_rows(const Q8Job& J, int64_t p, int64_t r0) {
   }
 }
 
+// Weight rows [a, z) in tiles small enough to stay in L1/L2 while every block of up to 8
+// activation rows passes over them (a tile is read from memory once, whatever R is).
 template <int KIND, int SUB, bool BIAS>
 static void q8_range(const Q8Job& J, int64_t a, int64_t z) {
-  int64_t r = 0;
-  auto go = [&](auto rb) {
-    constexpr int RB = decltype(rb)::value;
-    for (int64_t p = a; p < z; ++p) q8_rows<KIND, SUB, BIAS, RB>(J, p, r);
-    r += RB;
-  };
-  while (J.R - r >= 4) go(std::integral_constant<int, 4>());
-  if (J.R - r >= 2) go(std::integral_constant<int, 2>());
-  if (J.R - r >= 1) go(std::integral_constant<int, 1>());
+  const int64_t tile = J.I <= 1024 ? 32 : 16;
+  for (int64_t t0 = a; t0 < z; t0 += tile) {
+    const int64_t t1 = t0 + tile < z ? t0 + tile : z;
+    int64_t r = 0;
+    auto go = [&](auto rb) {
+      constexpr int RB = decltype(rb)::value;
+      for (int64_t p = t0; p < t1; ++p) q8_rows<KIND, SUB, BIAS, RB>(J, p, r);
+      r += RB;
+    };
+    while (J.R - r >= 8) go(std::integral_constant<int, 8>());
+    if (J.R - r >= 4) go(std::integral_constant<int, 4>());
+    if (J.R - r >= 2) go(std::integral_constant<int, 2>());
+    if (J.R - r >= 1) go(std::integral_constant<int, 1>());
+  }
 }
 
 using Q8Fn = void (*)(const Q8Job&, int64_t, int64_t);
