@@ -8,7 +8,9 @@ jnp attention over the whole cache: `--no-attention-kernel`, or `--xla` for no C
 at all) it does.
 
     .venv/bin/python scripts/probe_attention.py [--model PATH] [--runs 3] [--lengths 256,1024]
-        [--slots 1,8] [--no-attention-kernel | --xla] [--dtype f32|bf16|f16]
+        [--slots 1,8] [--no-attention-kernel | --xla | --paired ROUNDS] [--dtype f32|bf16|f16]
+
+`--paired 10`: before and after in one process, alternating, for a machine shared with others.
 """
 from __future__ import annotations
 
@@ -51,6 +53,40 @@ def time_decode(runner: Runner, slots: int, steps: int, runs: int) -> float:
     return best
 
 
+def paired(runner: Runner, slots: int, steps: int, rounds: int) -> tuple[float, float]:
+    """Before and after in one process: two decode steps, traced with the masked jnp attention
+    and with the kernel, timed in alternating blocks of `steps` (so both see the same load on a
+    shared machine) -> best block's ms/step for (jnp, kernel)."""
+    from woolly.runtime import entry
+
+    fns, caches = [], []
+    for use in (False, True):
+        attention.USE_KERNEL = use
+        f = jax.jit(lambda p, c, t, q: entry.decode_logits(p, c, t, q, runner.cfg), donate_argnums=(1,))
+        cache = new_cache(runner.cfg, slots, runner.cache_length, runner.cache.k[0].dtype)
+        runner.cache = cache
+        runner.prefill(list(range(1, 20)), slot=0).block_until_ready()
+        tokens = jnp.full((slots,), 5, jnp.int32)
+        positions = np.full(slots, -1, np.int32)
+        positions[0] = 19
+        out, cache = f(runner.params, runner.cache, tokens, jnp.asarray(positions))   # trace now, with `use`
+        out.block_until_ready()
+        fns.append(f)
+        caches.append(cache)
+    attention.USE_KERNEL = True
+    best = [float("inf"), float("inf")]
+    for r in range(rounds):
+        for v in (0, 1):
+            positions = np.full(slots, -1, np.int32)
+            t0 = time.perf_counter()
+            for i in range(steps):
+                positions[0] = 20 + i
+                out, caches[v] = fns[v](runner.params, caches[v], tokens, jnp.asarray(positions))
+                out.block_until_ready()
+            best[v] = min(best[v], (time.perf_counter() - t0) / steps * 1e3)
+    return best[0], best[1]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=os.path.expanduser("~/.cache/woolly/models/smollm2-135m-instruct.gguf"))
@@ -61,6 +97,8 @@ def main() -> None:
     ap.add_argument("--xla", action="store_true", help="trace without the C++ kernels (matmul ones too)")
     ap.add_argument("--no-attention-kernel", action="store_true",
                     help="decode attention through the masked jnp attend (the matmul kernel stays)")
+    ap.add_argument("--paired", type=int, default=0, metavar="ROUNDS",
+                    help="time jnp attention and the kernel in one process, alternating blocks, ROUNDS rounds")
     ap.add_argument("--dtype", default="f32", choices=sorted(DTYPES))
     args = ap.parse_args()
     if args.no_attention_kernel:
@@ -77,6 +115,11 @@ def main() -> None:
                 runner = Runner(model, residency="quantized", slots=slots, cache_length=S, params=params)
                 params = runner.params
                 runner.cache = new_cache(runner.cfg, slots, runner.cache_length, DTYPES[args.dtype])
+                if args.paired:
+                    before, after = paired(runner, slots, args.steps, args.paired)
+                    print(f"slots={slots} (1 active)  S={S:5d}  jnp {before:6.2f}  kernel {after:6.2f} ms/step"
+                          f"  ({before / after:.2f}x)", flush=True)
+                    continue
                 ms = time_decode(runner, slots, args.steps, args.runs)
                 print(f"slots={slots} (1 active)  S={S:5d}  {ms:6.2f} ms/step", flush=True)
 
