@@ -185,3 +185,21 @@ def test_quantized_residency_under_twice_the_file(name):
     file_size = m.metadata.file_size
     print(f"{name}: resident {total / 1e6:.1f} MB, file {file_size / 1e6:.1f} MB, ratio {total / file_size:.2f}")
     assert total <= 2 * file_size
+
+
+def test_zero_rows_are_skipped_exactly(path, activations):
+    """Rows of x that are all zero (idle slots, padding) give zero rows; the others are as if alone."""
+    rng = np.random.default_rng(9)
+    for qtype, residency in ((Q.Q4_1, "quantized"), (Q.Q8_0, "quantized"), (Q.Q4_K, "dense")):
+        shape = (64, 256)
+        raw = random_raw(qtype, shape, seed=3)
+        w = qm.prepare_weight(raw, qtype, shape, residency)
+        x = rng.standard_normal((8, 256)).astype(np.float32)
+        x[[1, 2, 5, 7]] = 0.0
+        f = jax.jit(qm.linear)
+        y = np.asarray(f(x, w))
+        assert not y[[1, 2, 5, 7]].any()
+        for r in (0, 3, 4, 6):
+            alone = np.asarray(f(x[r:r + 1], w))[0]
+            np.testing.assert_allclose(y[r], alone, rtol=1e-5, atol=1e-5 * np.abs(alone).max())
+        assert not np.asarray(f(np.zeros((3, 256), np.float32), w)).any()

@@ -76,12 +76,16 @@ def gated_mlp(lp: dict, x: jax.Array, activation: Callable[[jax.Array], jax.Arra
 def hidden_states(arch: Architecture, params: dict, tokens: jax.Array, positions: jax.Array,
                   cache: KVCache, cfg: ModelConfig) -> tuple[jax.Array, KVCache]:
     """tokens [B, T] at positions [B, T] (-1: padding) -> final-normed states [B, T, D], new cache."""
-    x = embed_rows(params["embed"], tokens).astype(jnp.float32)                         # [B, T, D]
+    # Padding and idle slots (position -1) keep an exactly zero hidden state, so the CPU matvec
+    # kernel skips their rows (an 8-slot step with one live sequence costs about one row).
+    live = (positions >= 0)[..., None].astype(jnp.float32)                              # [B, T, 1]
+    x = embed_rows(params["embed"], tokens).astype(jnp.float32) * live                  # [B, T, D]
     if cfg.embed_scale != 1.0:
         x = x * jnp.float32(cfg.embed_scale)
     ks, vs = [], []
     for i, lp in enumerate(params["layers"]):
         x, k, v = arch.block(lp, x, positions, cache.k[i], cache.v[i], cfg, i)
+        x = x * live
         ks.append(k)
         vs.append(v)
     return rms_norm(x, params["output_norm"], cfg.rms_eps), KVCache(tuple(ks), tuple(vs))

@@ -7,6 +7,7 @@
 #if !defined(__AVX512F__) || !defined(__AVX512BW__)
 #error "woolly qmatvec kernel needs AVX-512 (F, BW)"
 #endif
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <memory>
@@ -385,6 +386,48 @@ struct Q8Shared {
 
 }  // namespace
 
+// y [R, O] = x [R, I] @ w.T for rows that are all live (see QMatVecImpl).
+static ffi::Error matvec_rows(ffi::ThreadPool& pool, const float* x, const void* q, const float* s, const float* b,
+                              float* y, int64_t R, int64_t I, int64_t O, int64_t kind, int64_t sub, int64_t off,
+                              bool bias, int64_t min_par, int64_t act) {
+  const bool par = O * I * (R < 8 ? R : 8) >= min_par;
+#ifdef WOOLLY_Q8
+  if (act == 1 && kind != 2 && I % 64 == 0) {
+    auto qp = std::make_shared<Q8Shared>();
+    qp->fn = pick_q8(kind, sub, bias);
+    if (qp->fn == nullptr) return ffi::Error::InvalidArgument("woolly_qmatvec: unsupported kind/sub");
+    const int64_t nsub = I / sub, nsp = (nsub + 15) / 16 * 16;
+    qp->xq.resize(R * I);
+    qp->dxv.resize(R * (I / 64) * 16);
+    qp->xs.resize(R * nsp);
+    quantize_x(x, R, I, (int)sub, qp->xq.data(), qp->dxv.data(), qp->xs.data(), nsp);
+    qp->job = Q8Job{qp->xq.data(), qp->dxv.data(), qp->xs.data(), static_cast<const uint8_t*>(q), s,
+                    bias ? b : nullptr, y, R, I, O, nsub, nsp, kind == 0 ? off + 128 : off};
+    qp->total = kind == 1 ? O / 2 : O;
+    run_parallel(pool, qp, par);
+    return ffi::Error::Success();
+  }
+#endif
+  RangeFn fn = pick(kind, sub, bias);
+  if (fn == nullptr) return ffi::Error::InvalidArgument("woolly_qmatvec: unsupported kind/sub");
+  auto sp = std::make_shared<Shared>();
+  sp->job = Job{x, static_cast<const uint8_t*>(q), s, bias ? b : nullptr, y, R, I, O, off};
+  sp->fn = fn;
+  sp->total = kind == 1 ? O / 2 : O;
+  run_parallel(pool, sp, par);
+  return ffi::Error::Success();
+}
+
+static bool row_is_zero(const float* xr, int64_t I) {
+  __mmask16 any = 0;
+  for (int64_t e = 0; e < I; e += 16)
+    any |= _mm512_cmpneq_ps_mask(_mm512_loadu_ps(xr + e), _mm512_setzero_ps());
+  return any == 0;
+}
+
+// Rows of x that are exactly zero (an idle slot, prompt padding: the model keeps their hidden
+// state at zero) have zero outputs, so they are skipped: the live rows are multiplied as a
+// compact block and the rest of y is zero. An 8-slot step with one live slot costs one row.
 static ffi::Error QMatVecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q,
                               ffi::Buffer<ffi::F32> s, ffi::Buffer<ffi::F32> b,
                               ffi::ResultBuffer<ffi::F32> y, int64_t kind, int64_t sub, int64_t off,
@@ -402,33 +445,25 @@ static ffi::Error QMatVecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi
       return ffi::Error::InvalidArgument("woolly_qmatvec: bad scale shape or sub-block");
   }
   if (R == 0 || O == 0) return ffi::Error::Success();
-  const bool par = O * I * (R < 8 ? R : 8) >= min_par;
-#ifdef WOOLLY_Q8
-  if (act == 1 && kind != 2 && I % 64 == 0) {
-    auto qp = std::make_shared<Q8Shared>();
-    qp->fn = pick_q8(kind, sub, has_bias != 0);
-    if (qp->fn == nullptr) return ffi::Error::InvalidArgument("woolly_qmatvec: unsupported kind/sub");
-    const int64_t nsub = I / sub, nsp = (nsub + 15) / 16 * 16;
-    qp->xq.resize(R * I);
-    qp->dxv.resize(R * (I / 64) * 16);
-    qp->xs.resize(R * nsp);
-    quantize_x(x.typed_data(), R, I, (int)sub, qp->xq.data(), qp->dxv.data(), qp->xs.data(), nsp);
-    qp->job = Q8Job{qp->xq.data(), qp->dxv.data(), qp->xs.data(), static_cast<const uint8_t*>(q.untyped_data()),
-                    s.typed_data(), has_bias ? b.typed_data() : nullptr, y->typed_data(), R, I, O, nsub, nsp,
-                    kind == 0 ? off + 128 : off};
-    qp->total = kind == 1 ? O / 2 : O;
-    run_parallel(pool, qp, par);
-    return ffi::Error::Success();
-  }
-#endif
-  RangeFn fn = pick(kind, sub, has_bias != 0);
-  if (fn == nullptr) return ffi::Error::InvalidArgument("woolly_qmatvec: unsupported kind/sub");
-  auto sp = std::make_shared<Shared>();
-  sp->job = Job{x.typed_data(), static_cast<const uint8_t*>(q.untyped_data()), s.typed_data(),
-                has_bias ? b.typed_data() : nullptr, y->typed_data(), R, I, O, off};
-  sp->fn = fn;
-  sp->total = kind == 1 ? O / 2 : O;
-  run_parallel(pool, sp, par);
+  const float* xp = x.typed_data();
+  float* yp = y->typed_data();
+  const bool bias = has_bias != 0;
+  std::vector<int64_t> live;
+  live.reserve(R);
+  for (int64_t r = 0; r < R; ++r)
+    if (!row_is_zero(xp + r * I, I)) live.push_back(r);
+  const int64_t L = (int64_t)live.size();
+  if (L == R)
+    return matvec_rows(pool, xp, q.untyped_data(), s.typed_data(), b.typed_data(), yp, R, I, O, kind, sub, off,
+                       bias, min_par, act);
+  std::fill(yp, yp + R * O, 0.f);
+  if (L == 0) return ffi::Error::Success();
+  std::vector<float> xc(L * I), yc(L * O);
+  for (int64_t j = 0; j < L; ++j) std::copy(xp + live[j] * I, xp + (live[j] + 1) * I, xc.data() + j * I);
+  ffi::Error err = matvec_rows(pool, xc.data(), q.untyped_data(), s.typed_data(), b.typed_data(), yc.data(), L, I,
+                               O, kind, sub, off, bias, min_par, act);
+  if (err.failure()) return err;
+  for (int64_t j = 0; j < L; ++j) std::copy(yc.data() + j * O, yc.data() + (j + 1) * O, yp + live[j] * O);
   return ffi::Error::Success();
 }
 
