@@ -60,8 +60,12 @@ class EngineConfig:
             return self.mesh
         if self.tensor_parallel == 1 and self.data_parallel == 1:
             return None
+        import jax
+
         from woolly.runtime.sharding import make_mesh
-        mesh = make_mesh(self.tensor_parallel, self.data_parallel)
+        # This process's own devices: each process of a multi-host cluster runs its own engine
+        # (a mesh over every host's devices would need the processes to step in lockstep).
+        mesh = make_mesh(self.tensor_parallel, self.data_parallel, devices=jax.local_devices())
         return None if mesh.size == 1 else mesh
 
     @classmethod

@@ -122,7 +122,7 @@ def _put(x, sharding: NamedSharding) -> jax.Array:
     if sharding.is_fully_addressable:
         return jax.device_put(x, sharding)
     host = np.asarray(x)
-    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx], dtype=host.dtype)
 
 
 def unpack_nibbles(w: QuantizedWeight) -> QuantizedWeight:
@@ -289,4 +289,4 @@ def describe(params: dict, cfg: ModelConfig, mesh: Mesh) -> dict[str, str]:
 
 __all__ = ["DATA", "MODEL", "axis_size", "buffer_sharding", "cache_sharding", "constrain_cache", "describe",
            "entry_points", "layer_plan", "make_mesh", "new_cache", "place_matrix", "prefill_rows", "read_slot_rows", "replicated", "shard_params",
-           "split_heads", "unpack_nibbles", "math"]
+           "split_heads", "unpack_nibbles"]
