@@ -157,3 +157,16 @@ def test_an_unusable_models_directory_is_one_line(tmp_path):
     blocker.write_text("")
     r = run_cli("pull", "smollm2-135m-instruct", env_models=blocker / "models")
     assert_one_line_error(r.returncode, r.stderr, "Not a directory")
+
+
+def test_parallel_settings_from_env_and_yaml(tmp_path):
+    from woolly.config import load_config
+    from woolly.errors import InvalidRequest
+
+    cfg = load_config(env={"WOOLLY_TENSOR_PARALLEL": "2", "WOOLLY_DATA_PARALLEL": "3"})
+    assert (cfg.inference.tensor_parallel, cfg.inference.data_parallel) == (2, 3)
+    y = tmp_path / "w.yaml"
+    y.write_text("inference:\n  tensor_parallel: 4\n")
+    assert load_config(y, env={}).inference.tensor_parallel == 4
+    with pytest.raises(InvalidRequest, match="tensor_parallel"):
+        load_config(env={"WOOLLY_TENSOR_PARALLEL": "0"})

@@ -218,6 +218,8 @@ def cmd_serve(args) -> int:
 
     cfg = load_config(args.config, overrides={("server", "host"): args.host, ("server", "port"): args.port,
                                               ("inference", "residency"): args.residency,
+                                              ("inference", "tensor_parallel"): args.tensor_parallel,
+                                              ("inference", "data_parallel"): args.data_parallel,
                                               **_distributed_overrides(args)})
     _join_cluster(cfg)
     if cfg.models.directory:
@@ -227,6 +229,7 @@ def cmd_serve(args) -> int:
     inf = cfg.inference
     engine = Engine(EngineConfig(max_batch_size=inf.max_batch_size, max_sequence_length=inf.max_sequence_length,
                                  enable_gpu=inf.gpu.enabled, num_threads=inf.cpu.threads, residency=inf.residency,
+                                 tensor_parallel=inf.tensor_parallel, data_parallel=inf.data_parallel,
                                  max_queue=cfg.server.max_queue,
                                  cache_config=CacheConfig(cfg.cache.enabled, cfg.cache.size, cfg.cache.ttl)))
     model = args.model or (cfg.models.preload[0] if cfg.models.preload else cfg.models.default)
@@ -315,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default=None)
     s.add_argument("--port", type=int, default=None)
     s.add_argument("--residency", choices=("dense", "quantized"), default=None)
+    s.add_argument("--tensor-parallel", type=int, default=None, metavar="N",
+                   help="split heads and MLP over N of this process's devices (docs/sharding.md)")
+    s.add_argument("--data-parallel", type=int, default=None, metavar="N", help="split the slots over N devices")
     distributed_flags(s)
     s.set_defaults(func=cmd_serve)
 

@@ -48,6 +48,8 @@ class InferenceSection(msgspec.Struct, forbid_unknown_fields=True):
     max_batch_size: int = 4
     max_sequence_length: int = 2048
     residency: Literal["dense", "quantized"] = "dense"
+    tensor_parallel: int = 1   # devices the heads and MLP are split over (docs/sharding.md)
+    data_parallel: int = 1     # devices the slots are split over
     gpu: Gpu = msgspec.field(default_factory=Gpu)
     cpu: Cpu = msgspec.field(default_factory=Cpu)
 
@@ -108,6 +110,8 @@ ENV_VARS: dict[str, tuple[tuple[str, ...], type]] = {
     "WOOLLY_GPU_ENABLED": (("inference", "gpu", "enabled"), bool),
     "WOOLLY_GPU_LAYERS": (("inference", "gpu", "layers"), int),
     "WOOLLY_CPU_THREADS": (("inference", "cpu", "threads"), int),
+    "WOOLLY_TENSOR_PARALLEL": (("inference", "tensor_parallel"), int),
+    "WOOLLY_DATA_PARALLEL": (("inference", "data_parallel"), int),
     "WOOLLY_LOG_LEVEL": (("logging", "level"), str),
     "WOOLLY_LOG_FORMAT": (("logging", "format"), str),
     "WOOLLY_API_KEY": (("security", "api_keys"), list),
@@ -177,6 +181,8 @@ def load_config(path: str | os.PathLike | None = None, env: dict[str, str] | Non
         raise InvalidRequest(f"server.port {cfg.server.port} is out of range")
     if cfg.inference.max_batch_size < 1 or cfg.inference.max_sequence_length < 16:
         raise InvalidRequest("inference.max_batch_size must be >= 1 and max_sequence_length >= 16")
+    if cfg.inference.tensor_parallel < 1 or cfg.inference.data_parallel < 1:
+        raise InvalidRequest("inference.tensor_parallel and data_parallel must be >= 1")
     check_distributed(cfg.distributed)
     return cfg
 
