@@ -83,7 +83,11 @@ def _sample_from_candidates(logits: jax.Array, keys: jax.Array, params: Sampling
 def sample(logits: jax.Array, keys: jax.Array, params: SamplingParams, recent: jax.Array) -> jax.Array:
     """Next token per slot from logits [B, V] with keys [B] (see `slot_keys`); recent [B, W]
     (-1: empty) feeds the penalties -> i32 [B]."""
-    logits = apply_penalties(logits.astype(jnp.float32), recent, params)
+    logits = logits.astype(jnp.float32)
+    penalized = jnp.any(params.repeat_penalty != 1) | jnp.any(params.presence_penalty != 0) \
+        | jnp.any(params.frequency_penalty != 0)
+    # Penalties off (the default) skip building token counts over the whole vocabulary.
+    logits = jax.lax.cond(penalized, lambda lg: apply_penalties(lg, recent, params), lambda lg: lg, logits)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)                               # [B]
     V = logits.shape[-1]
     few = min(TOP_K_CANDIDATES, V)
