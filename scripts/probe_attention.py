@@ -1,6 +1,6 @@
 """Decode ms/step against the cache length: does decode attention read only the live rows?
 
-SmolLM2 quantized, 19 prompt tokens prefilled into slot 0, then 30 timed one-token decode
+SmolLM2 quantized, 19 prompt tokens (`--prompt`) prefilled into slot 0, then 30 timed one-token decode
 steps (best of `--runs`), for cache lengths 256 and 1024, with 1 slot and with 8 slots of
 which one is active (idle slots at position -1). With the decode-attention kernel the time
 should not grow with the cache length or the idle slots; without it (the masked
@@ -32,22 +32,23 @@ from woolly.ops import attention, cpu_kernels
 from woolly.runtime.cache import new_cache
 from woolly.runtime.runner import Runner
 
+PROMPT = 19   # tokens prefilled before the timed steps (--prompt)
 DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16, "f16": jnp.float16}
 
 
 def time_decode(runner: Runner, slots: int, steps: int, runs: int) -> float:
-    """Best-of-runs ms per decode step with slot 0 active from position 20."""
+    """Best-of-runs ms per decode step with slot 0 active from position PROMPT + 1."""
     best = float("inf")
     for r in range(runs):
         runner.cache = new_cache(runner.cfg, slots, runner.cache_length, runner.cache.k[0].dtype)
-        runner.prefill(list(range(1, 20)), slot=0).block_until_ready()
+        runner.prefill(list(range(1, PROMPT + 1)), slot=0).block_until_ready()
         tokens = np.full(slots, 5, np.int32)
         positions = np.full(slots, -1, np.int32)
-        positions[0] = 19
+        positions[0] = PROMPT
         runner.decode(tokens, positions).block_until_ready()       # compile / warm
         t0 = time.perf_counter()
         for i in range(steps):
-            positions[0] = 20 + i
+            positions[0] = PROMPT + 1 + i
             runner.decode(tokens, positions).block_until_ready()
         best = min(best, (time.perf_counter() - t0) / steps * 1e3)
     return best
@@ -65,10 +66,10 @@ def paired(runner: Runner, slots: int, steps: int, rounds: int) -> tuple[float, 
         f = jax.jit(lambda p, c, t, q: entry.decode_logits(p, c, t, q, runner.cfg), donate_argnums=(1,))
         cache = new_cache(runner.cfg, slots, runner.cache_length, runner.cache.k[0].dtype)
         runner.cache = cache
-        runner.prefill(list(range(1, 20)), slot=0).block_until_ready()
+        runner.prefill(list(range(1, PROMPT + 1)), slot=0).block_until_ready()
         tokens = jnp.full((slots,), 5, jnp.int32)
         positions = np.full(slots, -1, np.int32)
-        positions[0] = 19
+        positions[0] = PROMPT
         out, cache = f(runner.params, runner.cache, tokens, jnp.asarray(positions))   # trace now, with `use`
         out.block_until_ready()
         fns.append(f)
@@ -80,7 +81,7 @@ def paired(runner: Runner, slots: int, steps: int, rounds: int) -> tuple[float, 
             positions = np.full(slots, -1, np.int32)
             t0 = time.perf_counter()
             for i in range(steps):
-                positions[0] = 20 + i
+                positions[0] = PROMPT + 1 + i
                 out, caches[v] = fns[v](runner.params, caches[v], tokens, jnp.asarray(positions))
                 out.block_until_ready()
             best[v] = min(best[v], (time.perf_counter() - t0) / steps * 1e3)
@@ -88,6 +89,7 @@ def paired(runner: Runner, slots: int, steps: int, rounds: int) -> tuple[float, 
 
 
 def main() -> None:
+    global PROMPT
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=os.path.expanduser("~/.cache/woolly/models/smollm2-135m-instruct.gguf"))
     ap.add_argument("--runs", type=int, default=3)
@@ -99,8 +101,10 @@ def main() -> None:
                     help="decode attention through the masked jnp attend (the matmul kernel stays)")
     ap.add_argument("--paired", type=int, default=0, metavar="ROUNDS",
                     help="time jnp attention and the kernel in one process, alternating blocks, ROUNDS rounds")
+    ap.add_argument("--prompt", type=int, default=PROMPT, help="tokens prefilled into slot 0 first")
     ap.add_argument("--dtype", default="f32", choices=sorted(DTYPES))
     args = ap.parse_args()
+    PROMPT = args.prompt
     if args.no_attention_kernel:
         attention.USE_KERNEL = False
     model = Model.from_file(args.model)
