@@ -73,7 +73,7 @@ def _kernels() -> dict:
     """Which kernels a trace would use now; asking also registers their FFI targets, which a
     deserialized module needs before it compiles."""
     return {"qmatvec": qmatmul.kernel_available(), "attention": attention.kernel_available(),
-            "activations": qmatmul.ACTIVATIONS, "in_use": cpu_kernels.in_use()}
+            "attention_on": attention.USE_KERNEL, "activations": qmatmul.ACTIVATIONS, "in_use": cpu_kernels.in_use()}
 
 
 def _single_device(leaves) -> bool:
@@ -137,7 +137,7 @@ class Exported:
         if exp is None:
             try:
                 checks = [jax.export.DisabledSafetyCheck.custom_call(t)
-                          for t in ("woolly_qmatvec", "woolly_dequant", "woolly_decode_attention")]
+                          for t in (qmatmul._TARGET, qmatmul._DEQUANT_TARGET, *attention.KERNEL_TARGETS)]
                 exp = jax.export.export(self.jitted, disabled_checks=checks)(*args, **static)
                 _write_atomic(path, exp.serialize())
                 stats["exported"] += 1

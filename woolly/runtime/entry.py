@@ -27,15 +27,23 @@ def _put_slot_rows(cache: KVCache, rows: KVCache, slot: jax.Array) -> KVCache:
     return jax.tree.map(lambda c, r: jax.lax.dynamic_update_slice_in_dim(c, r, slot, axis=0), cache, rows)
 
 
-@partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
+@partial(jax.jit, static_argnames=("cfg", "kv_len"), donate_argnames=("cache",))
 def prefill(params, cache: KVCache, tokens: jax.Array, start: jax.Array, length: jax.Array, slot: jax.Array,
-            cfg) -> tuple[jax.Array, KVCache]:
+            cfg, kv_len: int | None = None) -> tuple[jax.Array, KVCache]:
     """Run tokens[:length] (tokens i32 [T], padded to a bucket) at positions start.. into cache slot
-    `slot`; -> logits of the last real token [V], cache. Longer prompts: call again with start moved on."""
+    `slot`; -> logits of the last real token [V], cache. Longer prompts: call again with start moved on.
+    kv_len (static, >= start + length): attend over only the first kv_len cache rows — a short
+    prompt in a long cache then costs attention over its own bucket, not the whole cache."""
     T = tokens.shape[0]
     idx = jnp.arange(T, dtype=jnp.int32)
     positions = jnp.where(idx < length, start + idx, -1)[None]                              # [1, T]
-    h, rows = forward_hidden(params, tokens[None], positions, _slot_rows(cache, slot), cfg)  # [1, T, D]
+    rows = _slot_rows(cache, slot)                                                           # [1, K, S, H]
+    if kv_len is not None and kv_len < cache.length:
+        head = jax.tree.map(lambda c: c[:, :, :kv_len], rows)                                # [1, K, kv_len, H]
+        h, head = forward_hidden(params, tokens[None], positions, head, cfg)
+        rows = jax.tree.map(lambda c, r: jax.lax.dynamic_update_slice_in_dim(c, r, 0, axis=2), rows, head)
+    else:
+        h, rows = forward_hidden(params, tokens[None], positions, rows, cfg)                 # [1, T, D]
     last = jax.lax.dynamic_index_in_dim(h[0], length - 1, axis=0, keepdims=False)            # [D]
     return output_logits(params, last), _put_slot_rows(cache, rows, slot)
 
@@ -163,7 +171,7 @@ write_slot = jax.jit(_put_slot_rows, donate_argnums=(0,))
 # The decode path's entry points, traced once per machine rather than once per process: a new
 # process loads their exported lowering (woolly/runtime/aot.py) and goes straight to the
 # compile cache. Same arguments, same donation (the cache, argument 1).
-prefill = Exported(prefill, "prefill", donate_argnums=(1,))
+prefill = Exported(prefill, "prefill", donate_argnums=(1,), static_argnames=("cfg", "kv_len"))
 decode_step = Exported(decode_step, "decode_step", donate_argnums=(1,))
 decode_and_sample = Exported(decode_and_sample, "decode_and_sample", donate_argnums=(1,))
 decode_and_sample_packed = Exported(decode_and_sample_packed, "decode_and_sample_packed", donate_argnums=(1,))

@@ -77,9 +77,10 @@ class Runner:
             chunk = tokens[i:i + MAX_PREFILL_BUCKET]
             padded = np.zeros(min(bucket(len(chunk)), MAX_PREFILL_BUCKET), np.int32)     # [T]
             padded[:len(chunk)] = chunk
+            kv_len = min(bucket(start + i + len(chunk)), self.cache_length)   # rows attention reads
             logits, self.cache = self._entry.prefill(self.params, self.cache, jnp.asarray(padded),
                                                      jnp.int32(start + i), jnp.int32(len(chunk)), jnp.int32(slot),
-                                                     cfg=self.cfg)
+                                                     cfg=self.cfg, kv_len=kv_len)
         return logits
 
     def prefill_rows(self, rows: dict[int, tuple[Sequence[int], int]]) -> jax.Array:
