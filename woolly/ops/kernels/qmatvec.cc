@@ -321,17 +321,15 @@ static inline void q8_rows(const Q8Job& J, int64_t p, int64_t r0) {
   for (int h = 0; h < NR; ++h) {
     const float* sr = J.s + orow[h] * nsub;
     const float* br = BIAS ? J.b + orow[h] * nsub : nullptr;
-    for (int r = 0; r < RB; ++r) {
-      const float* xs = J.xs + (r0 + r) * J.nsp;
-      __m512 bacc = _mm512_setzero_ps();
-      for (int64_t sb = 0; sb < nsub; sb += 16) {
-        const __mmask16 m = nsub - sb >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (nsub - sb)) - 1);
-        const __m512 s16 = _mm512_maskz_loadu_ps(m, sr + sb);
-        const __m512 b16 = BIAS ? _mm512_maskz_loadu_ps(m, br + sb) : _mm512_setzero_ps();
-        bacc = _mm512_fmadd_ps(_mm512_fnmadd_ps(kv, s16, b16), _mm512_loadu_ps(xs + sb), bacc);
-      }
-      J.y[(r0 + r) * J.O + orow[h]] = _mm512_reduce_add_ps(acc[h][r]) + _mm512_reduce_add_ps(bacc);
+    for (int64_t sb = 0; sb < nsub; sb += 16) {   // the offset/bias term, formed once for all rows
+      const __mmask16 m = nsub - sb >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (nsub - sb)) - 1);
+      const __m512 s16 = _mm512_maskz_loadu_ps(m, sr + sb);
+      const __m512 b16 = BIAS ? _mm512_maskz_loadu_ps(m, br + sb) : _mm512_setzero_ps();
+      const __m512 t = _mm512_fnmadd_ps(kv, s16, b16);                       // bias - K * scale
+      for (int r = 0; r < RB; ++r)
+        acc[h][r] = _mm512_fmadd_ps(t, _mm512_loadu_ps(J.xs + (r0 + r) * J.nsp + sb), acc[h][r]);
     }
+    for (int r = 0; r < RB; ++r) J.y[(r0 + r) * J.O + orow[h]] = _mm512_reduce_add_ps(acc[h][r]);
   }
 }
 
