@@ -21,6 +21,7 @@ import sys
 import tempfile
 import threading
 import warnings
+from pathlib import Path
 
 import jax
 
@@ -68,9 +69,11 @@ def build(name: str) -> str:
     """Compile kernels/{name}.cc (once per source, jaxlib and CPU) and return the .so path."""
     with open(os.path.join(KERNEL_DIR, f"{name}.cc")) as f:
         source = f.read()
+    headers = "".join(Path(KERNEL_DIR, h).read_text() for h in sorted(os.listdir(KERNEL_DIR))
+                      if h.endswith(".h"))
     cxx = os.environ.get("CXX", "g++")
     inc = jax.ffi.include_dir()
-    key = hashlib.sha256("\0".join([source, jax.__version__, inc, cxx, " ".join(FLAGS), cpu_tag(),
+    key = hashlib.sha256("\0".join([source, headers, jax.__version__, inc, cxx, " ".join(FLAGS), cpu_tag(),
                                     sys.platform, platform.machine()]).encode()).hexdigest()[:16]
     root = os.environ.get("WOOLLY_KERNEL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "woolly", "kernels")
     so = os.path.join(root, f"{name}-{key}.so")
@@ -89,7 +92,8 @@ def build(name: str) -> str:
         with open(src, "w") as f:
             f.write(source)
         out = os.path.join(tmp, f"{name}.so")
-        r = subprocess.run([cxx, *FLAGS, f"-I{inc}", src, "-o", out], capture_output=True, text=True, timeout=300)
+        r = subprocess.run([cxx, *FLAGS, f"-I{inc}", f"-I{KERNEL_DIR}", src, "-o", out], capture_output=True, text=True,
+                           timeout=300)
         if r.returncode != 0:
             raise RuntimeError(f"{cxx} failed: {r.stderr.strip()[-2000:]}")
         os.replace(out, so)  # atomic: concurrent builders agree on the result

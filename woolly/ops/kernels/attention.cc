@@ -22,6 +22,7 @@
 #include <immintrin.h>
 
 #include "xla/ffi/api/ffi.h"
+#include "parallel.h"
 
 namespace ffi = xla::ffi;
 
@@ -228,38 +229,6 @@ static void run_unit(const Job& J, int64_t u) {
 
 using UnitFn = void (*)(const Job&, int64_t);
 
-struct Shared {
-  Job job;
-  UnitFn fn = nullptr;
-  int64_t total = 0, units = 0, per = 1;
-  std::atomic<int64_t> next{0}, done{0};
-  void work() {
-    for (;;) {
-      const int64_t u = next.fetch_add(1, std::memory_order_relaxed);
-      if (u >= units) return;
-      const int64_t a = u * per, z = a + per < total ? a + per : total;
-      for (int64_t i = a; i < z; ++i) fn(job, i);
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
-
-// Split sp's units over the calling thread and XLA's intra-op pool; returns when all are done.
-static void run_parallel(ffi::ThreadPool& pool, const std::shared_ptr<Shared>& sp, bool parallel) {
-  int64_t nt = parallel ? pool.num_threads() : 1;
-  if (nt < 1) nt = 1;
-  const int64_t want = nt == 1 ? 1 : nt * 4;
-  sp->per = (sp->total + want - 1) / want;
-  if (sp->per < 1) sp->per = 1;
-  sp->units = (sp->total + sp->per - 1) / sp->per;
-  for (int64_t t = 1; t < nt && t < sp->units; ++t) pool.Schedule([sp]() { sp->work(); });
-  sp->work();
-  int spins = 0;
-  while (sp->done.load(std::memory_order_acquire) < sp->units) {
-    _mm_pause();
-    if (++spins > 2048) std::this_thread::yield();
-  }
-}
 
 }  // namespace
 
@@ -306,7 +275,6 @@ static ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32
   if (nt < 1) nt = 1;
   int64_t chunk = nt == 1 ? S : (rows * K + nt * 4 - 1) / (nt * 4);
   chunk = chunk < 64 ? 64 : (chunk + 15) / 16 * 16;
-  auto sp = std::make_shared<Shared>();
   std::vector<Unit> units;
   std::vector<int64_t> first;  // per (b, k) with live rows: index of its first unit
   for (int64_t b = 0; b < B; ++b)
@@ -316,10 +284,10 @@ static ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32
     }
   first.push_back((int64_t)units.size());
   std::vector<float> parts(units.size() * G * (H + 2));
-  sp->job = Job{q.typed_data(), kc.untyped_data(), vc.untyped_data(), K, S, H, G, scale, units.data(), parts.data()};
-  sp->fn = fn;
-  sp->total = (int64_t)units.size();
-  run_parallel(pool, sp, par && units.size() > 1);
+  const Job job{q.typed_data(), kc.untyped_data(), vc.untyped_data(), K, S, H, G, scale, units.data(), parts.data()};
+  woolly::run_parallel(pool, (int64_t)units.size(), par && units.size() > 1, [&](int64_t a, int64_t z) {
+    for (int64_t i = a; i < z; ++i) fn(job, i);
+  });
   // Merge each (slot, kv head)'s chunks: out = sum_i e^(m_i - M) acc_i / sum_i e^(m_i - M) l_i.
   for (size_t j = 0; j + 1 < first.size(); ++j) {
     const Unit& u0 = units[first[j]];

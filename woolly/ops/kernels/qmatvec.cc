@@ -17,6 +17,7 @@
 #include <immintrin.h>
 
 #include "xla/ffi/api/ffi.h"
+#include "parallel.h"
 
 namespace ffi = xla::ffi;
 
@@ -192,42 +193,6 @@ static RangeFn pick(int64_t kind, int64_t sub, bool bias) {
   return nullptr;
 }
 
-// Work is split in units of rows claimed from a shared counter: the calling thread and
-// the tasks it schedules on XLA's intra-op pool all claim units, so the call never waits
-// on a task that has not started (it only waits for units already being computed).
-struct Shared {
-  Job job;
-  RangeFn fn = nullptr;
-  int64_t total = 0, units = 0, per = 1;
-  std::atomic<int64_t> next{0}, done{0};
-  void work() {
-    for (;;) {
-      const int64_t u = next.fetch_add(1, std::memory_order_relaxed);
-      if (u >= units) return;
-      const int64_t a = u * per, z = a + per < total ? a + per : total;
-      fn(job, a, z);
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
-
-// Split sp's rows over the calling thread and XLA's intra-op pool; returns when all are done.
-template <typename SP>
-static void run_parallel(ffi::ThreadPool& pool, const std::shared_ptr<SP>& sp, bool parallel) {
-  int64_t nt = parallel ? pool.num_threads() : 1;
-  if (nt < 1) nt = 1;
-  const int64_t want = nt == 1 ? 1 : nt * 4;  // a few units per thread: a busy core holds back less
-  sp->per = (sp->total + want - 1) / want;
-  if (sp->per < 1) sp->per = 1;
-  sp->units = (sp->total + sp->per - 1) / sp->per;
-  for (int64_t t = 1; t < nt && t < sp->units; ++t) pool.Schedule([sp]() { sp->work(); });
-  sp->work();
-  int spins = 0;
-  while (sp->done.load(std::memory_order_acquire) < sp->units) {
-    _mm_pause();
-    if (++spins > 2048) std::this_thread::yield();
-  }
-}
 
 
 // ---- int8 activations (llama.cpp's way): x is quantized per block of 32 to int8 (scale d =
@@ -363,23 +328,6 @@ static Q8Fn pick_q8(int64_t kind, int64_t sub, bool bias) {
   return nullptr;
 }
 
-struct Q8Shared {
-  Q8Job job;
-  Q8Fn fn = nullptr;
-  std::vector<int8_t> xq;
-  std::vector<float> dxv, xs;
-  int64_t total = 0, units = 0, per = 1;
-  std::atomic<int64_t> next{0}, done{0};
-  void work() {
-    for (;;) {
-      const int64_t u = next.fetch_add(1, std::memory_order_relaxed);
-      if (u >= units) return;
-      const int64_t a = u * per, z = a + per < total ? a + per : total;
-      fn(job, a, z);
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
 #endif
 
 }  // namespace
@@ -391,28 +339,22 @@ static ffi::Error matvec_rows(ffi::ThreadPool& pool, const float* x, const void*
   const bool par = O * I * (R < 8 ? R : 8) >= min_par;
 #ifdef WOOLLY_Q8
   if (act == 1 && kind != 2 && I % 64 == 0) {
-    auto qp = std::make_shared<Q8Shared>();
-    qp->fn = pick_q8(kind, sub, bias);
-    if (qp->fn == nullptr) return ffi::Error::InvalidArgument("woolly_qmatvec: unsupported kind/sub");
+    const Q8Fn fn = pick_q8(kind, sub, bias);
+    if (fn == nullptr) return ffi::Error::InvalidArgument("woolly_qmatvec: unsupported kind/sub");
     const int64_t nsub = I / sub, nsp = (nsub + 15) / 16 * 16;
-    qp->xq.resize(R * I);
-    qp->dxv.resize(R * (I / 64) * 16);
-    qp->xs.resize(R * nsp);
-    quantize_x(x, R, I, (int)sub, qp->xq.data(), qp->dxv.data(), qp->xs.data(), nsp);
-    qp->job = Q8Job{qp->xq.data(), qp->dxv.data(), qp->xs.data(), static_cast<const uint8_t*>(q), s,
+    std::vector<int8_t> xq(R * I);
+    std::vector<float> dxv(R * (I / 64) * 16), xs(R * nsp);
+    quantize_x(x, R, I, (int)sub, xq.data(), dxv.data(), xs.data(), nsp);
+    const Q8Job job{xq.data(), dxv.data(), xs.data(), static_cast<const uint8_t*>(q), s,
                     bias ? b : nullptr, y, R, I, O, nsub, nsp, kind == 0 ? off + 128 : off};
-    qp->total = kind == 1 ? O / 2 : O;
-    run_parallel(pool, qp, par);
+    woolly::run_parallel(pool, kind == 1 ? O / 2 : O, par, [&](int64_t a, int64_t z) { fn(job, a, z); });
     return ffi::Error::Success();
   }
 #endif
   RangeFn fn = pick(kind, sub, bias);
   if (fn == nullptr) return ffi::Error::InvalidArgument("woolly_qmatvec: unsupported kind/sub");
-  auto sp = std::make_shared<Shared>();
-  sp->job = Job{x, static_cast<const uint8_t*>(q), s, bias ? b : nullptr, y, R, I, O, off};
-  sp->fn = fn;
-  sp->total = kind == 1 ? O / 2 : O;
-  run_parallel(pool, sp, par);
+  const Job job{x, static_cast<const uint8_t*>(q), s, bias ? b : nullptr, y, R, I, O, off};
+  woolly::run_parallel(pool, kind == 1 ? O / 2 : O, par, [&](int64_t a, int64_t z) { fn(job, a, z); });
   return ffi::Error::Success();
 }
 
@@ -478,12 +420,9 @@ static ffi::Error DequantImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::Buffe
   RangeFn fn = pick_deq(kind, sub, has_bias != 0);
   if (fn == nullptr) return ffi::Error::InvalidArgument("woolly_dequant: unsupported kind/sub");
   if (O == 0) return ffi::Error::Success();
-  auto sp = std::make_shared<Shared>();
-  sp->job = Job{nullptr, static_cast<const uint8_t*>(q.untyped_data()), s.typed_data(),
+  const Job job{nullptr, static_cast<const uint8_t*>(q.untyped_data()), s.typed_data(),
                 has_bias ? b.typed_data() : nullptr, y->typed_data(), 0, I, O, off};
-  sp->fn = fn;
-  sp->total = kind == 1 ? O / 2 : O;
-  run_parallel(pool, sp, O * I >= (1 << 16));
+  woolly::run_parallel(pool, kind == 1 ? O / 2 : O, O * I >= (1 << 16), [&](int64_t a, int64_t z) { fn(job, a, z); });
   return ffi::Error::Success();
 }
 
