@@ -23,7 +23,6 @@ import warnings
 from pathlib import Path
 
 import jax
-import numpy as np
 
 from woolly.models.base import KVCache
 from woolly.ops import attention, cpu_kernels, qmatmul
@@ -76,26 +75,30 @@ def _kernels() -> dict:
             "attention_on": attention.USE_KERNEL, "activations": qmatmul.ACTIVATIONS, "in_use": cpu_kernels.in_use()}
 
 
-def _single_device(leaves) -> bool:
-    """Every argument a host array or a concrete array on one device (not a tracer, not sharded)."""
-    for x in leaves:
-        if isinstance(x, np.ndarray):
-            continue
-        if isinstance(x, jax.core.Tracer) or not isinstance(x, jax.Array):
+def _plain_args(args) -> bool:
+    """Top-level arguments are host arrays or concrete arrays on one device (a KVCache judged by
+    its first buffer): not tracers, not sharded. Checked per call, so it does not walk the params."""
+    for a in args:
+        if isinstance(a, KVCache):
+            a = a.k[0]
+        if isinstance(a, jax.core.Tracer):
             return False
-        s = getattr(x, "sharding", None)
-        if s is None or len(s.device_set) != 1:
+        if isinstance(a, jax.Array) and len(a.sharding.device_set) != 1:
             return False
     return True
 
 
 class Exported:
-    """Call `jitted(*args, **static)` through an exported lowering cached on disk."""
+    """Call `jitted(*args, **static)` through an exported lowering cached on disk.
+
+    A `jax.jit` of its own dispatches each call (so a step pays jit's C++ dispatch, not a Python
+    walk of the params); only when that jit traces a new signature does this look the lowering
+    up on disk, or export and write it, and the trace is then just the lowering's call."""
 
     def __init__(self, jitted, name: str, donate_argnums: tuple[int, ...] = (), static_argnames=("cfg",)):
-        self.jitted, self.name, self.donate_argnums = jitted, name, donate_argnums
+        self.jitted, self.name = jitted, name
         self.static_argnames = frozenset(static_argnames)
-        self._calls: dict = {}   # in-memory signature -> jitted exported call
+        self._dispatch = jax.jit(self._lowered, static_argnames=tuple(static_argnames), donate_argnums=donate_argnums)
         self.__doc__ = jitted.__doc__
         self.__wrapped__ = getattr(jitted, "__wrapped__", jitted)   # the Python function, as jax.jit's
 
@@ -106,46 +109,49 @@ class Exported:
 
     def _cache_size(self) -> int:
         """Executables behind this entry point (as `jax.jit`'s own `_cache_size`)."""
-        return len(self._calls) + self.jitted._cache_size()
+        return self._dispatch._cache_size() + self.jitted._cache_size()
 
     def __call__(self, *args, **static):
-        leaves, tree = jax.tree.flatten(args)
         if (not enabled() or not cpu_kernels.in_use() or not static.keys() <= self.static_argnames
-                or not _single_device(leaves)):
+                or not _plain_args(args)):
             return self.jitted(*args, **static)
-        sig = (tree, tuple((x.shape, x.dtype, getattr(x, "weak_type", False)) for x in leaves),
-               tuple(sorted((k, v) for k, v in static.items())), tuple(sorted(_kernels().items())))
-        call = self._calls.get(sig)
-        if call is None:
-            with _lock:
-                call = self._calls.get(sig) or self._prepare(args, static, sig)
-                self._calls[sig] = call
-        return call(*args)
+        return self._dispatch(*args, **static)
 
-    def _prepare(self, args, static, sig):
+    def _lowered(self, *args, **static):
+        """Traced once per signature (the dispatch jit's cache decides): the exported call."""
+        with _lock:
+            exp = self._exported(args, static)
+        if exp is None:   # not exportable: trace the function itself, as plain jit would
+            return self.__wrapped__(*args, **static)
+        return exp.call(*args)
+
+    def _exported(self, args, static):
         _register_pytrees()
-        key = hashlib.sha256(repr((self.name, str(sig[0]), sig[1], repr(sig[2]), sig[3], source_hash(),
-                                   jax.__version__, jax.default_backend())).encode()).hexdigest()[:32]
+        leaves, tree = jax.tree.flatten(args)
+        avals = tuple((x.shape, x.dtype, getattr(getattr(x, "aval", x), "weak_type", False)) for x in leaves)
+        key = hashlib.sha256(repr((self.name, str(tree), avals, repr(tuple(sorted(static.items()))),
+                                   tuple(sorted(_kernels().items())), source_hash(), jax.__version__,
+                                   jax.default_backend())).encode()).hexdigest()[:32]
         path = Path(compile_cache_dir()) / "woolly-aot" / f"{self.name}-{key}.bin"
-        exp = None
         if path.exists():
             try:
                 exp = jax.export.deserialize(bytearray(path.read_bytes()))
                 stats["loaded"] += 1
+                return exp
             except Exception:   # a truncated or stale file: export again
-                exp = None
-        if exp is None:
-            try:
-                checks = [jax.export.DisabledSafetyCheck.custom_call(t)
-                          for t in (qmatmul._TARGET, qmatmul._DEQUANT_TARGET, *attention.KERNEL_TARGETS)]
-                exp = jax.export.export(self.jitted, disabled_checks=checks)(*args, **static)
-                _write_atomic(path, exp.serialize())
-                stats["exported"] += 1
-            except Exception as e:   # an unexportable signature still runs, just traced each process
-                warnings.warn(f"woolly: {self.name} not exported ({type(e).__name__}: {e})", RuntimeWarning,
-                              stacklevel=3)
-                return lambda *a: self.jitted(*a, **static)
-        return jax.jit(exp.call, donate_argnums=self.donate_argnums)
+                pass
+        try:
+            checks = [jax.export.DisabledSafetyCheck.custom_call(t)
+                      for t in (qmatmul._TARGET, qmatmul._DEQUANT_TARGET, *attention.KERNEL_TARGETS)]
+            specs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), args)
+            exp = jax.export.export(self.jitted, disabled_checks=checks)(*specs, **static)
+            _write_atomic(path, exp.serialize())
+            stats["exported"] += 1
+            return exp
+        except Exception as e:   # an unexportable signature still runs, just traced each process
+            warnings.warn(f"woolly: {self.name} not exported ({type(e).__name__}: {e})", RuntimeWarning,
+                          stacklevel=3)
+            return None
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
