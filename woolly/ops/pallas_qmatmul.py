@@ -85,7 +85,8 @@ def _parts(w: QuantizedWeight) -> int:
 
 def pallas_supported(w, I: int) -> bool:
     """Whether `pallas_linear` handles w [O, I] (else the caller falls back to XLA)."""
-    if not isinstance(w, QuantizedWeight) or w.kind not in ("nib", "i8") or w.sub not in (16, 32):
+    if (not isinstance(w, QuantizedWeight) or w.kind not in ("nib", "i8") or w.sub not in (16, 32)
+            or w.grouped):   # the CPU kernel's layout (not made on a GPU backend)
         return False
     O = w.shape[0]
     P = _parts(w)

@@ -85,6 +85,12 @@ class QuantizedWeight:
     kind "nib": code(o, i) = q[o, i] & 15      (o < O/2)   q: uint8 [O/2, I]
                 code(o, i) = q[o - O/2, i] >> 4 (o >= O/2)
     scale, bias: f32 [O, I // sub]; bias is None for formats without an offset.
+
+    grouped: the same arrays (same shapes) in the CPU kernel's grouped layout, for weights
+    whose rows (i8) or row pairs (nib) come in groups of 16 and I % 64 == 0: within group g,
+    q's bytes are stored column-of-4-bytes major, [G, I/4, 16, 4] (so one 64-byte load holds
+    4 codes of each of 16 rows), and scale/bias as [G, NR, I/sub, 16] (NR = 2 for row pairs:
+    rows p and p + O/2). See `group_layout` and kernels/qmatvec.cc. `plain()` undoes it.
     """
 
     q: jax.Array
@@ -93,9 +99,10 @@ class QuantizedWeight:
     kind: str = "i8"
     sub: int = 32
     off: int = 0
+    grouped: bool = False
 
     def tree_flatten(self):
-        return (self.q, self.scale, self.bias), (self.kind, self.sub, self.off)
+        return (self.q, self.scale, self.bias), (self.kind, self.sub, self.off, self.grouped)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
@@ -110,8 +117,26 @@ class QuantizedWeight:
     def dtype(self):
         return jnp.float32
 
+    @property
+    def _units(self) -> int:
+        return self.q.shape[0]        # rows (i8) or row pairs (nib)
+
+    def plain(self) -> "QuantizedWeight":
+        """The same weight in the plain layout (a no-op when it is not grouped)."""
+        if not self.grouped:
+            return self
+        U, I = self.q.shape
+        G, NR, nsub = U // 16, 2 if self.kind == "nib" else 1, self.scale.shape[1]
+        q = self.q.reshape(G, I // 4, 16, 4).transpose(0, 2, 1, 3).reshape(U, I)
+
+        def rows(a):   # [G, NR, nsub, 16] -> [NR, G, 16, nsub] -> [O, nsub]
+            return None if a is None else a.reshape(G, NR, nsub, 16).transpose(1, 0, 3, 2).reshape(-1, nsub)
+        return QuantizedWeight(q, rows(self.scale), rows(self.bias), self.kind, self.sub, self.off)
+
     def codes(self) -> jax.Array:
         """Signed integer codes q = code - off, int32 [O, I]."""
+        if self.grouped:
+            return self.plain().codes()
         if self.kind == "nib":
             c = jnp.concatenate([self.q & 15, self.q >> 4], axis=0)
         else:
@@ -120,7 +145,35 @@ class QuantizedWeight:
 
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
         """The float matrix [O, I]; in f32 it equals `quants.dequantize` exactly."""
-        return _dequantize_rows(self.codes(), self.scale, self.bias, self.sub).astype(dtype)
+        w = self.plain()
+        return _dequantize_rows(w.codes(), w.scale, w.bias, w.sub).astype(dtype)
+
+
+def groupable(kind: str, O: int, I: int) -> bool:
+    """Whether an [O, I] weight of this kind can take the grouped layout."""
+    units = O // 2 if kind == "nib" else O
+    return I % 64 == 0 and units % 16 == 0 and units > 0
+
+
+def group_layout(w: QuantizedWeight) -> QuantizedWeight:
+    """w (plain, host-side arrays) in the grouped layout; see QuantizedWeight."""
+    q, scale, bias = np.asarray(w.q), np.asarray(w.scale), None if w.bias is None else np.asarray(w.bias)
+    U, I = q.shape
+    G, NR, nsub = U // 16, 2 if w.kind == "nib" else 1, scale.shape[1]
+    qg = q.reshape(G, 16, I // 4, 4).transpose(0, 2, 1, 3).reshape(U, I)
+
+    def groups(a):  # [O, nsub] = [NR, G, 16, nsub] -> [G, NR, nsub, 16]
+        return None if a is None else a.reshape(NR, G, 16, nsub).transpose(1, 0, 3, 2).reshape(-1, nsub)
+    return QuantizedWeight(jnp.asarray(np.ascontiguousarray(qg)), jnp.asarray(np.ascontiguousarray(groups(scale))),
+                           None if bias is None else jnp.asarray(np.ascontiguousarray(groups(bias))),
+                           w.kind, w.sub, w.off, grouped=True)
+
+
+def _kernel_groups_weights() -> bool:
+    """Whether quantized weights prepared now should take the grouped layout: the CPU kernel
+    multiplies them with int8 activations (ACTIVATIONS "q8", AVX512-VNNI)."""
+    return (ACTIVATIONS == "q8" and jax.default_backend() == "cpu" and cpu_kernels.in_use()
+            and kernel_available() and _cpu_has_vnni())
 
 
 def _dequantize_rows(codes: jax.Array, scale: jax.Array, bias: jax.Array | None, sub: int) -> jax.Array:
@@ -133,8 +186,10 @@ def _dequantize_rows(codes: jax.Array, scale: jax.Array, bias: jax.Array | None,
 
 
 def prepare_weight(raw: np.ndarray, qtype: QuantizationType, shape: tuple[int, int], residency: str,
-                   dtype=jnp.float32):
-    """Host bytes of a 2-D tensor -> what the runtime keeps on device for it."""
+                   dtype=jnp.float32, grouped: bool | None = None):
+    """Host bytes of a 2-D tensor -> what the runtime keeps on device for it. `grouped`: a
+    quantized weight in the CPU kernel's grouped layout where its shape allows; None: exactly
+    when the CPU kernel multiplies with int8 activations here (the fast path)."""
     from woolly.formats.quants import dequantize
 
     if residency not in RESIDENCIES:
@@ -154,11 +209,15 @@ def prepare_weight(raw: np.ndarray, qtype: QuantizationType, shape: tuple[int, i
         if c.min() < 0 or c.max() > 15:  # not expected from these formats; stay exact regardless
             raise ValueError(f"{qtype.name} codes outside the 4-bit range after offset {off}")
         c = c.astype(np.uint8)
-        packed = c[: O // 2] | (c[O // 2:] << np.uint8(4))
-        return QuantizedWeight(jnp.asarray(packed), jnp.asarray(scale),
-                               None if bias is None else jnp.asarray(bias), "nib", sub, off)
-    return QuantizedWeight(jnp.asarray(np.ascontiguousarray(q)), jnp.asarray(scale),
-                           None if bias is None else jnp.asarray(bias), "i8", sub, 0)
+        w = QuantizedWeight(c[: O // 2] | (c[O // 2:] << np.uint8(4)), scale, bias, "nib", sub, off)
+    else:
+        w = QuantizedWeight(np.ascontiguousarray(q), scale, bias, "i8", sub, 0)       # host arrays so far
+    if grouped is None:
+        grouped = _kernel_groups_weights()
+    if grouped and groupable(w.kind, O, I):
+        return group_layout(w)
+    return QuantizedWeight(jnp.asarray(w.q), jnp.asarray(w.scale), None if bias is None else jnp.asarray(bias),
+                           w.kind, w.sub, w.off)
 
 
 def resident_nbytes(w) -> int:
@@ -191,6 +250,8 @@ def embed_rows(w, ids: jax.Array) -> jax.Array:
         return w[ids]
     V, D = w.shape
     flat = ids.reshape(-1)
+    if w.grouped:
+        return _embed_grouped(w, flat).reshape(*ids.shape, D)
     bias = None if w.bias is None else w.bias[flat]
     if w.kind == "nib":
         H = V // 2
@@ -201,6 +262,24 @@ def embed_rows(w, ids: jax.Array) -> jax.Array:
         codes = w.q[flat].astype(jnp.int32)
     rows = _dequantize_rows(codes, w.scale[flat], bias, w.sub)
     return rows.reshape(*ids.shape, D)
+
+
+def _embed_grouped(w: QuantizedWeight, flat: jax.Array) -> jax.Array:
+    """Rows `flat` [N] of a grouped weight, read in place (no plain copy of the matrix) -> [N, D]."""
+    U, D = w.q.shape
+    NR, nsub = (2, w.scale.shape[1]) if w.kind == "nib" else (1, w.scale.shape[1])
+    h = flat // U if NR == 2 else jnp.zeros_like(flat)          # which half of a row pair
+    p = flat - h * U                                             # row (pair)
+    g, i = p // 16, p % 16
+    q = w.q.reshape(U // 16, D // 4, 16, 4)[g, :, i, :].reshape(-1, D)                    # [N, D]
+    if w.kind == "nib":
+        codes = jnp.where((h == 1)[:, None], q >> 4, q & 15).astype(jnp.int32) - w.off
+    else:
+        codes = q.astype(jnp.int32)
+
+    def rows(a):
+        return None if a is None else a.reshape(U // 16, NR, nsub, 16)[g, h, :, i]      # [N, nsub]
+    return _dequantize_rows(codes, rows(w.scale), rows(w.bias), w.sub)
 
 
 # ----------------------------------------------------------------------------------------
@@ -260,12 +339,13 @@ def _kernel_call(x2: jax.Array, w) -> jax.Array:
     if isinstance(w, QuantizedWeight):
         args = (x2, w.q, w.scale, w.bias if w.bias is not None else jnp.zeros((1,), jnp.float32))
         attrs = dict(kind=np.int64(1 if w.kind == "nib" else 0), sub=np.int64(w.sub), off=np.int64(w.off),
-                     has_bias=np.int64(w.bias is not None),
+                     has_bias=np.int64(w.bias is not None), grouped=np.int64(w.grouped),
                      act=np.int64(ACTIVATIONS == "q8" and x2.shape[1] % 64 == 0))
     else:
         dummy = jnp.zeros((1,), jnp.float32)
         args = (x2, w, dummy.reshape(1, 1), dummy)
-        attrs = dict(kind=np.int64(2), sub=np.int64(16), off=np.int64(0), has_bias=np.int64(0), act=np.int64(0))
+        attrs = dict(kind=np.int64(2), sub=np.int64(16), off=np.int64(0), has_bias=np.int64(0), act=np.int64(0),
+                     grouped=np.int64(0))
     call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((R, O), jnp.float32), vmap_method="sequential")
     return call(*args, min_par=np.int64(KERNEL_MIN_PARALLEL), **attrs)
 
@@ -295,4 +375,4 @@ def _kernel_dequantize(w: QuantizedWeight) -> jax.Array:
     call = jax.ffi.ffi_call(_DEQUANT_TARGET, jax.ShapeDtypeStruct((O, I), jnp.float32), vmap_method="sequential")
     b = w.bias if w.bias is not None else jnp.zeros((1,), jnp.float32)
     return call(w.q, w.scale, b, kind=np.int64(1 if w.kind == "nib" else 0), sub=np.int64(w.sub),
-                off=np.int64(w.off), has_bias=np.int64(w.bias is not None))
+                off=np.int64(w.off), has_bias=np.int64(w.bias is not None), grouped=np.int64(w.grouped))

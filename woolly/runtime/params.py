@@ -14,31 +14,32 @@ def _vector(model: Model, name: str):
     return jnp.asarray(model.tensor(name), dtype=jnp.float32)                           # [E]
 
 
-def _matrix(model: Model, name: str, residency: str):
+def _matrix(model: Model, name: str, residency: str, grouped: bool | None):
     info = model.tensors[name]
-    return prepare_weight(model.raw(name), info.qtype, tuple(info.shape), residency)   # [out, in]
+    return prepare_weight(model.raw(name), info.qtype, tuple(info.shape), residency, grouped=grouped)   # [out, in]
 
 
-def load_params(model: Model, residency: str = "dense") -> dict:
+def load_params(model: Model, residency: str = "dense", grouped: bool | None = None) -> dict:
     """The params pytree of `model`: matrices dense (dequantized on load) or quantized-resident.
 
     Norm weights and other vectors are always f32. A tied output projection is not stored
-    twice: `output` is simply absent and the model reads `embed`.
+    twice: `output` is simply absent and the model reads `embed`. `grouped`: quantized
+    matrices in the CPU kernel's grouped layout (`qmatmul.prepare_weight`; None: where it is used).
     """
     if residency not in RESIDENCIES:
         raise ValueError(f"residency must be one of {RESIDENCIES}, got {residency!r}")
     cfg = model.config
     arch = architecture(cfg)
-    params = {"embed": _matrix(model, "token_embd.weight", residency),                # [V, D]
+    params = {"embed": _matrix(model, "token_embd.weight", residency, grouped),                # [V, D]
               "output_norm": _vector(model, "output_norm.weight")}                   # [D]
     if not cfg.tied_output:
-        params["output"] = _matrix(model, "output.weight", residency)                 # [V, D]
+        params["output"] = _matrix(model, "output.weight", residency, grouped)                 # [V, D]
     layers = []
     for i in range(cfg.n_layers):
         lp = {}
         for key, suffix in arch.layer_tensors.items():
             name = f"blk.{i}.{suffix}"
-            lp[key] = _vector(model, name) if len(model.tensors[name].shape) == 1 else _matrix(model, name, residency)
+            lp[key] = _vector(model, name) if len(model.tensors[name].shape) == 1 else _matrix(model, name, residency, grouped)
         layers.append(lp)
     params["layers"] = layers
     # The device copy is made: the file's pages and the host-side decoding buffers are no

@@ -38,7 +38,7 @@ class Runner:
         self.mesh = mesh
         if params is None and mesh is not None:   # whole on the host first: the model need not fit one device
             with jax.default_device(jax.local_devices(backend="cpu")[0]):
-                params = load_params(model, residency)
+                params = load_params(model, residency, grouped=False)   # rows are split by sharding
         elif params is None:
             params = load_params(model, residency)
         if mesh is None:

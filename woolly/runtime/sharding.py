@@ -139,6 +139,7 @@ def place_matrix(w, how: str | None, mesh: Mesh):
     spec = {COLUMN: (MODEL, None), ROW: (None, MODEL), None: ()}[how]
     if not isinstance(w, QuantizedWeight):
         return _put(w, _sharding(mesh, *spec))
+    w = w.plain()                   # rows split contiguously; the sharded path multiplies in XLA
     if how == COLUMN:
         w = unpack_nibbles(w)
     s = _sharding(mesh, *spec)      # q [O|O/2, I] and scale/bias [O, I/sub] split alike

@@ -4,10 +4,12 @@
 // high); kind 2: dense f32 weights [O, I] (scale, bias unused).
 // act 0: f32 activations (exact: weights formed in f32); act 1 (codes, I % 64 == 0, AVX512-VNNI):
 // int8 activations, as llama.cpp multiplies its quantized weights (see "int8 activations" below).
+// grouped: codes, scales and biases in the grouped layout (see "The grouped layout" below).
 #if !defined(__AVX512F__) || !defined(__AVX512BW__)
 #error "woolly qmatvec kernel needs AVX-512 (F, BW)"
 #endif
 #include <algorithm>
+#include <cstring>
 #include <atomic>
 #include <cstdint>
 #include <memory>
@@ -195,6 +197,94 @@ static RangeFn pick(int64_t kind, int64_t sub, bool bias) {
 
 
 
+// ---- The grouped layout (QuantizedWeight.grouped in woolly/ops/qmatmul.py). Weights whose
+// rows (kind 0) or row pairs (kind 1) come in groups of 16, with I % 64 == 0, are stored with
+// each group's codes transposed in dwords: bytes q[g * 16 * I + (col * 16 + i) * 4 + t] are
+// code bytes 4 * col + t of row (pair) 16g + i, so one 64-byte load is one dword column of 16
+// rows; scale and bias likewise as [G][NR][nsub][16] (NR = 2 for row pairs: half h = 0 is row
+// p, h = 1 row p + O/2). The int8-activation product below reads this layout directly; the
+// row-by-row paths (f32 activations, dequantize) first copy a group back to plain rows.
+
+// In-register transpose of 16 rows of 16 dwords: four stages, each swapping one bit of the
+// row index with the same bit of the column index (two-source permutes).
+struct TransposeIdx {
+  __m512i lo[4], hi[4];
+  TransposeIdx() {
+    for (int k = 0; k < 4; ++k) {
+      alignas(64) int32_t a[16], b[16];
+      const int bit = 1 << k;
+      for (int c = 0; c < 16; ++c) {
+        a[c] = (c & bit) ? 16 + (c & ~bit) : c;    // new row r0: r0's own, or r1's shifted down
+        b[c] = (c & bit) ? 16 + c : (c | bit);     // new row r1: r0's shifted up, or r1's own
+      }
+      lo[k] = _mm512_load_si512(a);
+      hi[k] = _mm512_load_si512(b);
+    }
+  }
+};
+
+static inline void transpose16(__m512i m[16]) {
+  static const TransposeIdx T;
+  for (int k = 0; k < 4; ++k) {
+    const int bit = 1 << k;
+    for (int r0 = 0; r0 < 16; ++r0) {
+      if (r0 & bit) continue;
+      const __m512i a = m[r0], b = m[r0 | bit];
+      m[r0] = _mm512_permutex2var_epi32(a, T.lo[k], b);
+      m[r0 | bit] = _mm512_permutex2var_epi32(a, T.hi[k], b);
+    }
+  }
+}
+
+// Group g in plain layout: codes [16, I] (rows or row pairs) and scale/bias [NR * 16, nsub]
+// (half h's row i at h * 16 + i), the operands of a 16-row (pair) matrix with O' = NR * 16.
+struct PlainGroup {
+  std::vector<uint8_t> q;
+  std::vector<float> s, b;
+};
+
+static void ungroup(const uint8_t* q, const float* s, const float* b, int64_t NR, int64_t g, int64_t I,
+                    int64_t nsub, PlainGroup& p) {
+  p.q.resize(16 * I);
+  p.s.resize(NR * 16 * nsub);
+  const uint8_t* qg = q + g * 16 * I;
+  for (int64_t c = 0; c < I / 64; ++c) {
+    __m512i m[16];
+    for (int j = 0; j < 16; ++j) m[j] = _mm512_loadu_si512(qg + (c * 16 + j) * 64);
+    transpose16(m);   // m[i]: bytes 64c .. 64c + 63 of row (pair) i
+    for (int i = 0; i < 16; ++i) _mm512_storeu_si512(p.q.data() + i * I + c * 64, m[i]);
+  }
+  auto rows = [&](const float* src, std::vector<float>& dst) {
+    const float* sg = src + g * NR * nsub * 16;
+    for (int64_t h = 0; h < NR; ++h)
+      for (int64_t sb = 0; sb < nsub; ++sb)
+        for (int64_t i = 0; i < 16; ++i) dst[(h * 16 + i) * nsub + sb] = sg[(h * nsub + sb) * 16 + i];
+  };
+  rows(s, p.s);
+  if (b != nullptr) {
+    p.b.resize(NR * 16 * nsub);
+    rows(b, p.b);
+  }
+}
+
+// Output row of group g's local row o' (= h * 16 + i) in the whole matrix of O rows.
+static inline int64_t group_row(int64_t NR, int64_t O, int64_t g, int64_t local) {
+  return NR == 2 && local >= 16 ? 16 * g + local - 16 + O / 2 : 16 * g + local;
+}
+
+// For each group (in parallel): its plain copy, then f(g, plain group).
+template <class F>
+static void each_plain_group(ffi::ThreadPool& pool, const uint8_t* q, const float* s, const float* b,
+                             int64_t NR, int64_t G, int64_t I, int64_t nsub, bool par, F f) {
+  woolly::run_parallel(pool, G, par, [&](int64_t a, int64_t z) {
+    thread_local PlainGroup p;
+    for (int64_t g = a; g < z; ++g) {
+      ungroup(q, s, b, NR, g, I, nsub, p);
+      f(g, p);
+    }
+  });
+}
+
 // ---- int8 activations (llama.cpp's way): x is quantized per block of 32 to int8 (scale d =
 // max|x|/127, as llama.cpp's Q8_0/Q8_1), and each 64-weight chunk becomes one VNNI dot
 // product of unsigned 4/8-bit codes with the int8 activations: 16 int32 lanes of 4 products,
@@ -328,33 +418,144 @@ static Q8Fn pick_q8(int64_t kind, int64_t sub, bool bias) {
   return nullptr;
 }
 
+// The int8-activation product on the grouped layout: each int32 lane of a VNNI product belongs
+// to one weight row, so a sub-block's whole integer dot product sits in one lane and the float
+// work (convert, scale, FMA) is done once per sub-block for 16 rows, instead of once per 64
+// weights per row as in q8_rows (which serves weights kept in the plain layout). Each y[r, o]
+// is the same sequence of operations whatever R is and however rows are split into passes
+// (integer sums are exact in any order; the float sums run over sub-blocks in order, then the
+// offset terms in order), so a row's result does not depend on the other rows in the batch.
+template <int KIND, int SUB, bool BIAS, int RB>
+static inline void group_rows(const Q8Job& J, int64_t g, int64_t r0) {
+  constexpr int NR = KIND == 1 ? 2 : 1, JS = SUB / 4;              // JS: dword columns per sub-block
+  constexpr int CH = RB >= 4 ? 1 : (RB == 2 ? 2 : 4);              // independent dot chains per output
+  const int64_t I = J.I, nch = I / 64, nsub = J.nsub;
+  const uint8_t* qg = J.q + g * 16 * I;
+  const float* sg = J.s + g * NR * nsub * 16;
+  const float* bg = BIAS ? J.b + g * NR * nsub * 16 : nullptr;
+  const __m512i m4 = _mm512_set1_epi8(15), flip = _mm512_set1_epi8((char)0x80);
+  __m512 acc[NR][RB];
+  for (int h = 0; h < NR; ++h)
+    for (int r = 0; r < RB; ++r) acc[h][r] = _mm512_setzero_ps();
+  for (int64_t sb = 0; sb < nsub; ++sb) {
+    __m512i dot[NR][RB][CH];
+    for (int h = 0; h < NR; ++h)
+      for (int r = 0; r < RB; ++r)
+        for (int u = 0; u < CH; ++u) dot[h][r][u] = _mm512_setzero_si512();
+#pragma GCC unroll 8
+    for (int jj = 0; jj < JS; ++jj) {
+      const int64_t col = sb * JS + jj;
+      const __m512i t = _mm512_loadu_si512(qg + col * 64);
+      __m512i code[NR];
+      if (KIND == 1) {
+        code[0] = _mm512_and_si512(t, m4);
+        code[NR - 1] = _mm512_and_si512(_mm512_srli_epi16(t, 4), m4);
+      } else {
+        code[0] = _mm512_xor_si512(t, flip);   // int8 -> unsigned (K = off + 128)
+      }
+      for (int r = 0; r < RB; ++r) {
+        int32_t x4;
+        std::memcpy(&x4, J.xq + (r0 + r) * I + 4 * col, 4);
+        const __m512i xb = _mm512_set1_epi32(x4);
+        for (int h = 0; h < NR; ++h) dot[h][r][jj % CH] = _mm512_dpbusd_epi32(dot[h][r][jj % CH], code[h], xb);
+      }
+    }
+    const int64_t blk = sb * SUB / 32;
+    for (int r = 0; r < RB; ++r) {
+      const __m512 d = _mm512_set1_ps(J.dxv[((r0 + r) * nch + blk / 2) * 16 + (blk % 2) * 8]);
+      for (int h = 0; h < NR; ++h) {
+        __m512i sum = dot[h][r][0];
+        for (int u = 1; u < CH; ++u) sum = _mm512_add_epi32(sum, dot[h][r][u]);
+        const __m512 sd = _mm512_mul_ps(_mm512_loadu_ps(sg + (h * nsub + sb) * 16), d);
+        acc[h][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), sd, acc[h][r]);
+      }
+    }
+  }
+  const __m512 kv = _mm512_set1_ps((float)J.K);
+  for (int64_t sb = 0; sb < nsub; ++sb)
+    for (int h = 0; h < NR; ++h) {
+      const __m512 b16 = BIAS ? _mm512_loadu_ps(bg + (h * nsub + sb) * 16) : _mm512_setzero_ps();
+      const __m512 tb = _mm512_fnmadd_ps(kv, _mm512_loadu_ps(sg + (h * nsub + sb) * 16), b16);  // bias - K * scale
+      for (int r = 0; r < RB; ++r)
+        acc[h][r] = _mm512_fmadd_ps(tb, _mm512_set1_ps(J.xs[(r0 + r) * J.nsp + sb]), acc[h][r]);
+    }
+  for (int h = 0; h < NR; ++h) {
+    const int64_t o0 = h == 0 ? 16 * g : 16 * g + J.O / 2;
+    for (int r = 0; r < RB; ++r) _mm512_storeu_ps(J.y + (r0 + r) * J.O + o0, acc[h][r]);
+  }
+}
+
+// Groups [a, z): all R activation rows, in passes of up to 4 (the group's codes stay in cache).
+template <int KIND, int SUB, bool BIAS>
+static void group_range(const Q8Job& J, int64_t a, int64_t z) {
+  for (int64_t g = a; g < z; ++g) {
+    int64_t r = 0;
+    for (; J.R - r >= 4; r += 4) group_rows<KIND, SUB, BIAS, 4>(J, g, r);
+    if (J.R - r >= 2) {
+      group_rows<KIND, SUB, BIAS, 2>(J, g, r);
+      r += 2;
+    }
+    if (J.R - r >= 1) group_rows<KIND, SUB, BIAS, 1>(J, g, r);
+  }
+}
+
+static Q8Fn pick_group(int64_t kind, int64_t sub, bool bias) {
+#define W_PICK(K, S) \
+  if (kind == K && sub == S) return bias ? group_range<K, S, true> : group_range<K, S, false>;
+  W_PICK(0, 16) W_PICK(0, 32) W_PICK(1, 16) W_PICK(1, 32)
+#undef W_PICK
+  return nullptr;
+}
+
 #endif
 
 }  // namespace
 
+// Group g's outputs, computed into yl [R, NR * 16] by a row-by-row path on its plain copy, put
+// in place in y [R, O].
+static void scatter_group(const float* yl, float* y, int64_t R, int64_t O, int64_t NR, int64_t g) {
+  const int64_t Ol = NR * 16;
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t l = 0; l < Ol; ++l) y[r * O + group_row(NR, O, g, l)] = yl[r * Ol + l];
+}
+
 // y [R, O] = x [R, I] @ w.T for rows that are all live (see QMatVecImpl).
-static ffi::Error matvec_rows(ffi::ThreadPool& pool, const float* x, const void* q, const float* s, const float* b,
+static ffi::Error matvec_rows(ffi::ThreadPool& pool, const float* x, const void* qv, const float* s, const float* b,
                               float* y, int64_t R, int64_t I, int64_t O, int64_t kind, int64_t sub, int64_t off,
-                              bool bias, int64_t min_par, int64_t act) {
+                              bool bias, int64_t min_par, int64_t act, bool grouped) {
   const bool par = O * I * (R < 8 ? R : 8) >= min_par;
+  const uint8_t* q = static_cast<const uint8_t*>(qv);
+  const int64_t NR = kind == 1 ? 2 : 1, units = kind == 1 ? O / 2 : O, G = units / 16, Ol = NR * 16;
+  if (grouped && (kind == 2 || I % 64 != 0 || units % 16 != 0))
+    return ffi::Error::InvalidArgument("woolly_qmatvec: the grouped layout needs groups of 16 rows and I % 64 == 0");
 #ifdef WOOLLY_Q8
   if (act == 1 && kind != 2 && I % 64 == 0) {
-    const Q8Fn fn = pick_q8(kind, sub, bias);
+    const Q8Fn fn = grouped ? pick_group(kind, sub, bias) : pick_q8(kind, sub, bias);
     if (fn == nullptr) return ffi::Error::InvalidArgument("woolly_qmatvec: unsupported kind/sub");
     const int64_t nsub = I / sub, nsp = (nsub + 15) / 16 * 16;
     std::vector<int8_t> xq(R * I);
     std::vector<float> dxv(R * (I / 64) * 16), xs(R * nsp);
     quantize_x(x, R, I, (int)sub, xq.data(), dxv.data(), xs.data(), nsp);
-    const Q8Job job{xq.data(), dxv.data(), xs.data(), static_cast<const uint8_t*>(q), s,
-                    bias ? b : nullptr, y, R, I, O, nsub, nsp, kind == 0 ? off + 128 : off};
-    woolly::run_parallel(pool, kind == 1 ? O / 2 : O, par, [&](int64_t a, int64_t z) { fn(job, a, z); });
+    const Q8Job job{xq.data(), dxv.data(), xs.data(), q, s, bias ? b : nullptr, y, R, I, O, nsub, nsp,
+                    kind == 0 ? off + 128 : off};
+    woolly::run_parallel(pool, grouped ? G : units, par, [&](int64_t a, int64_t z) { fn(job, a, z); });
     return ffi::Error::Success();
   }
 #endif
   RangeFn fn = pick(kind, sub, bias);
   if (fn == nullptr) return ffi::Error::InvalidArgument("woolly_qmatvec: unsupported kind/sub");
-  const Job job{x, static_cast<const uint8_t*>(q), s, bias ? b : nullptr, y, R, I, O, off};
-  woolly::run_parallel(pool, kind == 1 ? O / 2 : O, par, [&](int64_t a, int64_t z) { fn(job, a, z); });
+  if (grouped) {
+    each_plain_group(pool, q, s, bias ? b : nullptr, NR, G, I, I / sub, par, [&](int64_t g, const PlainGroup& p) {
+      thread_local std::vector<float> yl;
+      yl.resize(R * Ol);
+      const Job lj{x, p.q.data(), p.s.data(), bias ? p.b.data() : nullptr, yl.data(), R, I, Ol, off};
+      fn(lj, 0, 16);
+      scatter_group(yl.data(), y, R, O, NR, g);
+    });
+    return ffi::Error::Success();
+  }
+  const Job job{x, q, s, bias ? b : nullptr, y, R, I, O, off};
+  woolly::run_parallel(pool, units, par, [&](int64_t a, int64_t z) { fn(job, a, z); });
   return ffi::Error::Success();
 }
 
@@ -371,7 +572,7 @@ static bool row_is_zero(const float* xr, int64_t I) {
 static ffi::Error QMatVecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q,
                               ffi::Buffer<ffi::F32> s, ffi::Buffer<ffi::F32> b,
                               ffi::ResultBuffer<ffi::F32> y, int64_t kind, int64_t sub, int64_t off,
-                              int64_t has_bias, int64_t min_par, int64_t act) {
+                              int64_t has_bias, int64_t min_par, int64_t act, int64_t grouped) {
   auto xd = x.dimensions();
   auto yd = y->dimensions();
   if (xd.size() != 2 || yd.size() != 2 || yd[0] != xd[0])
@@ -395,13 +596,13 @@ static ffi::Error QMatVecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi
   const int64_t L = (int64_t)live.size();
   if (L == R)
     return matvec_rows(pool, xp, q.untyped_data(), s.typed_data(), b.typed_data(), yp, R, I, O, kind, sub, off,
-                       bias, min_par, act);
+                       bias, min_par, act, grouped != 0);
   std::fill(yp, yp + R * O, 0.f);
   if (L == 0) return ffi::Error::Success();
   std::vector<float> xc(L * I), yc(L * O);
   for (int64_t j = 0; j < L; ++j) std::copy(xp + live[j] * I, xp + (live[j] + 1) * I, xc.data() + j * I);
   ffi::Error err = matvec_rows(pool, xc.data(), q.untyped_data(), s.typed_data(), b.typed_data(), yc.data(), L, I,
-                               O, kind, sub, off, bias, min_par, act);
+                               O, kind, sub, off, bias, min_par, act, grouped != 0);
   if (err.failure()) return err;
   for (int64_t j = 0; j < L; ++j) std::copy(yc.data() + j * O, yc.data() + (j + 1) * O, yp + live[j] * O);
   return ffi::Error::Success();
@@ -409,7 +610,7 @@ static ffi::Error QMatVecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi
 
 static ffi::Error DequantImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::Buffer<ffi::F32> s,
                               ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> y, int64_t kind,
-                              int64_t sub, int64_t off, int64_t has_bias) {
+                              int64_t sub, int64_t off, int64_t has_bias, int64_t grouped) {
   auto yd = y->dimensions();
   auto sd = s.dimensions();
   if (yd.size() != 2) return ffi::Error::InvalidArgument("woolly_dequant: y [O, I] expected");
@@ -420,6 +621,23 @@ static ffi::Error DequantImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::Buffe
   RangeFn fn = pick_deq(kind, sub, has_bias != 0);
   if (fn == nullptr) return ffi::Error::InvalidArgument("woolly_dequant: unsupported kind/sub");
   if (O == 0) return ffi::Error::Success();
+  if (grouped) {
+    const int64_t NR = kind == 1 ? 2 : 1, units = kind == 1 ? O / 2 : O, Ol = NR * 16;
+    if (I % 64 != 0 || units % 16 != 0)
+      return ffi::Error::InvalidArgument("woolly_dequant: the grouped layout needs groups of 16 rows and I % 64 == 0");
+    const float* bp = has_bias ? b.typed_data() : nullptr;
+    float* y0 = y->typed_data();
+    each_plain_group(pool, static_cast<const uint8_t*>(q.untyped_data()), s.typed_data(), bp, NR, units / 16, I,
+                     I / sub, O * I >= (1 << 16), [&](int64_t g, const PlainGroup& p) {
+                       thread_local std::vector<float> yl;
+                       yl.resize(Ol * I);
+                       const Job lj{nullptr, p.q.data(), p.s.data(), bp ? p.b.data() : nullptr, yl.data(), 0, I, Ol, off};
+                       fn(lj, 0, 16);
+                       for (int64_t l = 0; l < Ol; ++l)
+                         std::copy(yl.data() + l * I, yl.data() + (l + 1) * I, y0 + group_row(NR, O, g, l) * I);
+                     });
+    return ffi::Error::Success();
+  }
   const Job job{nullptr, static_cast<const uint8_t*>(q.untyped_data()), s.typed_data(),
                 has_bias ? b.typed_data() : nullptr, y->typed_data(), 0, I, O, off};
   woolly::run_parallel(pool, kind == 1 ? O / 2 : O, O * I >= (1 << 16), [&](int64_t a, int64_t z) { fn(job, a, z); });
@@ -436,7 +654,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(WoollyDequant, DequantImpl,
                                   .Attr<int64_t>("kind")
                                   .Attr<int64_t>("sub")
                                   .Attr<int64_t>("off")
-                                  .Attr<int64_t>("has_bias"));
+                                  .Attr<int64_t>("has_bias")
+                                  .Attr<int64_t>("grouped"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(WoollyQMatVec, QMatVecImpl,
                               ffi::Ffi::Bind()
@@ -451,4 +670,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(WoollyQMatVec, QMatVecImpl,
                                   .Attr<int64_t>("off")
                                   .Attr<int64_t>("has_bias")
                                   .Attr<int64_t>("min_par")
-                                  .Attr<int64_t>("act"));
+                                  .Attr<int64_t>("act")
+                                  .Attr<int64_t>("grouped"));
