@@ -160,11 +160,12 @@ def group_layout(w: QuantizedWeight) -> QuantizedWeight:
     q, scale, bias = np.asarray(w.q), np.asarray(w.scale), None if w.bias is None else np.asarray(w.bias)
     U, I = q.shape
     G, NR, nsub = U // 16, 2 if w.kind == "nib" else 1, scale.shape[1]
-    qg = q.reshape(G, 16, I // 4, 4).transpose(0, 2, 1, 3).reshape(U, I)
+    words = np.ascontiguousarray(q).view(np.uint32).reshape(G, 16, I // 4)      # 4 codes per word
+    qg = np.ascontiguousarray(words.transpose(0, 2, 1)).view(q.dtype).reshape(U, I)
 
     def groups(a):  # [O, nsub] = [NR, G, 16, nsub] -> [G, NR, nsub, 16]
         return None if a is None else a.reshape(NR, G, 16, nsub).transpose(1, 0, 3, 2).reshape(-1, nsub)
-    return QuantizedWeight(jnp.asarray(np.ascontiguousarray(qg)), jnp.asarray(np.ascontiguousarray(groups(scale))),
+    return QuantizedWeight(jnp.asarray(qg), jnp.asarray(np.ascontiguousarray(groups(scale))),
                            None if bias is None else jnp.asarray(np.ascontiguousarray(groups(bias))),
                            w.kind, w.sub, w.off, grouped=True)
 

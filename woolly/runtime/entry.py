@@ -37,15 +37,15 @@ def prefill(params, cache: KVCache, tokens: jax.Array, start: jax.Array, length:
     T = tokens.shape[0]
     idx = jnp.arange(T, dtype=jnp.int32)
     positions = jnp.where(idx < length, start + idx, -1)[None]                              # [1, T]
-    rows = _slot_rows(cache, slot)                                                           # [1, K, S, H]
-    if kv_len is not None and kv_len < cache.length:
-        head = jax.tree.map(lambda c: c[:, :, :kv_len], rows)                                # [1, K, kv_len, H]
-        h, head = forward_hidden(params, tokens[None], positions, head, cfg)
-        rows = jax.tree.map(lambda c, r: jax.lax.dynamic_update_slice_in_dim(c, r, 0, axis=2), rows, head)
-    else:
-        h, rows = forward_hidden(params, tokens[None], positions, rows, cfg)                 # [1, T, D]
+    S = cache.length if kv_len is None else min(kv_len, cache.length)
+    # Only the slot's first S rows are copied out and back (not the whole slot: a short prompt
+    # in an 8-slot cache otherwise moved ~50 MB per prefill, measured).
+    head = jax.tree.map(lambda c: jax.lax.dynamic_slice(c, (slot, 0, 0, 0), (1, c.shape[1], S, c.shape[3])),
+                        cache)                                                               # [1, K, S, H]
+    h, head = forward_hidden(params, tokens[None], positions, head, cfg)                     # [1, T, D]
+    cache = jax.tree.map(lambda c, r: jax.lax.dynamic_update_slice(c, r, (slot, 0, 0, 0)), cache, head)
     last = jax.lax.dynamic_index_in_dim(h[0], length - 1, axis=0, keepdims=False)            # [D]
-    return output_logits(params, last), _put_slot_rows(cache, rows, slot)
+    return output_logits(params, last), cache
 
 
 def decode_logits(params, cache: KVCache, tokens: jax.Array, positions: jax.Array, cfg) -> tuple[jax.Array, KVCache]:
