@@ -72,7 +72,8 @@ def _kernels() -> dict:
     """Which kernels a trace would use now; asking also registers their FFI targets, which a
     deserialized module needs before it compiles."""
     return {"qmatvec": qmatmul.kernel_available(), "attention": attention.kernel_available(),
-            "attention_on": attention.USE_KERNEL, "activations": qmatmul.ACTIVATIONS, "in_use": cpu_kernels.in_use()}
+            "attention_on": attention.USE_KERNEL, "activations": qmatmul.ACTIVATIONS, "in_use": cpu_kernels.in_use(),
+            "max_rows": (qmatmul.KERNEL_MAX_ROWS, qmatmul.KERNEL_MAX_ROWS_DENSE)}
 
 
 def _plain_args(args) -> bool:
