@@ -488,7 +488,21 @@ static inline void group_rows(const Q8Job& J, int64_t g, int64_t r0) {
 // Groups [a, z): all R activation rows, in passes of up to 4 (the group's codes stay in cache).
 template <int KIND, int SUB, bool BIAS>
 static void group_range(const Q8Job& J, int64_t a, int64_t z) {
+  constexpr int NR = KIND == 1 ? 2 : 1;
+  const int64_t code_bytes = 16 * J.I, scale_bytes = NR * J.nsub * 16 * 4;
   for (int64_t g = a; g < z; ++g) {
+#ifndef WOOLLY_NO_PREFETCH
+    if (g + 1 < z) {   // the next group's codes and scales, while this one computes
+      const char* qn = reinterpret_cast<const char*>(J.q + (g + 1) * code_bytes);
+      for (int64_t o = 0; o < code_bytes; o += 64) _mm_prefetch(qn + o, _MM_HINT_T0);
+      const char* sn = reinterpret_cast<const char*>(J.s) + (g + 1) * scale_bytes;
+      for (int64_t o = 0; o < scale_bytes; o += 64) _mm_prefetch(sn + o, _MM_HINT_T0);
+      if (BIAS) {
+        const char* bn = reinterpret_cast<const char*>(J.b) + (g + 1) * scale_bytes;
+        for (int64_t o = 0; o < scale_bytes; o += 64) _mm_prefetch(bn + o, _MM_HINT_T0);
+      }
+    }
+#endif
     int64_t r = 0;
     for (; J.R - r >= 4; r += 4) group_rows<KIND, SUB, BIAS, 4>(J, g, r);
     if (J.R - r >= 2) {
