@@ -203,3 +203,69 @@ def test_zero_rows_are_skipped_exactly(path, activations):
             alone = np.asarray(f(x[r:r + 1], w))[0]
             np.testing.assert_allclose(y[r], alone, rtol=1e-5, atol=1e-5 * np.abs(alone).max())
         assert not np.asarray(f(np.zeros((3, 256), np.float32), w)).any()
+
+
+# -- the grouped layout (16 rows per dword column; what the kernel's int8 path reads) ------------
+
+GROUPED_FORMATS = [Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q8_0, Q.Q6_K, Q.Q5_0]   # nibble pairs and int8 codes
+
+
+@pytest.mark.parametrize("qtype", GROUPED_FORMATS, ids=lambda t: t.name)
+def test_grouped_layout_reads_as_the_plain_one(qtype):
+    """Every reader of a grouped weight sees the plain weight: its plain() arrays, dequantize
+    (jnp and kernel), embedding rows, and linear() with f32 activations (bit for bit) and with
+    int8 activations (within the rounding of the sum)."""
+    shape = (64, 256)
+    raw = random_raw(qtype, shape, seed=4)
+    W = dequantize(raw, qtype, shape)
+    g = qm.prepare_weight(raw, qtype, shape, "quantized", grouped=True)
+    p = qm.prepare_weight(raw, qtype, shape, "quantized", grouped=False)
+    assert g.grouped and not p.grouped and g.kind == p.kind and g.q.shape == p.q.shape
+    assert not np.array_equal(np.asarray(g.q), np.asarray(p.q))          # the bytes really moved
+    back = g.plain()
+    for a, b in ((back.q, p.q), (back.scale, p.scale), (back.bias, p.bias)):
+        assert (a is None and b is None) or np.array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(np.asarray(g.dequantize()), W)
+    ids = jnp.asarray([[0, 63, 17], [31, 32, 5]])
+    np.testing.assert_array_equal(np.asarray(qm.embed_rows(g, ids)), W[np.asarray(ids)])
+    if not qm.kernel_available():
+        return
+    np.testing.assert_array_equal(np.asarray(qm._kernel_dequantize(g)), W)
+    x = np.random.default_rng(5).standard_normal((11, 256)).astype(np.float32)
+    for act in ("f32", "q8"):
+        jax.clear_caches()
+        old, qm.ACTIVATIONS = qm.ACTIVATIONS, act
+        try:
+            yg, yp = np.asarray(qm._kernel_call(jnp.asarray(x), g)), np.asarray(qm._kernel_call(jnp.asarray(x), p))
+        finally:
+            qm.ACTIVATIONS = old
+        if act == "f32":
+            np.testing.assert_array_equal(yg, yp)
+        else:
+            _check_linear(qm.q8_activations(x), W, yg)
+    jax.clear_caches()
+
+
+def test_grouped_layout_only_where_the_shape_allows():
+    raw = random_raw(Q.Q4_1, (48, 256))            # 24 row pairs: not a whole number of groups
+    assert not qm.prepare_weight(raw, Q.Q4_1, (48, 256), "quantized", grouped=True).grouped
+    raw = random_raw(Q.Q8_0, (32, 96))             # I % 64 != 0
+    assert not qm.prepare_weight(raw, Q.Q8_0, (32, 96), "quantized", grouped=True).grouped
+    if qm.kernel_available() and qm.uses_q8_activations(qm.prepare_weight(random_raw(Q.Q8_0, (32, 256)), Q.Q8_0,
+                                                                           (32, 256), "quantized"), 1, 256):
+        assert qm.prepare_weight(random_raw(Q.Q8_0, (32, 256)), Q.Q8_0, (32, 256), "quantized").grouped
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q6_K], ids=lambda t: t.name)
+def test_grouped_rows_do_not_depend_on_the_batch(qtype):
+    """A row's result is bit for bit the same alone and in batches of any size (what makes
+    "same seed, same text, alone or batched" hold with int8 activations)."""
+    if not qm.kernel_available():
+        pytest.skip(f"CPU kernel unavailable: {qm.kernel_error()}")
+    shape = (64, 512)
+    w = qm.prepare_weight(random_raw(qtype, shape, seed=6), qtype, shape, "quantized", grouped=True)
+    x = np.random.default_rng(7).standard_normal((21, 512)).astype(np.float32)
+    f = jax.jit(qm.linear)
+    whole = np.asarray(f(x, w))
+    for lo, hi in ((0, 1), (3, 4), (20, 21), (2, 9), (5, 8), (0, 13)):
+        np.testing.assert_array_equal(np.asarray(f(x[lo:hi], w)), whole[lo:hi])

@@ -73,3 +73,22 @@ def test_slots_sample_independently():
     got = draws(params, logits=logits, recent=jnp.full((2, 4), -1, jnp.int32))           # [n, 2]
     assert set(got[:, 0].tolist()) == {int(LOGITS.argmax())}                             # greedy
     assert set(got[:, 1].tolist()) == set(np.argsort(np.asarray(LOGITS[0]))[:2].tolist())  # top 2 of -LOGITS
+
+
+def test_blocked_argmax_and_top_k_equal_xla_with_ties():
+    """The blocked search over a large vocabulary gives lax.top_k's and argmax's exact answers,
+    ties (lower id first) included."""
+    from woolly.runtime import sampling as S
+
+    rng = np.random.default_rng(3)
+    for V in (49152, 262144 // 4, 1000):
+        x = rng.standard_normal((4, V)).astype(np.float32)
+        x[1] = np.round(x[1] * 4) / 4             # many ties everywhere
+        x[2, ::7] = x[2].max()                     # ties at the maximum
+        x[3, :] = 1.0                              # all equal
+        x = jnp.asarray(x)
+        np.testing.assert_array_equal(np.asarray(S.argmax(x)), np.asarray(jnp.argmax(x, -1)))
+        v1, i1 = S.top_k(x, 128)
+        v2, i2 = jax.lax.top_k(x, 128)
+        np.testing.assert_array_equal(np.asarray(v1), np.asarray(v2))
+        np.testing.assert_array_equal(np.asarray(i1), np.asarray(i2))
