@@ -89,7 +89,7 @@ def exactness(formats) -> list[dict]:
         shape = (1536, 576) if qtype.block_size == 32 else (640, 2048)
         raw = random_raw(qtype, shape, seed=1)
         W = dequantize(raw, qtype, shape).astype(np.float64)
-        w = qm.prepare_weight(raw, qtype, shape, "quantized")
+        w = qm.prepare_weight(raw, qtype, shape, "quantized", grouped=False)
         if not pallas_supported(w, shape[1]):
             out.append(dict(format=qtype.name, shape=list(shape), ok=False, error="not pallas_supported"))
             continue
@@ -120,7 +120,7 @@ def _layout(qtype):
     from woolly.ops import qmatmul as qm
 
     shape = (32, qtype.block_size)
-    w = qm.prepare_weight(random_raw(qtype, shape), qtype, shape, "quantized")
+    w = qm.prepare_weight(random_raw(qtype, shape), qtype, shape, "quantized", grouped=False)
     return w.kind, w.sub, w.off, w.bias is not None
 
 
@@ -284,7 +284,7 @@ def offline_triton(python: str) -> int:
         cases = [(Q.Q4_0, (576, 576)), (Q.Q4_1, (1536, 576)), (Q.Q8_0, (49152, 576)), (Q.Q3_K, (512, 256)),
                  (Q.Q4_K, (2048, 1536)), (Q.Q6_K, (640, 2048))]
         for qtype, shape in cases:
-            w = qm.prepare_weight(random_raw(qtype, shape), qtype, shape, "quantized")
+            w = qm.prepare_weight(random_raw(qtype, shape), qtype, shape, "quantized", grouped=False)
             for rows in (1, 3, 8, 16, 128):
                 for dt in (jnp.float32, jnp.bfloat16):
                     nw = pq._num_warps(2 if w.kind == "nib" else 1, rows <= pq.GEMV_MAX_ROWS, dt == jnp.bfloat16)

@@ -46,7 +46,7 @@ def test_pallas_linear_matches_numpy(qtype):
     shape = _shape(qtype)
     raw = random_raw(qtype, shape, seed=11)
     W = dequantize(raw, qtype, shape)
-    w = qm.prepare_weight(raw, qtype, shape, "quantized")
+    w = qm.prepare_weight(raw, qtype, shape, "quantized", grouped=False)
     assert pallas_supported(w, shape[1])
     rng = np.random.default_rng(12)
     for rows in ROWS:
@@ -86,7 +86,7 @@ def test_leading_dims_and_bf16():
     qtype, shape = Q.Q4_K, (64, 256)
     raw = random_raw(qtype, shape, seed=14)
     W = dequantize(raw, qtype, shape)
-    w = qm.prepare_weight(raw, qtype, shape, "quantized")
+    w = qm.prepare_weight(raw, qtype, shape, "quantized", grouped=False)
     rng = np.random.default_rng(15)
     x = rng.standard_normal((2, 1, 256)).astype(np.float32)          # [B, T, I]
     y = _run(x, w)
@@ -104,7 +104,7 @@ def test_grad_through_activations():
     qtype, shape = Q.Q6_K, (32, 256)
     raw = random_raw(qtype, shape, seed=16)
     W = dequantize(raw, qtype, shape).astype(np.float64)
-    w = qm.prepare_weight(raw, qtype, shape, "quantized")
+    w = qm.prepare_weight(raw, qtype, shape, "quantized", grouped=False)
     rng = np.random.default_rng(17)
     x = rng.standard_normal((3, 256)).astype(np.float32)
     c = rng.standard_normal((3, 32)).astype(np.float32)
@@ -118,7 +118,7 @@ def test_grad_through_activations():
 
 def test_supported_shapes():
     def weight(qtype, shape):
-        return qm.prepare_weight(random_raw(qtype, shape), qtype, shape, "quantized")
+        return qm.prepare_weight(random_raw(qtype, shape), qtype, shape, "quantized", grouped=False)
 
     assert pallas_supported(weight(Q.Q4_0, (32, 64)), 64)
     assert pallas_supported(weight(Q.Q8_0, (16, 64)), 64)
@@ -137,7 +137,7 @@ def test_supported_shapes():
 def test_triton_lowering(qtype, shape):
     """The kernel lowers through Pallas's Triton backend (Triton IR, no GPU needed), and the
     module around it holds no [O, I] float matrix: W is never materialized."""
-    w = qm.prepare_weight(random_raw(qtype, shape), qtype, shape, "quantized")
+    w = qm.prepare_weight(random_raw(qtype, shape), qtype, shape, "quantized", grouped=False)
     O, I = shape
     for rows in (1, 8, 128):
         for dt in (jnp.float32, jnp.bfloat16):
