@@ -122,10 +122,6 @@ class QuantizedWeight:
     def dtype(self):
         return jnp.float32
 
-    @property
-    def _units(self) -> int:
-        return self.q.shape[0]        # rows (i8) or row pairs (nib)
-
     def plain(self) -> "QuantizedWeight":
         """The same weight in the plain layout (a no-op when it is not grouped)."""
         if not self.grouped:
