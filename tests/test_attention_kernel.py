@@ -1,8 +1,8 @@
-"""The C++ decode-attention kernel (woolly/ops/kernels/attention.cc) against the jnp `attend`.
+"""The C++ attention kernel (woolly/ops/kernels/attention.cc) against the jnp `attend`.
 
-The kernel reads only each slot's live rows (s <= p, within the sliding window); `attend`
-reads the whole cache and masks. They must agree on every active slot; an idle slot
-(position -1) gets zeros from the kernel.
+The kernel reads only each query's live rows (s <= p, within the sliding window); `attend`
+reads the whole cache and masks. They must agree on every active query; an idle one
+(position -1) gets zeros from the kernel. Decode has one query per slot, prefill T.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from woolly.ops import attention, cpu_kernels
-from woolly.ops.attention import attend, attention_mask, decode_attend
+from woolly.ops.attention import attend, attention_mask, cached_attend
 
 pytestmark = pytest.mark.skipif(not attention.kernel_available(),
                                 reason=f"decode-attention kernel unavailable: {attention.kernel_error()}")
@@ -96,14 +96,14 @@ def test_half_precision_cache(dtype):
     assert np.all(got[1] == 0)
 
 
-def test_decode_attend_dispatch():
-    """decode_attend uses the kernel on CPU, and the masked attend inside xla_only()."""
+def test_cached_attend_dispatch():
+    """cached_attend uses the kernel on CPU, and the masked attend inside xla_only()."""
     q, k, v = _inputs(2, 1, 4, 32, 64, seed=8)
     positions = jnp.asarray([[10], [-1]], jnp.int32)
-    f = lambda *a: decode_attend(*a, 0.125, 0)  # noqa: E731
+    f = lambda *a: cached_attend(*a, 0.125, 0)  # noqa: E731
     assert "woolly_decode_attention" in jax.jit(f).lower(q, k, v, positions).as_text()
     with cpu_kernels.xla_only():
-        text = jax.jit(lambda *a: decode_attend(*a, 0.125, 0)).lower(q, k, v, positions).as_text()
+        text = jax.jit(lambda *a: cached_attend(*a, 0.125, 0)).lower(q, k, v, positions).as_text()
     assert "woolly_decode_attention" not in text
     np.testing.assert_allclose(np.asarray(jax.jit(f)(q, k, v, positions))[0],
                                np.asarray(_reference(q, k, v, positions, 0, 0.125))[0], rtol=1e-5, atol=1e-5)
@@ -118,8 +118,8 @@ def test_grad_through_kernel():
     def loss(fn):
         return lambda q, k, v: jnp.sum(fn(q, k, v) * w)
 
-    kern = loss(lambda q, k, v: decode_attend(q, k, v, positions, 0.125, 0))
-    ref = loss(lambda q, k, v: attention._decode_reference(q, k, v, positions, 0, 0.125))
+    kern = loss(lambda q, k, v: cached_attend(q, k, v, positions, 0.125, 0))
+    ref = loss(lambda q, k, v: attention._masked_reference(q, k, v, positions, 0, 0.125))
     assert "woolly_decode_attention" in jax.jit(kern).lower(q, k, v).as_text()
     got = jax.jit(jax.grad(kern, argnums=(0, 1, 2)))(q, k, v)
     want = jax.grad(ref, argnums=(0, 1, 2))(q, k, v)
@@ -207,3 +207,32 @@ def test_half_precision_cache_write(dtype):
     g_ref = jax.grad(lambda n: jnp.sum(attention._write_reference(cache, n, positions).astype(jnp.float32)))(new)
     np.testing.assert_array_equal(np.asarray(g), np.asarray(g_ref))
     assert float(g.sum()) == 7 * K * H   # the rows written: 3 of slot 0, 4 of slot 2 (position S is dropped)
+
+
+@pytest.mark.parametrize("window", [0, 7])
+def test_several_queries_per_slot(window):
+    """Prefill-shaped calls: q [B, T, N, H] at positions [B, T] (padding -1) read their own
+    slot's rows s <= p; each query's result is the same as when it is alone."""
+    B, T, K, G, H, S_ = 2, 6, 2, 3, 64, 48
+    rng = np.random.default_rng(11)
+    q = jnp.asarray(rng.standard_normal((B, T, K * G, H)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((B, K, S_, H)) * 2, jnp.float32)
+    v = jnp.asarray(rng.standard_normal((B, K, S_, H)), jnp.float32)
+    positions = jnp.asarray([[10, 11, 12, 13, -1, -1], [0, 1, 2, 3, 4, 5]], jnp.int32)
+    got = np.asarray(_kernel(q, k, v, positions, window, 0.125))
+    ref = np.asarray(_reference(q, k, v, positions, window, 0.125))
+    live = np.asarray(positions) >= 0
+    np.testing.assert_allclose(got[live], ref[live], rtol=1e-5, atol=1e-5)
+    assert np.all(got[~live] == 0)
+    for b, t in ((0, 2), (1, 5)):   # one query alone against its own slot: bit for bit the same
+        alone = np.asarray(_kernel(q[b:b + 1, t:t + 1], k[b:b + 1], v[b:b + 1], positions[b:b + 1, t:t + 1],
+                                   window, 0.125))
+        np.testing.assert_array_equal(alone[0, 0], got[b, t])
+
+
+def test_cached_attend_uses_the_kernel_for_prefill():
+    q = jnp.zeros((1, 8, 4, 64), jnp.float32)
+    k = v = jnp.zeros((1, 2, 32, 64), jnp.float32)
+    positions = jnp.arange(8, dtype=jnp.int32)[None]
+    text = jax.jit(lambda *a: cached_attend(*a, 0.125, 0)).lower(q, k, v, positions).as_text()
+    assert "woolly_decode_attention" in text

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from woolly.arch import ModelConfig
-from woolly.ops.attention import attend, attention_mask, decode_attend, write_cache
+from woolly.ops.attention import cached_attend, write_cache
 from woolly.ops.norms import rms_norm
 from woolly.ops.qmatmul import embed_rows, linear
 from woolly.ops.rope import rope
@@ -60,11 +60,7 @@ def self_attention(lp: dict, x: jax.Array, positions: jax.Array, k_cache: jax.Ar
     k = rope(k, rope_positions, rope_base, cfg.rope_neox)
     k_cache = write_cache(k_cache, k, positions)                                        # [B, K, S, H]
     v_cache = write_cache(v_cache, v, positions)                                        # [B, K, S, H]
-    if T == 1:                                                                          # decode: live rows only
-        out = decode_attend(q, k_cache, v_cache, positions, cfg.query_scale, window)    # [B, 1, N, H]
-    else:
-        mask = attention_mask(positions, k_cache.shape[2], window)                      # [B, T, S]
-        out = attend(q, k_cache, v_cache, mask, cfg.query_scale)                        # [B, T, N, H]
+    out = cached_attend(q, k_cache, v_cache, positions, cfg.query_scale, window)        # [B, T, N, H]
     return linear(out.reshape(B, T, cfg.q_dim), lp["wo"]), k_cache, v_cache             # [B, T, D]
 
 

@@ -1,10 +1,12 @@
 """Grouped-query attention over a preallocated KV cache, and the in-place cache write.
 
-`attend` is the jnp attention over the whole cache with a mask (prefill, and the fallback).
-`decode_attend` is one new token per slot: on CPU it calls the C++ kernel
-`kernels/attention.cc` from inside jit through `jax.ffi`, which reads only each slot's live
-rows (s <= p, within the window) instead of the whole cache bucket of every slot; elsewhere
-(another backend, no g++/AVX-512, `cpu_kernels.xla_only()`) it is `attend` with the mask.
+`attend` is the jnp attention over the whole cache with a mask (the fallback).
+`cached_attend` is what the model calls for new tokens (decode: one per slot; prefill and
+whole-sequence passes: T per slot): on CPU it calls the C++ kernel `kernels/attention.cc`
+from inside jit through `jax.ffi`, which reads only each query's live rows (s <= p, within
+the window) instead of the whole cache bucket, one query at a time, so a row's result does
+not depend on the others in its batch; elsewhere (another backend, no g++/AVX-512,
+`cpu_kernels.xla_only()`) it is `attend` with the mask.
 """
 from __future__ import annotations
 
@@ -72,7 +74,7 @@ def attend(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, mask: jax.Array
 
 
 # ----------------------------------------------------------------------------------------
-# Decode attention (T == 1) through the CPU kernel (kernels/attention.cc).
+# Attention of new tokens over the cache through the CPU kernel (kernels/attention.cc).
 
 _TARGET = "woolly_decode_attention"
 _WRITE_TARGET = "woolly_cache_write"
@@ -101,19 +103,24 @@ def _kernel_ready() -> bool:
 def _use_kernel(q: jax.Array, k_cache: jax.Array) -> bool:
     B, T, N, H = q.shape
     K = k_cache.shape[1]
-    return (T == 1 and H % 16 == 0 and K > 0 and N % K == 0 and N // K <= 64
+    return (H % 16 == 0 and K > 0 and N % K == 0 and N // K <= 64 and k_cache.shape[0] == B
             and k_cache.dtype in (jnp.float32, jnp.float16, jnp.bfloat16) and _kernel_ready())
 
 
 def _kernel_call(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, positions: jax.Array,
                  window: int, scale: float) -> jax.Array:
-    call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32), vmap_method="sequential")
-    return call(q.astype(jnp.float32), k_cache, v_cache.astype(k_cache.dtype), positions.reshape(-1).astype(jnp.int32),
-                window=np.int64(window), scale=np.float32(scale), min_par=np.int64(KERNEL_MIN_PARALLEL))
+    """q [B, T, N, H] at positions [B, T] over caches [B, K, S, H]: the kernel sees B*T queries
+    of one token each, T per cache slot."""
+    B, T, N, H = q.shape
+    call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((B * T, 1, N, H), jnp.float32), vmap_method="sequential")
+    out = call(q.reshape(B * T, 1, N, H).astype(jnp.float32), k_cache, v_cache.astype(k_cache.dtype),
+               positions.reshape(-1).astype(jnp.int32), window=np.int64(window), scale=np.float32(scale),
+               min_par=np.int64(KERNEL_MIN_PARALLEL), qps=np.int64(T))
+    return out.reshape(B, T, N, H)
 
 
-def _decode_reference(q, k_cache, v_cache, positions, window: int, scale: float) -> jax.Array:
-    """The kernel's result in jnp: masked `attend`, zeros for idle slots (position < 0)."""
+def _masked_reference(q, k_cache, v_cache, positions, window: int, scale: float) -> jax.Array:
+    """The kernel's result in jnp: masked `attend`, zeros for idle queries (position < 0)."""
     out = attend(q, k_cache, v_cache, attention_mask(positions, k_cache.shape[2], window), scale)
     return jnp.where((positions >= 0)[:, :, None, None], out, 0).astype(jnp.float32)
 
@@ -128,18 +135,19 @@ def _kernel_attend(q, k_cache, v_cache, positions, window: int, scale: float) ->
 def _kernel_attend_jvp(window, scale, primals, tangents):
     q, k_cache, v_cache, positions = primals
     dq, dk, dv = tangents[:3]
-    f = lambda a, b, c: _decode_reference(a, b, c, positions, window, scale)  # noqa: E731
+    f = lambda a, b, c: _masked_reference(a, b, c, positions, window, scale)  # noqa: E731
     _, dout = jax.jvp(f, (q, k_cache, v_cache), (dq, dk, dv))
     return _kernel_call(q, k_cache, v_cache, positions, window, scale), dout
 
 
-def decode_attend(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, positions: jax.Array,
+def cached_attend(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, positions: jax.Array,
                   scale: float, window: int = 0) -> jax.Array:
-    """Attention of one new token per slot: q [B, 1, N, H] at positions [B, 1] (-1: idle) over
-    caches [B, K, S, H] -> [B, 1, N, H], reading rows s <= p (and p - s < window when window > 0).
+    """Attention of new tokens over the cache they were just written to: q [B, T, N, H] at
+    positions [B, T] (-1: padding or an idle slot) over caches [B, K, S, H] -> [B, T, N, H],
+    each query reading rows s <= p (and p - s < window when window > 0).
 
-    On CPU with the kernel, only live rows are read and an idle slot's output is zeros; else
-    it is `attend` with `attention_mask` (an idle slot's output is then meaningless, not zero).
+    On CPU with the kernel, only live rows are read and an idle query's output is zeros; else
+    it is `attend` with `attention_mask` (an idle query's output is then meaningless, not zero).
     """
     if _use_kernel(q, k_cache):
         return _kernel_attend(q, k_cache, v_cache, positions, int(window), float(scale)).astype(q.dtype)

@@ -64,6 +64,7 @@ struct Job {
   const void* kc;
   const void* vc;
   int64_t K, S, H, G;
+  int64_t qps;   // queries per cache slot: query b reads slot b / qps
   float scale;
   const Unit* units;
   float* parts;  // per unit: m [G], l [G], acc [G, H]
@@ -180,8 +181,9 @@ static void run_unit(const Job& J, int64_t u) {
   const int64_t H = J.H, G = J.G, S = J.S;
   const float* q = J.q + (U.b * J.K + U.k) * G * H;                  // [G, H]: this kv head's queries
   constexpr int64_t esz = DT == 0 ? 4 : 2;
-  const char* kb = static_cast<const char*>(J.kc) + ((U.b * J.K + U.k) * S) * H * esz;
-  const char* vb = static_cast<const char*>(J.vc) + ((U.b * J.K + U.k) * S) * H * esz;
+  const int64_t cb = U.b / J.qps;                                     // the query's cache slot
+  const char* kb = static_cast<const char*>(J.kc) + ((cb * J.K + U.k) * S) * H * esz;
+  const char* vb = static_cast<const char*>(J.vc) + ((cb * J.K + U.k) * S) * H * esz;
   float* m = J.parts + u * G * (H + 2);
   float* l = m + G;
   float* acc = l + G;
@@ -235,7 +237,7 @@ using UnitFn = void (*)(const Job&, int64_t);
 static ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer kc,
                                       ffi::AnyBuffer vc, ffi::Buffer<ffi::S32> pos,
                                       ffi::ResultBuffer<ffi::F32> out, int64_t window, float scale,
-                                      int64_t min_par) {
+                                      int64_t min_par, int64_t qps) {
   auto qd = q.dimensions();
   auto kd = kc.dimensions();
   auto vd = vc.dimensions();
@@ -244,7 +246,7 @@ static ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32
   const int64_t B = qd[0], N = qd[2], H = qd[3], K = kd[1], S = kd[2];
   for (int i = 0; i < 4; ++i)
     if (kd[i] != vd[i]) return ffi::Error::InvalidArgument("woolly_decode_attention: k and v caches differ");
-  if (kd[0] != B || kd[3] != H || K == 0 || N % K != 0 || N / K > 64 || H % 16 != 0 ||
+  if (qps < 1 || kd[0] * qps != B || kd[3] != H || K == 0 || N % K != 0 || N / K > 64 || H % 16 != 0 ||
       pos.element_count() != B || kc.element_type() != vc.element_type())
     return ffi::Error::InvalidArgument("woolly_decode_attention: bad shapes");
   UnitFn fn = nullptr;
@@ -284,7 +286,7 @@ static ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32
     }
   first.push_back((int64_t)units.size());
   std::vector<float> parts(units.size() * G * (H + 2));
-  const Job job{q.typed_data(), kc.untyped_data(), vc.untyped_data(), K, S, H, G, scale, units.data(), parts.data()};
+  const Job job{q.typed_data(), kc.untyped_data(), vc.untyped_data(), K, S, H, G, qps, scale, units.data(), parts.data()};
   woolly::run_parallel(pool, (int64_t)units.size(), par && units.size() > 1, [&](int64_t a, int64_t z) {
     for (int64_t i = a; i < z; ++i) fn(job, i);
   });
@@ -380,4 +382,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(WoollyDecodeAttention, DecodeAttentionImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("window")
                                   .Attr<float>("scale")
-                                  .Attr<int64_t>("min_par"));
+                                  .Attr<int64_t>("min_par")
+                                  .Attr<int64_t>("qps"));
