@@ -105,3 +105,36 @@ def test_embeddings_are_unit_mean_pooled_and_padding_free(tmp_path):
                           model.config)
     mean = np.asarray(h[0]).mean(0)
     np.testing.assert_allclose(both[0], mean / np.linalg.norm(mean), atol=1e-5)
+
+
+def _prefill_batched_vs_alone(model: Model, prompts: dict[int, list[int]], slots: int):
+    params = load_params(model, "quantized")   # the kernel's int8 path where it runs
+    together = Runner(model, "quantized", params=params, slots=slots, cache_length=64)
+    logits = np.asarray(together.prefill_rows({i: (p, 0) for i, p in prompts.items()}))
+    for i, p in prompts.items():
+        alone = Runner(model, "quantized", params=params, slots=slots, cache_length=64)
+        own = np.asarray(alone.prefill(p, slot=i))
+        np.testing.assert_array_equal(logits[i], own)
+        for a, b in zip(together.cache.k + together.cache.v, alone.cache.k + alone.cache.v):
+            np.testing.assert_array_equal(np.asarray(a[i]), np.asarray(b[i]))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_tiny_batched_prefill_equals_alone(tmp_path, arch):
+    """Prompts admitted together are prefilled in one pass; each slot's KV rows and logits are
+    bit for bit those of its prompt prefilled alone (what keeps seeded text batch-independent)."""
+    model = Model.from_file(write_tiny_model(tmp_path / "tiny.gguf", arch=arch, qtype="Q4_0", n_layers=4))
+    rng = np.random.default_rng(8)
+    prompts = {0: rng.integers(0, model.config.vocab_size, 5).tolist(),
+               2: rng.integers(0, model.config.vocab_size, 19).tolist(),
+               3: rng.integers(0, model.config.vocab_size, 2).tolist()}
+    _prefill_batched_vs_alone(model, prompts, slots=4)
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("name", ["smollm2-135m-instruct", "gemma3-270m"])
+def test_real_batched_prefill_equals_alone(name):
+    model = Model.from_file(name)
+    prompts = {1: [1, 504, 3575, 282, 4649, 314], 2: [28, 1030, 5, 77, 3212, 9, 1001, 41, 650, 12, 4, 9999, 30],
+               5: [2, 818, 5279, 529]}
+    _prefill_batched_vs_alone(model, prompts, slots=8)

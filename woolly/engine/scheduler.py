@@ -255,12 +255,14 @@ class Scheduler:
             self.queue.popleft().emit("error", error)
 
     def _admit(self) -> None:
+        """Fill free slots from the queue, then prefill the new prompts in one pass."""
+        started: list[int] = []
         for i in range(len(self.slots)):
             if self.slots[i] is not None:
                 continue
             with self._wake:
                 if not self.queue:
-                    return
+                    break
                 req = self.queue.popleft()
             if req.cancelled.is_set():
                 self._finish_unstarted(req, "cancelled")
@@ -269,16 +271,35 @@ class Scheduler:
                 self._finish_unstarted(req, "length")
                 continue
             try:
-                self.slots[i] = self._prefill(i, req)
+                self.slots[i] = self._start(i, req)
+                started.append(i)
             except Exception as e:  # this request fails alone; it has left the queue, so tell it here
-                log.exception("prefill failed")
-                req.emit("error", e if isinstance(e, WoollyError)
-                         else GenerationFailed(f"prefill failed: {type(e).__name__}"))
+                self._fail_start(i, req, e)
+        todo = {i: self.slots[i] for i in started if len(self.slots[i].req.prompt_ids) - 1 > self.slots[i].cached}
+        if len(todo) > 1:
+            try:
+                self.runner.prefill_rows({i: (s.req.prompt_ids[s.cached:-1], s.cached) for i, s in todo.items()})
+                return
+            except Exception:
                 if self.runner.cache.k[0].is_deleted():  # donated and lost: the others' KV went with it
                     raise
-                return
+                log.exception("batched prefill failed; prefilling one by one")
+        for i, s in todo.items():   # one at a time, so a failure is that request's alone
+            try:
+                self.runner.prefill(s.req.prompt_ids[s.cached:-1], slot=i, start=s.cached)
+            except Exception as e:
+                self._fail_start(i, s.req, e)
 
-    def _prefill(self, slot: int, req: Request) -> _Slot:
+    def _fail_start(self, slot: int, req: Request, e: Exception) -> None:
+        log.exception("prefill failed")
+        self.slots[slot] = None
+        req.emit("error", e if isinstance(e, WoollyError) else GenerationFailed(f"prefill failed: {type(e).__name__}"))
+        if self.runner.cache.k[0].is_deleted():  # donated and lost: the others' KV went with it
+            raise e
+
+    def _start(self, slot: int, req: Request) -> _Slot:
+        """A slot for req, its KV filled from the prefix cache where it can be (the rest of the
+        prompt, but for its last token, is prefilled by `_admit`)."""
         ids = req.prompt_ids
         n = len(ids)
         cached = 0
@@ -286,8 +307,6 @@ class Scheduler:
             cached, rows = self.prefix_cache.lookup(ids, n - 1)
             if cached:
                 self.runner.write_slot(rows, slot)
-        if n - 1 > cached:  # the last prompt token is the first decode step's input
-            self.runner.prefill(ids[cached:n - 1], slot=slot, start=cached)
         p = req.params
         seed = p.seed if p.seed is not None else int(np.random.default_rng().integers(0, 2**31 - 1))
         return _Slot(req=req, pos=n - 1, next_input=ids[-1], stream=TextStream(self.tok, ids[-1]),

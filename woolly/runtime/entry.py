@@ -48,6 +48,18 @@ def prefill(params, cache: KVCache, tokens: jax.Array, start: jax.Array, length:
     return output_logits(params, last), cache
 
 
+@partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
+def prefill_rows(params, cache: KVCache, tokens: jax.Array, positions: jax.Array, last: jax.Array, cfg):
+    """Several slots' prompts at once: tokens i32 [B, T] at positions i32 [B, T] (-1: padding or a
+    slot not being filled, writes nothing) into the whole cache -> (logits [B, V] of each row's
+    token at index last i32 [B], cache). Each row's result is what `prefill` gives it alone (the
+    CPU kernels treat rows and queries independently); on a mesh, each device prefills its own
+    slots against its own part of the cache, so no KV moves."""
+    h, cache = forward_hidden(params, tokens, positions, cache, cfg)                         # [B, T, D]
+    h_last = jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]                        # [B, D]
+    return output_logits(params, h_last), cache
+
+
 def decode_logits(params, cache: KVCache, tokens: jax.Array, positions: jax.Array, cfg) -> tuple[jax.Array, KVCache]:
     """One token per slot: tokens i32 [B] at positions i32 [B] (-1: slot inactive, nothing written)
     -> logits [B, V], cache."""
@@ -172,6 +184,7 @@ write_slot = jax.jit(_put_slot_rows, donate_argnums=(0,))
 # process loads their exported lowering (woolly/runtime/aot.py) and goes straight to the
 # compile cache. Same arguments, same donation (the cache, argument 1).
 prefill = Exported(prefill, "prefill", donate_argnums=(1,), static_argnames=("cfg", "kv_len"))
+prefill_rows = Exported(prefill_rows, "prefill_rows", donate_argnums=(1,))
 decode_step = Exported(decode_step, "decode_step", donate_argnums=(1,))
 decode_and_sample = Exported(decode_and_sample, "decode_and_sample", donate_argnums=(1,))
 decode_and_sample_packed = Exported(decode_and_sample_packed, "decode_and_sample_packed", donate_argnums=(1,))

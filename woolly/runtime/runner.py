@@ -84,14 +84,17 @@ class Runner:
         return logits
 
     def prefill_rows(self, rows: dict[int, tuple[Sequence[int], int]]) -> jax.Array:
-        """Data-parallel prefill: {slot: (tokens, start)} fed at once over the whole cache, whose
-        B axis is split over "data", so each device runs its own slots and reads no other's KV;
-        other slots get padding (position -1, writes nothing) -> logits f32 [B, V] (rows of `rows` only)."""
-        if self.mesh is None:   # one device: slot by slot
-            logits = jnp.zeros((self.slots, self.cfg.vocab_size), jnp.float32)
-            for slot, (toks, start) in rows.items():
-                logits = logits.at[slot].set(self.prefill(toks, slot=slot, start=start))
-            return logits
+        """Several slots at once: {slot: (tokens, start)} fed in one pass over the whole cache
+        (other slots get padding: position -1, writes nothing) -> logits f32 [B, V] (rows of
+        `rows` only). Each slot's result is the one `prefill` gives it alone. With a mesh, the
+        cache's B axis is split over "data": each device runs its own slots, reading no other's KV."""
+        for toks, start in rows.values():
+            if len(toks) == 0 or start + len(toks) > self.cache_length:
+                raise ValueError(f"prefill needs 1..{self.cache_length - start} tokens from position {start}")
+        if self.mesh is None and len(rows) == 1:   # one slot: its own rows only (see `prefill`)
+            (slot, (toks, start)), = rows.items()
+            logits = self.prefill(toks, slot=slot, start=start)
+            return jnp.zeros((self.slots, self.cfg.vocab_size), jnp.float32).at[slot].set(logits)
         longest = max(len(t) for t, _ in rows.values())
         logits = None
         for i in range(0, longest, MAX_PREFILL_BUCKET):

@@ -196,16 +196,6 @@ def new_cache(cfg: ModelConfig, mesh: Mesh, slots: int, length: int, dtype=jnp.f
 
 
 # -- the sharded entry points ------------------------------------------------------------------------
-def prefill_rows(params, cache: KVCache, tokens: jax.Array, positions: jax.Array, last: jax.Array, cfg):
-    """tokens i32 [B, T] at positions i32 [B, T] (-1: padding, writes nothing) into the whole cache
-    -> (logits [B, V] of each row's token at index last i32 [B], cache). With B split over "data",
-    each device prefills its own slots against its own part of the cache: no KV moves."""
-    from woolly.models import forward_hidden, output_logits
-    h, cache = forward_hidden(params, tokens, positions, cache, cfg)                         # [B, T, D]
-    h_last = jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]                        # [B, D]
-    return output_logits(params, h_last), cache
-
-
 def read_slot_rows(cache: KVCache, slot: jax.Array) -> KVCache:
     """One slot's rows [1, K, S, H] per buffer as a masked sum over B: with B split over "data",
     each device sums its own slots and XLA all-reduces one slot's worth (a dynamic slice of a
@@ -262,7 +252,7 @@ def entry_points(mesh: Mesh) -> SimpleNamespace:
     raw = lambda f: f.__wrapped__   # noqa: E731  (the function under entry's jax.jit)
     return SimpleNamespace(
         prefill=wrap(raw(entry.prefill), (None, "cache"), static_argnames=("cfg", "kv_len"), **donate),
-        prefill_rows=wrap(prefill_rows, (None, "cache"), batch_arg="tokens", **cfg_static, **donate),
+        prefill_rows=wrap(raw(entry.prefill_rows), (None, "cache"), batch_arg="tokens", **cfg_static, **donate),
         decode_step=wrap(raw(entry.decode_step), (None, "cache"), **cfg_static, **donate),
         decode_and_sample=wrap(raw(entry.decode_and_sample), ("rep", None, "cache"), **cfg_static, **donate),
         generate=wrap(raw(entry.generate), ("rep", "rep", "cache"), static_argnames=("cfg", "max_new"), **donate),
@@ -289,5 +279,5 @@ def describe(params: dict, cfg: ModelConfig, mesh: Mesh) -> dict[str, str]:
 
 
 __all__ = ["DATA", "MODEL", "axis_size", "buffer_sharding", "cache_sharding", "constrain_cache", "describe",
-           "entry_points", "layer_plan", "make_mesh", "new_cache", "place_matrix", "prefill_rows", "read_slot_rows", "replicated", "shard_params",
+           "entry_points", "layer_plan", "make_mesh", "new_cache", "place_matrix", "read_slot_rows", "replicated", "shard_params",
            "split_heads", "unpack_nibbles"]
