@@ -12,6 +12,7 @@ e = Engine(EngineConfig(max_batch_size=8, max_sequence_length=512, residency="qu
 from woolly.registry import resolve_model_path
 e.load_model(str(resolve_model_path(name)))
 e.generate_batch([prompt_text(12, 0)], max_tokens=2, **SAMPLING)
+e.generate_batch([prompt_text(12, i) for i in range(8)], max_tokens=4, **SAMPLING)   # the batched admission too
 for rep in range(3):
     for n in (1, 8):
         prompts = [prompt_text(12, rep * 100 + i) for i in range(n)]

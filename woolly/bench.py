@@ -257,7 +257,9 @@ class WoollySide:
         self._first_token(ids[:16], 2, 0)
         for n in self.cfg.prefill_sizes:
             self._first_token(ids[:n], 1, 0)
-        # Every slot once: the first use of each slot's cache rows is not part of the figure.
+        # One prompt alone (its own prefill), then every slot at once (prompts admitted together
+        # are prefilled in one pass): both admission paths compiled, every slot's rows touched.
+        self.engine8.generate_batch([prompt_text(12, 0)], max_tokens=2, **SAMPLING)
         self.engine8.generate_batch([prompt_text(12, i) for i in range(max(self.cfg.sessions))], max_tokens=4,
                                     **SAMPLING)
 

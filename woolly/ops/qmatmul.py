@@ -80,7 +80,6 @@ _NIBBLE_OFFSET = {
 }
 
 
-@jax.tree_util.register_pytree_node_class
 @dataclass
 class QuantizedWeight:
     """A block-quantized [O, I] matrix kept as codes plus per-sub-block scale (and bias).
@@ -105,13 +104,6 @@ class QuantizedWeight:
     sub: int = 32
     off: int = 0
     grouped: bool = False
-
-    def tree_flatten(self):
-        return (self.q, self.scale, self.bias), (self.kind, self.sub, self.off, self.grouped)
-
-    @classmethod
-    def tree_unflatten(cls, aux, children):
-        return cls(*children, *aux)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -148,6 +140,12 @@ class QuantizedWeight:
         """The float matrix [O, I]; in f32 it equals `quants.dequantize` exactly."""
         w = self.plain()
         return _dequantize_rows(w.codes(), w.scale, w.bias, w.sub).astype(dtype)
+
+
+# A dataclass pytree is flattened by jax's C++ dispatch itself; a Python tree_flatten was
+# called for each of ~200 weights on every decode step (~1 ms of a ~15 ms 8-slot step).
+jax.tree_util.register_dataclass(QuantizedWeight, data_fields=["q", "scale", "bias"],
+                                 meta_fields=["kind", "sub", "off", "grouped"])
 
 
 def groupable(kind: str, O: int, I: int) -> bool:
