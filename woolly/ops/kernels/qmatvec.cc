@@ -25,6 +25,16 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+// The template instance of FN<kind, sub, bias> for the runtime values (kinds 0/1, sub-blocks
+// of 16/32), returned from the enclosing function; falls through when there is none.
+#define PICK_KIND_SUB(FN)                                                                         \
+  do {                                                                                            \
+    if (kind == 0 && sub == 16) return bias ? FN<0, 16, true> : FN<0, 16, false>;                 \
+    if (kind == 0 && sub == 32) return bias ? FN<0, 32, true> : FN<0, 32, false>;                 \
+    if (kind == 1 && sub == 16) return bias ? FN<1, 16, true> : FN<1, 16, false>;                 \
+    if (kind == 1 && sub == 32) return bias ? FN<1, 32, true> : FN<1, 32, false>;                 \
+  } while (0)
+
 struct Job {
   const float* x;
   const uint8_t* q;
@@ -179,18 +189,12 @@ static void deq_range(const Job& J, int64_t a, int64_t z) {
 }
 
 static RangeFn pick_deq(int64_t kind, int64_t sub, bool bias) {
-#define W_PICK(K, S) \
-  if (kind == K && sub == S) return bias ? deq_range<K, S, true> : deq_range<K, S, false>;
-  W_PICK(0, 16) W_PICK(0, 32) W_PICK(1, 16) W_PICK(1, 32)
-#undef W_PICK
+  PICK_KIND_SUB(deq_range);
   return nullptr;
 }
 
 static RangeFn pick(int64_t kind, int64_t sub, bool bias) {
-#define W_PICK(K, S) \
-  if (kind == K && sub == S) return bias ? run_range<K, S, true> : run_range<K, S, false>;
-  W_PICK(0, 16) W_PICK(0, 32) W_PICK(1, 16) W_PICK(1, 32)
-#undef W_PICK
+  PICK_KIND_SUB(run_range);
   if (kind == 2) return run_range<2, 16, false>;
   return nullptr;
 }
@@ -411,10 +415,7 @@ static void q8_range(const Q8Job& J, int64_t a, int64_t z) {
 using Q8Fn = void (*)(const Q8Job&, int64_t, int64_t);
 
 static Q8Fn pick_q8(int64_t kind, int64_t sub, bool bias) {
-#define W_PICK(K, S) \
-  if (kind == K && sub == S) return bias ? q8_range<K, S, true> : q8_range<K, S, false>;
-  W_PICK(0, 16) W_PICK(0, 32) W_PICK(1, 16) W_PICK(1, 32)
-#undef W_PICK
+  PICK_KIND_SUB(q8_range);
   return nullptr;
 }
 
@@ -514,10 +515,7 @@ static void group_range(const Q8Job& J, int64_t a, int64_t z) {
 }
 
 static Q8Fn pick_group(int64_t kind, int64_t sub, bool bias) {
-#define W_PICK(K, S) \
-  if (kind == K && sub == S) return bias ? group_range<K, S, true> : group_range<K, S, false>;
-  W_PICK(0, 16) W_PICK(0, 32) W_PICK(1, 16) W_PICK(1, 32)
-#undef W_PICK
+  PICK_KIND_SUB(group_range);
   return nullptr;
 }
 
