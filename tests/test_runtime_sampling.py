@@ -81,7 +81,7 @@ def test_blocked_argmax_and_top_k_equal_xla_with_ties():
     from woolly.runtime import sampling as S
 
     rng = np.random.default_rng(3)
-    for V in (49152, 262144 // 4, 1000):
+    for V in (49152, 262144 // 4, 1000, 4096 * 3):
         x = rng.standard_normal((4, V)).astype(np.float32)
         x[1] = np.round(x[1] * 4) / 4             # many ties everywhere
         x[2, ::7] = x[2].max()                     # ties at the maximum

@@ -64,18 +64,20 @@ def slot_keys(seeds: jax.Array, counters: jax.Array) -> jax.Array:
     return jax.vmap(lambda s, c: jax.random.fold_in(jax.random.PRNGKey(s), c))(seeds, counters)
 
 
-# Large vocabularies are searched in blocks of this many logits: one vectorized max per block,
-# then the exact answer among the best blocks. XLA:CPU's argmax (a variadic reduce) and TopK
-# over [8, 262144] logits took ~4 ms each, a tenth of a Gemma-3 8-slot step.
-BLOCK = 128
+# Large vocabularies are searched in blocks of logits: one vectorized max per block, then the
+# exact answer among the best blocks. XLA:CPU's argmax (a variadic reduce) and TopK over
+# [8, 262144] logits took ~3 ms each, a tenth of a Gemma-3 8-slot step. The largest block
+# size that leaves at least 4n blocks is used (SmolLM2's 49152 logits: 32).
+BLOCKS = (128, 64, 32)
 
 
 def _blocks(logits: jax.Array, n: int):
-    """logits [B, V] -> [B, V/BLOCK, BLOCK] when blocking pays for picking n, else None."""
+    """logits [B, V] -> [B, V/b, b] when blocking pays for picking n, else None."""
     B, V = logits.shape
-    if V % BLOCK or V // BLOCK < 4 * n:
-        return None
-    return logits.reshape(B, V // BLOCK, BLOCK)
+    for b in BLOCKS:
+        if V % b == 0 and V // b >= 4 * n:
+            return logits.reshape(B, V // b, b)
+    return None
 
 
 def argmax(logits: jax.Array) -> jax.Array:
@@ -83,9 +85,10 @@ def argmax(logits: jax.Array) -> jax.Array:
     blocks = _blocks(logits, 1)
     if blocks is None:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    b = blocks.shape[-1]
     best = jnp.argmax(blocks.max(axis=-1), axis=-1)                                      # [B] first best block
     inner = jnp.argmax(jnp.take_along_axis(blocks, best[:, None, None], axis=1)[:, 0], axis=-1)
-    return (best * BLOCK + inner).astype(jnp.int32)
+    return (best * b + inner).astype(jnp.int32)
 
 
 def top_k(logits: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
@@ -95,12 +98,12 @@ def top_k(logits: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
     blocks = _blocks(logits, n)
     if blocks is None:
         return jax.lax.top_k(logits, n)
-    B = logits.shape[0]
+    B, b = logits.shape[0], blocks.shape[-1]
     _, best = jax.lax.top_k(blocks.max(axis=-1), n)                                     # [B, n]
     best = jnp.sort(best, axis=-1)                                                       # id order: ties as lax.top_k
-    cand = jnp.take_along_axis(blocks, best[:, :, None], axis=1).reshape(B, n * BLOCK)   # [B, n * BLOCK]
+    cand = jnp.take_along_axis(blocks, best[:, :, None], axis=1).reshape(B, n * b)       # [B, n * b]
     values, pos = jax.lax.top_k(cand, n)                                                 # [B, n]
-    ids = jnp.take_along_axis(best, pos // BLOCK, axis=1) * BLOCK + pos % BLOCK
+    ids = jnp.take_along_axis(best, pos // b, axis=1) * b + pos % b
     return values, ids.astype(jnp.int32)
 
 
