@@ -19,11 +19,15 @@ from woolly.runtime.cache import new_cache
 from woolly.runtime.sampling import SamplingParams, push_recent, sample, slot_keys
 
 
-def _slot_rows(cache: KVCache, slot: jax.Array) -> KVCache:
-    return jax.tree.map(lambda c: jax.lax.dynamic_slice_in_dim(c, slot, 1, axis=0), cache)   # [1, K, S, H]
+def _slot_rows(cache: KVCache, slot: jax.Array, length: int | None = None) -> KVCache:
+    """A copy of slot `slot`'s first `length` rows (all when None) -> [1, K, length, H] per buffer."""
+    def rows(c):
+        return jax.lax.dynamic_slice(c, (slot, 0, 0, 0), (1, c.shape[1], length or c.shape[2], c.shape[3]))
+    return jax.tree.map(rows, cache)
 
 
 def _put_slot_rows(cache: KVCache, rows: KVCache, slot: jax.Array) -> KVCache:
+    """Write rows [1, K, S', H] (S' <= S) over slot `slot`'s first S' rows, in place when donated."""
     return jax.tree.map(lambda c, r: jax.lax.dynamic_update_slice_in_dim(c, r, slot, axis=0), cache, rows)
 
 
@@ -40,10 +44,9 @@ def prefill(params, cache: KVCache, tokens: jax.Array, start: jax.Array, length:
     S = cache.length if kv_len is None else min(kv_len, cache.length)
     # Only the slot's first S rows are copied out and back (not the whole slot: a short prompt
     # in an 8-slot cache otherwise moved ~50 MB per prefill, measured).
-    head = jax.tree.map(lambda c: jax.lax.dynamic_slice(c, (slot, 0, 0, 0), (1, c.shape[1], S, c.shape[3])),
-                        cache)                                                               # [1, K, S, H]
+    head = _slot_rows(cache, slot, S)                                                        # [1, K, S, H]
     h, head = forward_hidden(params, tokens[None], positions, head, cfg)                     # [1, T, D]
-    cache = jax.tree.map(lambda c, r: jax.lax.dynamic_update_slice(c, r, (slot, 0, 0, 0)), cache, head)
+    cache = _put_slot_rows(cache, head, slot)
     last = jax.lax.dynamic_index_in_dim(h[0], length - 1, axis=0, keepdims=False)            # [D]
     return output_logits(params, last), cache
 

@@ -66,10 +66,7 @@ class Runner:
     # -- one step at a time ------------------------------------------------------------
     def prefill(self, tokens: Sequence[int], slot: int = 0, start: int = 0) -> jax.Array:
         """Feed tokens into `slot` from position `start` -> next-token logits f32 [V] (on device)."""
-        if len(tokens) == 0:
-            raise ValueError("prefill needs at least one token")
-        if start + len(tokens) > self.cache_length:
-            raise ValueError(f"{start + len(tokens)} positions exceed the cache length {self.cache_length}")
+        self._check_span(tokens, start)
         if self.data_parallel > 1:
             return self.prefill_rows({slot: (tokens, start)})[slot]
         logits = None
@@ -83,14 +80,19 @@ class Runner:
                                                      cfg=self.cfg, kv_len=kv_len)
         return logits
 
+    def _check_span(self, tokens: Sequence[int], start: int) -> None:
+        if len(tokens) == 0:
+            raise ValueError("prefill needs at least one token")
+        if start + len(tokens) > self.cache_length:
+            raise ValueError(f"{start + len(tokens)} positions exceed the cache length {self.cache_length}")
+
     def prefill_rows(self, rows: dict[int, tuple[Sequence[int], int]]) -> jax.Array:
         """Several slots at once: {slot: (tokens, start)} fed in one pass over the whole cache
         (other slots get padding: position -1, writes nothing) -> logits f32 [B, V] (rows of
         `rows` only). Each slot's result is the one `prefill` gives it alone. With a mesh, the
         cache's B axis is split over "data": each device runs its own slots, reading no other's KV."""
         for toks, start in rows.values():
-            if len(toks) == 0 or start + len(toks) > self.cache_length:
-                raise ValueError(f"prefill needs 1..{self.cache_length - start} tokens from position {start}")
+            self._check_span(toks, start)
         if self.mesh is None and len(rows) == 1:   # one slot: its own rows only (see `prefill`)
             (slot, (toks, start)), = rows.items()
             logits = self.prefill(toks, slot=slot, start=start)
