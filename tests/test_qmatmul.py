@@ -203,6 +203,12 @@ def test_zero_rows_are_skipped_exactly(path, activations):
             alone = np.asarray(f(x[r:r + 1], w))[0]
             np.testing.assert_allclose(y[r], alone, rtol=1e-5, atol=1e-5 * np.abs(alone).max())
         assert not np.asarray(f(np.zeros((3, 256), np.float32), w)).any()
+        tail = x.copy()
+        tail[[1, 2]] = x[[0, 3]]
+        tail[3:] = 0.0   # a padded prompt: live rows first, then zeros (multiplied in place)
+        y = np.asarray(f(tail, w))
+        assert not y[3:].any()
+        np.testing.assert_allclose(y[:3], np.asarray(f(tail[:3], w)), rtol=1e-5, atol=1e-5 * np.abs(y).max())
 
 
 # -- the grouped layout (16 rows per dword column; what the kernel's int8 path reads) ------------

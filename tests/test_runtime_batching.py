@@ -131,6 +131,24 @@ def test_tiny_batched_prefill_equals_alone(tmp_path, arch):
     _prefill_batched_vs_alone(model, prompts, slots=4)
 
 
+def test_prefill_without_logits_writes_the_same_cache(tmp_path):
+    """What the scheduler's admission runs (its logits are never read): no output projection,
+    and the cache bit for bit what the prefill with logits writes, alone and batched."""
+    model = Model.from_file(write_tiny_model(tmp_path / "tiny.gguf", arch="gemma3", qtype="Q4_0", n_layers=2))
+    params = load_params(model, "quantized")
+    rows = {0: ([5, 9, 11, 3, 2], 0), 2: (list(range(3, 22)), 0)}
+    runs = {}
+    for logits in (True, False):
+        alone = Runner(model, "quantized", params=params, slots=4, cache_length=64)
+        out_alone = alone.prefill(rows[2][0], slot=2, logits=logits)
+        batched = Runner(model, "quantized", params=params, slots=4, cache_length=64)
+        out_batched = batched.prefill_rows(rows, logits=logits)
+        assert (out_alone is None) == (out_batched is None) == (not logits)
+        runs[logits] = [np.asarray(c) for c in alone.cache.k + alone.cache.v + batched.cache.k + batched.cache.v]
+    for a, b in zip(runs[True], runs[False]):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.real
 @pytest.mark.parametrize("name", ["smollm2-135m-instruct", "gemma3-270m"])
 def test_real_batched_prefill_equals_alone(name):

@@ -278,7 +278,8 @@ class Scheduler:
         todo = {i: self.slots[i] for i in started if len(self.slots[i].req.prompt_ids) - 1 > self.slots[i].cached}
         if len(todo) > 1:
             try:
-                self.runner.prefill_rows({i: (s.req.prompt_ids[s.cached:-1], s.cached) for i, s in todo.items()})
+                self.runner.prefill_rows({i: (s.req.prompt_ids[s.cached:-1], s.cached) for i, s in todo.items()},
+                                        logits=False)
                 return
             except Exception:
                 if self.runner.cache.k[0].is_deleted():  # donated and lost: the others' KV went with it
@@ -286,7 +287,7 @@ class Scheduler:
                 log.exception("batched prefill failed; prefilling one by one")
         for i, s in todo.items():   # one at a time, so a failure is that request's alone
             try:
-                self.runner.prefill(s.req.prompt_ids[s.cached:-1], slot=i, start=s.cached)
+                self.runner.prefill(s.req.prompt_ids[s.cached:-1], slot=i, start=s.cached, logits=False)
             except Exception as e:
                 self._fail_start(i, s.req, e)
 

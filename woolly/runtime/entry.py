@@ -31,13 +31,15 @@ def _put_slot_rows(cache: KVCache, rows: KVCache, slot: jax.Array) -> KVCache:
     return jax.tree.map(lambda c, r: jax.lax.dynamic_update_slice_in_dim(c, r, slot, axis=0), cache, rows)
 
 
-@partial(jax.jit, static_argnames=("cfg", "kv_len"), donate_argnames=("cache",))
+@partial(jax.jit, static_argnames=("cfg", "kv_len", "logits"), donate_argnames=("cache",))
 def prefill(params, cache: KVCache, tokens: jax.Array, start: jax.Array, length: jax.Array, slot: jax.Array,
-            cfg, kv_len: int | None = None) -> tuple[jax.Array, KVCache]:
+            cfg, kv_len: int | None = None, logits: bool = True) -> tuple[jax.Array | None, KVCache]:
     """Run tokens[:length] (tokens i32 [T], padded to a bucket) at positions start.. into cache slot
     `slot`; -> logits of the last real token [V], cache. Longer prompts: call again with start moved on.
     kv_len (static, >= start + length): attend over only the first kv_len cache rows — a short
-    prompt in a long cache then costs attention over its own bucket, not the whole cache."""
+    prompt in a long cache then costs attention over its own bucket, not the whole cache.
+    logits (static) False: return None instead (the output projection is skipped: Gemma-3's
+    262144-row one costs ~7 ms, which a prompt whose last token is decoded next never reads)."""
     T = tokens.shape[0]
     idx = jnp.arange(T, dtype=jnp.int32)
     positions = jnp.where(idx < length, start + idx, -1)[None]                              # [1, T]
@@ -47,18 +49,23 @@ def prefill(params, cache: KVCache, tokens: jax.Array, start: jax.Array, length:
     head = _slot_rows(cache, slot, S)                                                        # [1, K, S, H]
     h, head = forward_hidden(params, tokens[None], positions, head, cfg)                     # [1, T, D]
     cache = _put_slot_rows(cache, head, slot)
+    if not logits:
+        return None, cache
     last = jax.lax.dynamic_index_in_dim(h[0], length - 1, axis=0, keepdims=False)            # [D]
     return output_logits(params, last), cache
 
 
-@partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
-def prefill_rows(params, cache: KVCache, tokens: jax.Array, positions: jax.Array, last: jax.Array, cfg):
+@partial(jax.jit, static_argnames=("cfg", "logits"), donate_argnames=("cache",))
+def prefill_rows(params, cache: KVCache, tokens: jax.Array, positions: jax.Array, last: jax.Array, cfg,
+                 logits: bool = True):
     """Several slots' prompts at once: tokens i32 [B, T] at positions i32 [B, T] (-1: padding or a
     slot not being filled, writes nothing) into the whole cache -> (logits [B, V] of each row's
     token at index last i32 [B], cache). Each row's result is what `prefill` gives it alone (the
     CPU kernels treat rows and queries independently); on a mesh, each device prefills its own
-    slots against its own part of the cache, so no KV moves."""
+    slots against its own part of the cache, so no KV moves. logits False: None (as `prefill`)."""
     h, cache = forward_hidden(params, tokens, positions, cache, cfg)                         # [B, T, D]
+    if not logits:
+        return None, cache
     h_last = jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]                        # [B, D]
     return output_logits(params, h_last), cache
 
@@ -186,8 +193,8 @@ write_slot = jax.jit(_put_slot_rows, donate_argnums=(0,))
 # The decode path's entry points, traced once per machine rather than once per process: a new
 # process loads their exported lowering (woolly/runtime/aot.py) and goes straight to the
 # compile cache. Same arguments, same donation (the cache, argument 1).
-prefill = Exported(prefill, "prefill", donate_argnums=(1,), static_argnames=("cfg", "kv_len"))
-prefill_rows = Exported(prefill_rows, "prefill_rows", donate_argnums=(1,))
+prefill = Exported(prefill, "prefill", donate_argnums=(1,), static_argnames=("cfg", "kv_len", "logits"))
+prefill_rows = Exported(prefill_rows, "prefill_rows", donate_argnums=(1,), static_argnames=("cfg", "logits"))
 decode_step = Exported(decode_step, "decode_step", donate_argnums=(1,))
 decode_and_sample = Exported(decode_and_sample, "decode_and_sample", donate_argnums=(1,))
 decode_and_sample_packed = Exported(decode_and_sample_packed, "decode_and_sample_packed", donate_argnums=(1,))

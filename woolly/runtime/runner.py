@@ -64,21 +64,24 @@ class Runner:
         return 1 if self.mesh is None else int(self.mesh.shape["data"])
 
     # -- one step at a time ------------------------------------------------------------
-    def prefill(self, tokens: Sequence[int], slot: int = 0, start: int = 0) -> jax.Array:
-        """Feed tokens into `slot` from position `start` -> next-token logits f32 [V] (on device)."""
+    def prefill(self, tokens: Sequence[int], slot: int = 0, start: int = 0, logits: bool = True) -> jax.Array | None:
+        """Feed tokens into `slot` from position `start` -> next-token logits f32 [V] (on device);
+        None when not `logits` (the output projection is then skipped)."""
         self._check_span(tokens, start)
         if self.data_parallel > 1:
-            return self.prefill_rows({slot: (tokens, start)})[slot]
-        logits = None
+            out = self.prefill_rows({slot: (tokens, start)}, logits=logits)
+            return None if out is None else out[slot]
+        out = None
         for i in range(0, len(tokens), MAX_PREFILL_BUCKET):
             chunk = tokens[i:i + MAX_PREFILL_BUCKET]
             padded = np.zeros(min(bucket(len(chunk)), MAX_PREFILL_BUCKET), np.int32)     # [T]
             padded[:len(chunk)] = chunk
             kv_len = min(bucket(start + i + len(chunk)), self.cache_length)   # rows attention reads
-            logits, self.cache = self._entry.prefill(self.params, self.cache, jnp.asarray(padded),
-                                                     jnp.int32(start + i), jnp.int32(len(chunk)), jnp.int32(slot),
-                                                     cfg=self.cfg, kv_len=kv_len)
-        return logits
+            out, self.cache = self._entry.prefill(self.params, self.cache, jnp.asarray(padded),
+                                                  jnp.int32(start + i), jnp.int32(len(chunk)), jnp.int32(slot),
+                                                  cfg=self.cfg, kv_len=kv_len,
+                                                  logits=logits and i + MAX_PREFILL_BUCKET >= len(tokens))
+        return out
 
     def _check_span(self, tokens: Sequence[int], start: int) -> None:
         if len(tokens) == 0:
@@ -86,19 +89,20 @@ class Runner:
         if start + len(tokens) > self.cache_length:
             raise ValueError(f"{start + len(tokens)} positions exceed the cache length {self.cache_length}")
 
-    def prefill_rows(self, rows: dict[int, tuple[Sequence[int], int]]) -> jax.Array:
+    def prefill_rows(self, rows: dict[int, tuple[Sequence[int], int]], logits: bool = True) -> jax.Array | None:
         """Several slots at once: {slot: (tokens, start)} fed in one pass over the whole cache
         (other slots get padding: position -1, writes nothing) -> logits f32 [B, V] (rows of
-        `rows` only). Each slot's result is the one `prefill` gives it alone. With a mesh, the
-        cache's B axis is split over "data": each device runs its own slots, reading no other's KV."""
+        `rows` only; None when not `logits`). Each slot's result is the one `prefill` gives it alone.
+        With a mesh, the cache's B axis is split over "data": each device runs its own slots,
+        reading no other's KV."""
         for toks, start in rows.values():
             self._check_span(toks, start)
         if self.mesh is None and len(rows) == 1:   # one slot: its own rows only (see `prefill`)
             (slot, (toks, start)), = rows.items()
-            logits = self.prefill(toks, slot=slot, start=start)
-            return jnp.zeros((self.slots, self.cfg.vocab_size), jnp.float32).at[slot].set(logits)
+            out = self.prefill(toks, slot=slot, start=start, logits=logits)
+            return None if out is None else jnp.zeros((self.slots, self.cfg.vocab_size), jnp.float32).at[slot].set(out)
         longest = max(len(t) for t, _ in rows.values())
-        logits = None
+        result = None
         for i in range(0, longest, MAX_PREFILL_BUCKET):
             T = min(bucket(min(longest - i, MAX_PREFILL_BUCKET)), MAX_PREFILL_BUCKET)
             tokens = np.zeros((self.slots, T), np.int32)                                  # [B, T]
@@ -113,9 +117,11 @@ class Runner:
                     last[slot] = len(chunk) - 1
                     done[slot] = i + len(chunk) == len(toks)
             out, self.cache = self._entry.prefill_rows(self.params, self.cache, jnp.asarray(tokens),
-                                                       jnp.asarray(positions), jnp.asarray(last), cfg=self.cfg)
-            logits = out if logits is None else jnp.where(jnp.asarray(done)[:, None], out, logits)
-        return logits
+                                                       jnp.asarray(positions), jnp.asarray(last), cfg=self.cfg,
+                                                       logits=logits)
+            if logits:
+                result = out if result is None else jnp.where(jnp.asarray(done)[:, None], out, result)
+        return result
 
     def decode(self, tokens: Sequence[int], positions: Sequence[int]) -> jax.Array:
         """One token per slot (position -1: slot idle) -> logits f32 [B, V] (on device)."""

@@ -251,8 +251,9 @@ def entry_points(mesh: Mesh) -> SimpleNamespace:
     donate = dict(donate_argnames=("cache",))
     raw = lambda f: f.__wrapped__   # noqa: E731  (the function under entry's jax.jit)
     return SimpleNamespace(
-        prefill=wrap(raw(entry.prefill), (None, "cache"), static_argnames=("cfg", "kv_len"), **donate),
-        prefill_rows=wrap(raw(entry.prefill_rows), (None, "cache"), batch_arg="tokens", **cfg_static, **donate),
+        prefill=wrap(raw(entry.prefill), (None, "cache"), static_argnames=("cfg", "kv_len", "logits"), **donate),
+        prefill_rows=wrap(raw(entry.prefill_rows), (None, "cache"), batch_arg="tokens",
+                          static_argnames=("cfg", "logits"), **donate),
         decode_step=wrap(raw(entry.decode_step), (None, "cache"), **cfg_static, **donate),
         decode_and_sample=wrap(raw(entry.decode_and_sample), ("rep", None, "cache"), **cfg_static, **donate),
         generate=wrap(raw(entry.generate), ("rep", "rep", "cache"), static_argnames=("cfg", "max_new"), **donate),

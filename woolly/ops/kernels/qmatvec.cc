@@ -580,7 +580,8 @@ static bool row_is_zero(const float* xr, int64_t I) {
 
 // Rows of x that are exactly zero (an idle slot, prompt padding: the model keeps their hidden
 // state at zero) have zero outputs, so they are skipped: the live rows are multiplied as a
-// compact block and the rest of y is zero. An 8-slot step with one live slot costs one row.
+// compact block and the rest of y is zero. An 8-slot step with one live slot costs one row; a
+// padded prompt's zero tail costs nothing (its live rows are a head, multiplied in place).
 static ffi::Error QMatVecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q,
                               ffi::Buffer<ffi::F32> s, ffi::Buffer<ffi::F32> b,
                               ffi::ResultBuffer<ffi::F32> y, int64_t kind, int64_t sub, int64_t off,
@@ -609,8 +610,13 @@ static ffi::Error QMatVecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi
   if (L == R)
     return matvec_rows(pool, xp, q.untyped_data(), s.typed_data(), b.typed_data(), yp, R, I, O, kind, sub, off,
                        bias, min_par, act, grouped != 0);
+  if (L == 0 || live.back() == L - 1) {   // a zero tail (prompt padding): the live head in place, no copies
+    std::fill(yp + L * O, yp + R * O, 0.f);
+    if (L == 0) return ffi::Error::Success();
+    return matvec_rows(pool, xp, q.untyped_data(), s.typed_data(), b.typed_data(), yp, L, I, O, kind, sub, off,
+                       bias, min_par, act, grouped != 0);
+  }
   std::fill(yp, yp + R * O, 0.f);
-  if (L == 0) return ffi::Error::Success();
   std::vector<float> xc(L * I), yc(L * O);
   for (int64_t j = 0; j < L; ++j) std::copy(xp + live[j] * I, xp + (live[j] + 1) * I, xc.data() + j * I);
   ffi::Error err = matvec_rows(pool, xc.data(), q.untyped_data(), s.typed_data(), b.typed_data(), yc.data(), L, I,
