@@ -81,7 +81,7 @@ _WRITE_TARGET = "woolly_cache_write"
 KERNEL_TARGETS = (_TARGET, _WRITE_TARGET)   # the FFI targets this module may put in a trace
 # Below this much work (live rows x K x H x (G + 1)) the kernel stays on the calling thread:
 # handing tiny chunks to XLA's pool costs more than it saves.
-KERNEL_MIN_PARALLEL = 1 << 18
+KERNEL_MIN_PARALLEL = 1 << 14
 # False: decode uses the masked jnp `attend` even where the kernel works (for measuring).
 USE_KERNEL = True
 
