@@ -47,6 +47,59 @@ def test_tiny_seeded_sampling_independent_of_batch(tmp_path):
     assert together[0] != together[1]
 
 
+def test_tiny_chained_steps_equal_host_packed_steps(tmp_path):
+    """`Runner.chain_step` (the next step's inputs made on device) draws what host-packed steps
+    draw, with a penalty window kept to 3 and budgets of 6 and 3 (after which a slot goes idle)."""
+    model = Model.from_file(write_tiny_model(tmp_path / "tiny.gguf", arch="llama", qtype="Q8_0"))
+    params = load_params(model, "quantized")
+    W, B = 8, 2
+    sampling = {"temperature": np.full(B, 1.3, np.float32), "top_p": np.ones(B, np.float32),
+                "min_p": np.zeros(B, np.float32), "repeat_penalty": np.full(B, 1.5, np.float32),
+                "presence_penalty": np.full(B, 0.5, np.float32), "frequency_penalty": np.zeros(B, np.float32),
+                "top_k": np.zeros(B, np.int32)}
+    seeds, keep, budget = np.array([7, 8], np.uint32), np.array([3, 3], np.int32), np.array([6, 3])
+    prompts = [[5, 9, 11], [3, 4, 5, 6, 7]]
+    host, chained = (Runner(model, "quantized", params=params, slots=B, cache_length=64) for _ in range(2))
+    for r in (host, chained):
+        for slot, p in enumerate(prompts):
+            r.prefill(p[:-1], slot=slot)
+    # the host's bookkeeping, as the scheduler keeps it
+    tokens = np.array([p[-1] for p in prompts], np.int32)
+    positions = np.array([len(p) - 1 for p in prompts], np.int32)
+    recent = [list(p[-3:]) for p in prompts]
+    drawn_host = [[], []]
+    for step in range(6):
+        window = np.full((B, W), -1, np.int32)
+        for i in range(B):
+            window[i, W - len(recent[i]):] = recent[i]
+        live = [i for i in range(B) if step < budget[i]]
+        pos = np.where([i in live for i in range(B)], positions, -1).astype(np.int32)
+        out, _ = host.step(tokens, pos, seeds, np.full(B, step, np.int32), sampling, window)
+        for i in live:
+            drawn_host[i].append(int(out[i]))
+            tokens[i], positions[i] = out[i], positions[i] + 1
+            recent[i] = (recent[i] + [int(out[i])])[-3:]
+    window = np.full((B, W), -1, np.int32)
+    for i, p in enumerate(prompts):
+        window[i, W - 3:] = p[-3:]
+    pending = chained.dispatch_step(np.array([p[-1] for p in prompts], np.int32),
+                                    np.array([len(p) - 1 for p in prompts], np.int32), seeds, np.zeros(B, np.int32),
+                                    sampling, window, keep, budget)
+    drawn_chained = [[], []]
+    for step in range(6):
+        nxt = chained.chain_step(pending) if step < 5 else None
+        out = np.asarray(pending.tokens)
+        for i in range(B):
+            if step < budget[i]:
+                drawn_chained[i].append(int(out[i]))
+        if nxt is not None:
+            pending = nxt
+    assert drawn_chained == drawn_host
+    assert np.asarray(pending.next_ints)[:, 1].tolist() == [-1, -1]   # both budgets spent: idle
+    for a, b in zip(host.cache.k, chained.cache.k):   # the KV of every drawn token, the same
+        np.testing.assert_array_equal(np.asarray(a)[:, :, :8], np.asarray(b)[:, :, :8])
+
+
 @pytest.mark.real
 @pytest.mark.parametrize("name", ["smollm2-135m-instruct", "gemma3-270m"])
 def test_real_batched_decode_equals_alone(name):

@@ -161,6 +161,34 @@ def test_a_shared_system_prompt_is_prefilled_once(engine):
     assert engine.create_session().generate_sync(second, max_tokens=6, temperature=0) == text
 
 
+def test_steps_queued_on_device_draw_what_host_packed_steps_draw(engine):
+    """Each step is queued on the last one's device outputs (token, position, counter, penalty
+    window, budget moved on there) before the host reads it; a request with logprobs is stepped
+    from host-packed inputs only. Same seed and settings -> the same tokens, alone and beside
+    requests that end at other steps (the queued step then still holds their slots)."""
+    opts = dict(temperature=0.9, top_k=40, repeat_penalty=1.3, repeat_last_n=5, presence_penalty=0.4,
+                frequency_penalty=0.2, seed=31)
+
+    def ids(**extra):
+        s = engine.create_session()
+        s.generate_sync(STORY, max_tokens=24, **opts, **extra)
+        return s.last_result.token_ids
+    host = ids(logprobs=1)
+    assert len(host) == 24 and ids() == host
+
+    async def batch():
+        sessions = [engine.create_session() for _ in range(4)]
+        outs = await asyncio.gather(
+            sessions[0].generate(STORY, max_tokens=24, **opts),
+            *(sessions[i].generate(PROMPTS[i], max_tokens=2 + 5 * i, temperature=0.7, seed=i) for i in (1, 2, 3)))
+        return sessions[0].last_result.token_ids, outs
+    together, outs = asyncio.run(batch())
+    assert together == host
+    for i, text in zip((1, 2, 3), outs[1:]):
+        assert text == engine.create_session().generate_sync(PROMPTS[i], max_tokens=2 + 5 * i, temperature=0.7,
+                                                             seed=i)
+
+
 def test_eight_sessions_progress_together_and_match_their_solo_text(engine, alone):
     assert len(PROMPTS) == SLOTS
     log: list[tuple[int, str]] = []

@@ -181,6 +181,7 @@ class Scheduler:
         self._closing: WoollyError | None = None
         self.tokens_generated = 0
         self.steps = 0
+        self._ahead = None   # (PendingStep, slot owners' request ids) queued before the last step was read
         self._thread = threading.Thread(target=self._run, name="woolly-scheduler", daemon=True)
         self._thread.start()
 
@@ -244,6 +245,7 @@ class Scheduler:
                     if s is not None:
                         self.slots[i] = None
                         s.req.emit("error", err)
+                self._ahead = None
                 self.runner.reset_cache()
 
     def _fail_all(self, error: WoollyError) -> None:
@@ -315,34 +317,35 @@ class Scheduler:
                      if p.repeat_last_n else [], cached=cached)
 
     def _step(self) -> None:
-        B = len(self.slots)
-        tokens = np.zeros(B, np.int32)
-        positions = np.full(B, -1, np.int32)
-        seeds = np.zeros(B, np.uint32)
-        counters = np.zeros(B, np.int32)
-        recent = np.full((B, RECENT_WINDOW), -1, np.int32)
-        sampling = {k: np.zeros(B, np.float32) for k in ("temperature", "top_p", "min_p", "repeat_penalty",
-                                                          "presence_penalty", "frequency_penalty")}
-        sampling["top_k"] = np.zeros(B, np.int32)
-        sampling["repeat_penalty"][:] = 1.0
-        sampling["top_p"][:] = 1.0
-        host_logits = False
-        for i, s in enumerate(self.slots):
-            if s is None:
-                continue
-            p = s.req.params
-            tokens[i], positions[i] = s.next_input, s.pos
-            seeds[i], counters[i] = s.seed & 0xFFFFFFFF, len(s.generated)
-            if s.recent:
-                recent[i, -len(s.recent):] = s.recent
-            for k in sampling:
-                sampling[k][i] = getattr(p, k)
-            host_logits |= p.sampler is not None or p.logprobs > 0
-        next_tokens, logits = self.runner.step(tokens, positions, seeds, counters, sampling, recent, host_logits)
+        """One decode step for every active slot. Where it can, the step after it is queued on the
+        device (`Runner.chain_step`) before this one's tokens are read, so the host's work per
+        step (reading, detokenizing, emitting, packing) overlaps the device's next step."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and any(s is not None and ahead[1][i] != s.req.id for i, s in enumerate(self.slots)):
+            ahead = None   # a slot was filled since that step was queued: it lacks the newcomer
+        host_logits = any(s is not None and (s.req.params.sampler is not None or s.req.params.logprobs > 0)
+                          for s in self.slots)
+        if ahead is not None:
+            pending, owners = ahead
+            next_tokens, logits = None, pending.logits
+        else:
+            owners = [None if s is None else s.req.id for s in self.slots]
+            packed = self._pack()
+            next_tokens = None
+            if self.runner.can_chain:
+                pending = self.runner.dispatch_step(*packed)
+                logits = pending.logits
+            else:
+                pending = None
+                next_tokens, logits = self.runner.step(*packed[:6], want_logits=host_logits)
+        if pending is not None and self._may_chain(host_logits):
+            self._ahead = (self.runner.chain_step(pending), owners)
+        if next_tokens is None:
+            next_tokens = np.asarray(pending.tokens)
         self.steps += 1
         now = time.perf_counter()
         for i, s in enumerate(self.slots):
-            if s is None:
+            if s is None or owners[i] != s.req.id:   # idle, or finished since the step was queued
                 continue
             p = s.req.params
             tok = int(next_tokens[i])
@@ -358,6 +361,46 @@ class Scheduler:
                     best = np.argsort(-logp)[:p.logprobs]
                     top = [(int(t), float(logp[t])) for t in best]
             self._advance(i, s, tok, now, lp, top)
+
+    def _pack(self) -> tuple:
+        """The active slots' step inputs from host state -> Runner.dispatch_step's arguments."""
+        B = len(self.slots)
+        tokens = np.zeros(B, np.int32)
+        positions = np.full(B, -1, np.int32)
+        seeds = np.zeros(B, np.uint32)
+        counters = np.zeros(B, np.int32)
+        recent = np.full((B, RECENT_WINDOW), -1, np.int32)
+        keep = np.zeros(B, np.int32)
+        budget = np.zeros(B, np.int32)
+        sampling = {k: np.zeros(B, np.float32) for k in ("temperature", "top_p", "min_p", "repeat_penalty",
+                                                          "presence_penalty", "frequency_penalty")}
+        sampling["top_k"] = np.zeros(B, np.int32)
+        sampling["repeat_penalty"][:] = 1.0
+        sampling["top_p"][:] = 1.0
+        for i, s in enumerate(self.slots):
+            if s is None:
+                continue
+            p = s.req.params
+            tokens[i], positions[i] = s.next_input, s.pos
+            seeds[i], counters[i] = s.seed & 0xFFFFFFFF, len(s.generated)
+            if s.recent:
+                recent[i, -len(s.recent):] = s.recent
+            keep[i] = min(p.repeat_last_n, RECENT_WINDOW) if p.repeat_last_n else 0
+            budget[i] = p.max_tokens - len(s.generated)
+            for k in sampling:
+                sampling[k][i] = getattr(p, k)
+        return tokens, positions, seeds, counters, sampling, recent, keep, budget
+
+    def _may_chain(self, host_logits: bool) -> bool:
+        """Queue the next step before reading this one? Not when the host picks tokens (a Python
+        sampler, logprobs), not when a waiting request is about to take a free slot (the queued
+        step would lack it), and not when every slot ends here by its budget or the cache."""
+        if host_logits or not self.runner.can_chain:
+            return False
+        if self.queue and any(s is None for s in self.slots):
+            return False
+        return any(s is not None and len(s.generated) + 1 < s.req.params.max_tokens
+                   and s.pos + 1 < self.runner.cache_length for s in self.slots)
 
     def _advance(self, i: int, s: _Slot, tok: int, now: float, lp, top) -> None:
         req, p = s.req, s.req.params

@@ -92,28 +92,56 @@ def decode_and_sample(params, cache: KVCache, tokens: jax.Array, positions: jax.
 SAMPLING_FLOATS = ("temperature", "top_p", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty")
 
 
-def pack_step(tokens, positions, seeds, counters, sampling: dict, recent) -> tuple[np.ndarray, np.ndarray]:
+STEP_COLUMNS = 7   # ints columns before the penalty window: see pack_step
+
+
+def pack_step(tokens, positions, seeds, counters, sampling: dict, recent, keep=None,
+              budget=None) -> tuple[np.ndarray, np.ndarray]:
     """A decode step's per-slot host inputs as two arrays, so a step costs two host->device copies,
-    not thirteen: ints i32 [B, 5 + W] (token, position, seed bits, counter, top_k, recent window
-    [W]) and floats f32 [B, 6] (SAMPLING_FLOATS)."""
-    B = len(tokens)
-    ints = np.empty((B, 5 + recent.shape[1]), np.int32)
+    not thirteen: ints i32 [B, 7 + W] (token, position, seed bits, counter, top_k, window length,
+    budget, recent window [W]) and floats f32 [B, 6] (SAMPLING_FLOATS). keep (default W): how many
+    of the window's last entries the slot's penalties use; budget (default 2**30): tokens the slot
+    may still draw, counting this step's (both only matter to `next_step_ints`)."""
+    B, W = len(tokens), recent.shape[1]
+    ints = np.empty((B, STEP_COLUMNS + W), np.int32)
     ints[:, 0], ints[:, 1], ints[:, 3], ints[:, 4] = tokens, positions, counters, sampling["top_k"]
     ints[:, 2] = np.asarray(seeds, np.uint32).view(np.int32)
-    ints[:, 5:] = recent
+    ints[:, 5] = W if keep is None else keep
+    ints[:, 6] = 1 << 30 if budget is None else budget
+    ints[:, STEP_COLUMNS:] = recent
     floats = np.stack([np.asarray(sampling[k], np.float32) for k in SAMPLING_FLOATS], axis=1)
     return ints, floats
 
 
+def next_step_ints(ints: jax.Array, drawn: jax.Array, cache_length: int) -> jax.Array:
+    """The packed ints of the step after this one, from this step's ints [B, 7 + W] and the tokens
+    it drew [B], made on device (what the scheduler would pack on the host for a slot that goes
+    on): the drawn token is the input at the next position, the counter moves on, the token joins
+    the penalty window (of which the last `keep` entries stay), the budget drops by one. A slot
+    whose budget or cache runs out goes idle (position -1); idle slots stay as they are."""
+    W = ints.shape[1] - STEP_COLUMNS
+    live = ints[:, 1] >= 0                                                                  # [B]
+    budget = ints[:, 6] - 1
+    pos = jnp.where((budget > 0) & (ints[:, 1] + 1 < cache_length), ints[:, 1] + 1, -1)
+    window = jnp.concatenate([ints[:, STEP_COLUMNS + 1:], drawn[:, None]], axis=1)          # [B, W]
+    window = jnp.where(jnp.arange(W)[None] >= W - ints[:, 5:6], window, -1)
+    nxt = jnp.concatenate([drawn[:, None], pos[:, None], ints[:, 2:3], ints[:, 3:4] + 1, ints[:, 4:6],
+                           budget[:, None], window], axis=1)
+    return jnp.where(live[:, None], nxt, ints)
+
+
 @partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
 def decode_and_sample_packed(params, cache: KVCache, ints: jax.Array, floats: jax.Array, cfg):
-    """`decode_and_sample` with its inputs packed by `pack_step` -> (next tokens i32 [B], logits [B, V], cache)."""
+    """`decode_and_sample` with its inputs packed by `pack_step` -> (next tokens i32 [B], logits [B, V],
+    cache, the next step's ints (`next_step_ints`): a step can be queued on this one's output
+    before the host has read it)."""
     sampling = SamplingParams(temperature=floats[:, 0], top_k=ints[:, 4], top_p=floats[:, 1], min_p=floats[:, 2],
                               repeat_penalty=floats[:, 3], presence_penalty=floats[:, 4],
                               frequency_penalty=floats[:, 5])
     seeds = jax.lax.bitcast_convert_type(ints[:, 2], jnp.uint32)
     logits, cache = decode_logits(params, cache, ints[:, 0], ints[:, 1], cfg)
-    return sample(logits, slot_keys(seeds, ints[:, 3]), sampling, ints[:, 5:]), logits, cache
+    drawn = sample(logits, slot_keys(seeds, ints[:, 3]), sampling, ints[:, STEP_COLUMNS:])
+    return drawn, logits, cache, next_step_ints(ints, drawn, cache.length)
 
 
 @partial(jax.jit, static_argnames=("cfg", "max_new"), donate_argnames=("cache",))

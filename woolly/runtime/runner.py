@@ -5,7 +5,7 @@ to buckets, keeps the cache it donates, and converts to and from numpy.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +20,15 @@ from woolly.runtime.sampling import SamplingParams
 
 MAX_PREFILL_BUCKET = 512   # longer prompts are prefilled in chunks of this many tokens
 PENALTY_WINDOW = 64        # llama.cpp's default repeat_last_n
+
+
+class PendingStep(NamedTuple):
+    """A queued decode step's device-side outputs."""
+
+    tokens: jax.Array      # i32 [B]: the tokens drawn
+    logits: jax.Array      # f32 [B, V]
+    next_ints: jax.Array   # i32 [B, 7 + W]: the next step's packed ints (entry.next_step_ints)
+    floats: jax.Array      # f32 [B, 6]: this step's sampling floats (the next one's too)
 
 
 class Runner:
@@ -186,17 +195,38 @@ class Runner:
              sampling: dict, recent: np.ndarray, want_logits: bool = False):
         """One batched decode step with per-slot sampling -> (next tokens i32 [B] on host,
         logits [B, V] on device when `want_logits`, else None)."""
-        if self.mesh is None:   # one device: the inputs in two arrays, two host->device copies
-            ints, floats = entry.pack_step(tokens, positions, seeds, counters, sampling, recent)
-            out, logits, self.cache = entry.decode_and_sample_packed(self.params, self.cache, ints, floats,
-                                                                     cfg=self.cfg)
-            return np.asarray(out), (logits if want_logits else None)
+        if self.mesh is None:
+            pending = self.dispatch_step(tokens, positions, seeds, counters, sampling, recent)
+            return np.asarray(pending.tokens), (pending.logits if want_logits else None)
         params = SamplingParams(**{k: jnp.asarray(sampling[k]) for k in SamplingParams._fields})
         out, logits, self.cache = self._entry.decode_and_sample(
             self.params, self.cache, jnp.asarray(tokens, jnp.int32), jnp.asarray(positions, jnp.int32),
             jnp.asarray(seeds, jnp.uint32), jnp.asarray(counters, jnp.int32), params,
             jnp.asarray(recent, jnp.int32), cfg=self.cfg)
         return np.asarray(out), (logits if want_logits else None)
+
+    @property
+    def can_chain(self) -> bool:
+        """Whether `dispatch_step` / `chain_step` work here (one device)."""
+        return self.mesh is None
+
+    def dispatch_step(self, tokens, positions, seeds, counters, sampling: dict, recent, keep=None,
+                      budget=None) -> "PendingStep":
+        """`step` without waiting: the step is queued on the device and its outputs stay there
+        (see `entry.pack_step` for keep and budget). One device only."""
+        ints, floats = entry.pack_step(tokens, positions, seeds, counters, sampling, recent, keep, budget)
+        return self._run_packed(jnp.asarray(ints), jnp.asarray(floats))
+
+    def chain_step(self, pending: "PendingStep") -> "PendingStep":
+        """Queue the step after `pending` on its device-side outputs, before the host reads them:
+        every slot live in `pending` goes on with the token it drew (`entry.next_step_ints`), so
+        the host's work on one step's tokens overlaps the next step's compute."""
+        return self._run_packed(pending.next_ints, pending.floats)
+
+    def _run_packed(self, ints: jax.Array, floats: jax.Array) -> "PendingStep":
+        drawn, logits, self.cache, next_ints = entry.decode_and_sample_packed(self.params, self.cache, ints, floats,
+                                                                             cfg=self.cfg)
+        return PendingStep(drawn, logits, next_ints, floats)
 
     def read_slot(self, slot: int):
         """A device copy of one slot's cache rows (for the prefix cache)."""
