@@ -287,9 +287,10 @@ static ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32
   first.push_back((int64_t)units.size());
   std::vector<float> parts(units.size() * G * (H + 2));
   const Job job{q.typed_data(), kc.untyped_data(), vc.untyped_data(), K, S, H, G, qps, scale, units.data(), parts.data()};
+  const bool small = qps == 1;   // a decode step: one query per slot (see woolly::SpinPool)
   woolly::run_parallel(pool, (int64_t)units.size(), par && units.size() > 1, [&](int64_t a, int64_t z) {
     for (int64_t i = a; i < z; ++i) fn(job, i);
-  });
+  }, small);
   // Merge each (slot, kv head)'s chunks: out = sum_i e^(m_i - M) acc_i / sum_i e^(m_i - M) l_i.
   for (size_t j = 0; j + 1 < first.size(); ++j) {
     const Unit& u0 = units[first[j]];

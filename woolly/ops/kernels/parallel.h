@@ -46,8 +46,11 @@ struct ParallelFor {
 // parked thread to wake, or ran alone (measured: SmolLM2's attention output projection took
 // 52 us after the single-threaded attention kernel vs 19 us back to back). These workers spin
 // (pausing, yielding to runnable threads) for up to WOOLLY_KERNEL_SPIN_US (default 300) after
-// each job, then sleep until the next one. One job at a time: a caller that finds the pool busy
-// (XLA runs independent kernels concurrently) uses XLA's pool instead.
+// each job, then sleep until the next one. Only small jobs come here (`run_parallel`'s `small`:
+// a decode step's, up to 16 rows): while XLA runs two kernels at once (a prefill's independent
+// matmuls) an extra thread only oversubscribes the cores (measured: Gemma-3's 512-token first
+// token 305 -> 355 ms when prefill used this pool too). One job at a time: a caller that finds
+// the pool busy uses XLA's pool instead.
 class SpinPool {
  public:
   static SpinPool* get(int64_t threads) {
@@ -129,10 +132,10 @@ class SpinPool {
   pid_t pid_ = 0;
 };
 
-// Run body over [0, total) on the calling thread and, when `parallel`, other threads (the
-// kernels' SpinPool, else the pool's threads); returns when every item is done.
+// Run body over [0, total) on the calling thread and, when `parallel`, other threads (for a
+// `small` job the kernels' SpinPool where free, else XLA's pool); returns when every item is done.
 inline void run_parallel(xla::ffi::ThreadPool& pool, int64_t total, bool parallel,
-                         std::function<void(int64_t, int64_t)> body) {
+                         std::function<void(int64_t, int64_t)> body, bool small = false) {
   auto sp = std::make_shared<ParallelFor>();
   sp->body = std::move(body);
   sp->total = total;
@@ -142,7 +145,7 @@ inline void run_parallel(xla::ffi::ThreadPool& pool, int64_t total, bool paralle
   sp->per = (total + want - 1) / want;
   if (sp->per < 1) sp->per = 1;
   sp->units = (total + sp->per - 1) / sp->per;
-  if (nt > 1 && sp->units > 1) {
+  if (small && nt > 1 && sp->units > 1) {
     SpinPool* spin = SpinPool::get(nt);
     if (spin != nullptr && spin->run(sp)) return;
   }

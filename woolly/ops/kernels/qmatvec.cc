@@ -531,11 +531,17 @@ static void scatter_group(const float* yl, float* y, int64_t R, int64_t O, int64
     for (int64_t l = 0; l < Ol; ++l) y[r * O + group_row(NR, O, g, l)] = yl[r * Ol + l];
 }
 
+// Rows up to which a call is a decode step's, run on woolly::SpinPool (a prefill chunk's on
+// XLA's pool). Measured on SmolLM2's 8-slot step: its output projection (8 x 49152 x 576) on
+// XLA's pool made the whole step 20% slower.
+constexpr int64_t SMALL_ROWS = 16;
+
 // y [R, O] = x [R, I] @ w.T for rows that are all live (see QMatVecImpl).
 static ffi::Error matvec_rows(ffi::ThreadPool& pool, const float* x, const void* qv, const float* s, const float* b,
                               float* y, int64_t R, int64_t I, int64_t O, int64_t kind, int64_t sub, int64_t off,
                               bool bias, int64_t min_par, int64_t act, bool grouped) {
   const bool par = O * I * (R < 8 ? R : 8) >= min_par;
+  const bool small = R <= SMALL_ROWS;   // a decode step: see woolly::SpinPool
   const uint8_t* q = static_cast<const uint8_t*>(qv);
   const int64_t NR = kind == 1 ? 2 : 1, units = kind == 1 ? O / 2 : O, G = units / 16, Ol = NR * 16;
   if (grouped && (kind == 2 || I % 64 != 0 || units % 16 != 0))
@@ -550,7 +556,7 @@ static ffi::Error matvec_rows(ffi::ThreadPool& pool, const float* x, const void*
     quantize_x(x, R, I, (int)sub, xq.data(), dxv.data(), xs.data(), nsp);
     const Q8Job job{xq.data(), dxv.data(), xs.data(), q, s, bias ? b : nullptr, y, R, I, O, nsub, nsp,
                     kind == 0 ? off + 128 : off};
-    woolly::run_parallel(pool, grouped ? G : units, par, [&](int64_t a, int64_t z) { fn(job, a, z); });
+    woolly::run_parallel(pool, grouped ? G : units, par, [&](int64_t a, int64_t z) { fn(job, a, z); }, small);
     return ffi::Error::Success();
   }
 #endif
@@ -567,7 +573,7 @@ static ffi::Error matvec_rows(ffi::ThreadPool& pool, const float* x, const void*
     return ffi::Error::Success();
   }
   const Job job{x, q, s, bias ? b : nullptr, y, R, I, O, off};
-  woolly::run_parallel(pool, units, par, [&](int64_t a, int64_t z) { fn(job, a, z); });
+  woolly::run_parallel(pool, units, par, [&](int64_t a, int64_t z) { fn(job, a, z); }, small);
   return ffi::Error::Success();
 }
 
