@@ -275,3 +275,32 @@ def test_grouped_rows_do_not_depend_on_the_batch(qtype):
     whole = np.asarray(f(x, w))
     for lo, hi in ((0, 1), (3, 4), (20, 21), (2, 9), (5, 8), (0, 13)):
         np.testing.assert_array_equal(np.asarray(f(x[lo:hi], w)), whole[lo:hi])
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q4_K, Q.Q6_K], ids=lambda t: t.name)
+def test_fused_rows_give_each_weight_s_output_bit_for_bit(qtype):
+    """fuse_rows (wq/wk/wv as one matrix, w_gate/w_up as one): the fused product, split, is
+    each weight's own product exactly, at 1, 8 and 96 rows (4-bit row pairs re-paired)."""
+    shapes = [(96, 256), (32, 256), (32, 256)]
+    parts = [qm.prepare_weight(random_raw(qtype, s, seed=11 + i), qtype, s, "quantized", grouped=False)
+             for i, s in enumerate(shapes)]
+    fused = qm.fuse_rows(parts)
+    assert fused is not None and fused.grouped and fused.shape == (160, 256)
+    np.testing.assert_array_equal(np.asarray(fused.dequantize()),
+                                  np.concatenate([np.asarray(p.dequantize()) for p in parts]))
+    f = jax.jit(qm.linear)
+    x = np.random.default_rng(12).standard_normal((96, 256)).astype(np.float32)
+    for rows in (1, 8, 96):
+        y = np.asarray(f(x[:rows], fused))
+        alone = [np.asarray(f(x[:rows], qm.grouped_where_possible(p))) for p in parts]
+        np.testing.assert_array_equal(y, np.concatenate(alone, axis=1))
+
+
+def test_rows_of_different_formats_or_layouts_are_not_fused():
+    a = qm.prepare_weight(random_raw(Q.Q4_K, (32, 256)), Q.Q4_K, (32, 256), "quantized", grouped=False)
+    b = qm.prepare_weight(random_raw(Q.Q6_K, (32, 256)), Q.Q6_K, (32, 256), "quantized", grouped=False)
+    assert qm.fuse_rows([a, b]) is None                                   # 4-bit pairs and int8 codes
+    assert qm.fuse_rows([a, qm.group_layout(a)]) is None                  # already grouped
+    c = qm.prepare_weight(random_raw(Q.Q4_K, (32, 512)), Q.Q4_K, (32, 512), "quantized", grouped=False)
+    assert qm.fuse_rows([a, c]) is None                                   # another width
+    assert qm.fuse_rows([a, jnp.zeros((32, 256))]) is None                # not quantized

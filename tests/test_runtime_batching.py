@@ -184,6 +184,28 @@ def test_tiny_batched_prefill_equals_alone(tmp_path, arch):
     _prefill_batched_vs_alone(model, prompts, slots=4)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_fused_projections_give_the_same_logits_bit_for_bit(tmp_path, monkeypatch, arch):
+    """Quantized layers load with wq/wk/wv and w_gate/w_up fused (runtime/params.fuse_layer)
+    where the CPU kernel runs; prefill and decode logits equal the unfused model's exactly."""
+    from woolly.runtime import params as params_mod
+
+    if not qmatmul.kernel_groups_weights():
+        pytest.skip("the grouped int8 kernel path is not in use here")
+    model = Model.from_file(write_tiny_model(tmp_path / "tiny.gguf", arch=arch, qtype="Q4_0", n_layers=2))
+    fused = load_params(model, "quantized")
+    assert {"wqkv", "w_gate_up"} <= fused["layers"][0].keys() and "wq" not in fused["layers"][0]
+    monkeypatch.setattr(params_mod, "FUSED", {})
+    plain = load_params(model, "quantized")
+    assert "wq" in plain["layers"][0] and plain["layers"][0]["wq"].grouped
+    out = []
+    for params in (fused, plain):
+        r = Runner(model, "quantized", params=params, slots=2, cache_length=64)
+        out.append((np.asarray(r.prefill([5, 9, 11, 3, 2, 8])), np.asarray(r.decode([4, 7], [6, -1]))))
+    for a, b in zip(*out):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_prefill_without_logits_writes_the_same_cache(tmp_path):
     """What the scheduler's admission runs (its logits are never read): no output projection,
     and the cache bit for bit what the prefill with logits writes, alone and batched."""

@@ -169,7 +169,39 @@ def group_layout(w: QuantizedWeight) -> QuantizedWeight:
                            w.kind, w.sub, w.off, grouped=True)
 
 
-def _kernel_groups_weights() -> bool:
+def fuse_rows(ws: list) -> QuantizedWeight | None:
+    """Plain-layout weights -> one whose rows are theirs in order ([sum O, I]: one matmul and a
+    split instead of one matmul each, for matrices that read the same input), in the grouped
+    layout; None unless all are QuantizedWeights of one format and width whose fused shape can
+    be grouped. Exact: codes, scales and biases are moved, not changed (4-bit row pairs are
+    re-paired as the fused shape needs), and the kernel computes each output row alone."""
+    if not all(isinstance(w, QuantizedWeight) and not w.grouped for w in ws):
+        return None
+    w0 = ws[0]
+    if any((w.kind, w.sub, w.off, w.bias is None, w.shape[1]) != (w0.kind, w0.sub, w0.off, w0.bias is None,
+                                                                  w0.shape[1]) for w in ws):
+        return None
+    O, I = sum(w.shape[0] for w in ws), w0.shape[1]
+    if not groupable(w0.kind, O, I) or (w0.kind == "nib" and O % 2):
+        return None
+    if w0.kind == "nib":   # [O/2, I] byte pairs -> codes [O, I] -> the fused shape's pairs
+        c = np.concatenate([np.concatenate([np.asarray(w.q) & 15, np.asarray(w.q) >> 4]) for w in ws])
+        q = c[:O // 2] | (c[O // 2:] << np.uint8(4))
+    else:
+        q = np.concatenate([np.asarray(w.q) for w in ws])
+    scale = np.concatenate([np.asarray(w.scale) for w in ws])
+    bias = None if w0.bias is None else np.concatenate([np.asarray(w.bias) for w in ws])
+    return group_layout(QuantizedWeight(q, scale, bias, w0.kind, w0.sub, w0.off))
+
+
+def grouped_where_possible(w):
+    """A plain-layout weight in the grouped layout where its shape allows (else as it is)."""
+    if isinstance(w, QuantizedWeight) and not w.grouped and groupable(w.kind, *w.shape):
+        return group_layout(w)
+    return w
+
+
+def kernel_groups_weights() -> bool:
     """Whether quantized weights prepared now should take the grouped layout: the CPU kernel
     multiplies them with int8 activations (ACTIVATIONS "q8", AVX512-VNNI)."""
     return (ACTIVATIONS == "q8" and jax.default_backend() == "cpu" and cpu_kernels.in_use()
@@ -213,7 +245,7 @@ def prepare_weight(raw: np.ndarray, qtype: QuantizationType, shape: tuple[int, i
     else:
         w = QuantizedWeight(np.ascontiguousarray(q), scale, bias, "i8", sub, 0)       # host arrays so far
     if grouped is None:
-        grouped = _kernel_groups_weights()
+        grouped = kernel_groups_weights()
     if grouped and groupable(w.kind, O, I):
         return group_layout(w)
     return QuantizedWeight(jnp.asarray(w.q), jnp.asarray(w.scale), None if bias is None else jnp.asarray(bias),
