@@ -215,7 +215,7 @@ def load(name: str, path: str | None, mode: str):
         from woolly.model import Model
 
         model = Model.from_file(path)
-        cfg, params = model.config, load_params(model, residency)
+        cfg, params = model.config, load_params(model, residency, grouped=False)   # as on a GPU, also on CPU
     if mode == "bf16":
         params = jax.tree.map(lambda a: a.astype(jnp.bfloat16)
                               if a.ndim == 2 and jnp.issubdtype(a.dtype, jnp.floating) else a, params)

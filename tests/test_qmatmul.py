@@ -294,6 +294,10 @@ def test_fused_rows_give_each_weight_s_output_bit_for_bit(qtype):
         y = np.asarray(f(x[:rows], fused))
         alone = [np.asarray(f(x[:rows], qm.grouped_where_possible(p))) for p in parts]
         np.testing.assert_array_equal(y, np.concatenate(alone, axis=1))
+    for back, p in zip(qm.split_rows(fused, [s[0] for s in shapes]), parts):   # what sharding does
+        assert not back.grouped and (back.kind, back.sub, back.off) == (p.kind, p.sub, p.off)
+        for a, b in ((back.q, p.q), (back.scale, p.scale), (back.bias, p.bias)):
+            assert (a is None and b is None) or np.array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_rows_of_different_formats_or_layouts_are_not_fused():

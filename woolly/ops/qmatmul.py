@@ -194,6 +194,23 @@ def fuse_rows(ws: list) -> QuantizedWeight | None:
     return group_layout(QuantizedWeight(q, scale, bias, w0.kind, w0.sub, w0.off))
 
 
+def split_rows(w: QuantizedWeight, widths: tuple[int, ...]) -> list[QuantizedWeight]:
+    """`fuse_rows` undone: w's rows in consecutive parts of `widths` rows, each plain-layout
+    (4-bit parts re-paired for their own shape)."""
+    p = w.plain()
+    q, scale = np.asarray(p.q), np.asarray(p.scale)
+    bias = None if p.bias is None else np.asarray(p.bias)
+    codes = np.concatenate([q & 15, q >> 4]) if p.kind == "nib" else q                     # [O, I]
+    out, o = [], 0
+    for n in widths:
+        c = codes[o:o + n]
+        pq = c[:n // 2] | (c[n // 2:] << np.uint8(4)) if p.kind == "nib" else c
+        out.append(QuantizedWeight(jnp.asarray(pq), jnp.asarray(scale[o:o + n]),
+                                   None if bias is None else jnp.asarray(bias[o:o + n]), p.kind, p.sub, p.off))
+        o += n
+    return out
+
+
 def grouped_where_possible(w):
     """A plain-layout weight in the grouped layout where its shape allows (else as it is)."""
     if isinstance(w, QuantizedWeight) and not w.grouped and groupable(w.kind, *w.shape):

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 
 from woolly.model import Model
 from woolly.models.registry import architecture
-from woolly.ops.qmatmul import RESIDENCIES, fuse_rows, grouped_where_possible, kernel_groups_weights, prepare_weight
+from woolly.ops.qmatmul import (RESIDENCIES, fuse_rows, grouped_where_possible, kernel_groups_weights, prepare_weight,
+                                split_rows)
 
 # Matrices read by the same input, kept as one where their formats agree (see `fuse_layer`).
 FUSED = {"wqkv": ("wq", "wk", "wv"), "w_gate_up": ("w_gate", "w_up")}
@@ -71,6 +72,16 @@ def fuse_layer(lp: dict) -> dict:
                 lp = {k: v for k, v in lp.items() if k not in parts} | {fused: w}
                 continue
         lp = {k: grouped_where_possible(v) if k in parts else v for k, v in lp.items()}
+    return lp
+
+
+def unfuse_layer(lp: dict, cfg) -> dict:
+    """`fuse_layer` undone: the separate plain-layout matrices (what sharding splits by rows)."""
+    for fused, parts in FUSED.items():
+        if fused in lp:
+            kv, F = cfg.n_kv_heads * cfg.head_dim, lp["w_down"].shape[1]
+            widths = {"wqkv": (cfg.q_dim, kv, kv), "w_gate_up": (F, F)}[fused]
+            lp = {k: v for k, v in lp.items() if k != fused} | dict(zip(parts, split_rows(lp[fused], widths)))
     return lp
 
 

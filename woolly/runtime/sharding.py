@@ -41,6 +41,7 @@ from woolly.arch import ModelConfig
 from woolly.models.base import KVCache
 from woolly.ops import cpu_kernels
 from woolly.ops.qmatmul import QuantizedWeight
+from woolly.runtime.params import unfuse_layer
 
 DATA, MODEL = "data", "model"
 COLUMN, ROW = "column", "row"   # split a matrix [O, I] by rows O (column-parallel) or columns I
@@ -161,6 +162,7 @@ def shard_params(params: dict, cfg: ModelConfig, mesh: Mesh) -> dict:
             out[key] = _put(value, replicated(mesh))
     layers = []
     for lp in params["layers"]:
+        lp = unfuse_layer(lp, cfg)   # fused projections (one-device params) split by rows again
         plan = layer_plan(lp, cfg, mesh)
         layers.append({k: place_matrix(v, plan[k], mesh) if k in plan else _put(v, replicated(mesh))
                        for k, v in lp.items()})
