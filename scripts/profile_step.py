@@ -1,11 +1,15 @@
-"""Where a step's time goes: a jax.profiler trace of Runner.decode (8 slots, `rows` live) or of
-Runner.prefill (`rows` tokens), quantized-resident, summed per XLA operation kind and, for the
-C++ kernel calls (ffi_call.N), per position within a layer (call order in the compiled module).
+"""Where a step's time goes: a jax.profiler trace of Runner.decode (8 slots, `rows` live), of the
+engine's step (`sample`: decode and sampling, each step chained on the last as the scheduler
+does, llama.cpp's default sampling settings) or of Runner.prefill (`rows` tokens),
+quantized-resident, summed per XLA operation kind and, for the C++ kernel calls (ffi_call.N),
+per position within a layer (call order in the compiled module).
 
     .venv/bin/python scripts/profile_step.py smollm2-135m-instruct decode 8
+    .venv/bin/python scripts/profile_step.py smollm2-135m-instruct sample 8
     .venv/bin/python scripts/profile_step.py gemma3-270m prefill 512
 
 The trace slows everything somewhat; compare positions and kinds, not totals with other probes.
+A `cond` (sampling's branches) is timed whole and again for each cond nested in it.
 """
 import collections
 import glob
@@ -35,6 +39,23 @@ if mode == "decode":
 
     def run():
         return runner.decode([5] * 8, positions)
+elif mode == "sample":
+    B = runner.slots
+    sampling = {"temperature": np.full(B, 0.8, np.float32), "top_p": np.full(B, 0.95, np.float32),
+                "min_p": np.full(B, 0.05, np.float32), "repeat_penalty": np.ones(B, np.float32),
+                "presence_penalty": np.zeros(B, np.float32), "frequency_penalty": np.zeros(B, np.float32),
+                "top_k": np.full(B, 40, np.int32)}
+    live = np.arange(B) < rows
+    pending = [runner.dispatch_step(np.full(B, 5, np.int32), np.where(live, 10, -1).astype(np.int32),
+                                    np.arange(B, dtype=np.uint32), np.zeros(B, np.int32), sampling,
+                                    np.full((B, 256), -1, np.int32), np.zeros(B, np.int32), np.full(B, 1 << 20))]
+    steps = 40
+
+    def run():   # queue the next step, then read this one (Scheduler._step)
+        nxt = runner.chain_step(pending[0])
+        np.asarray(pending[0].tokens)
+        pending[0] = nxt
+        return nxt.tokens
 else:
     steps = 4
 
