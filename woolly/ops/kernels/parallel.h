@@ -1,5 +1,6 @@
-// Splitting a kernel's work over the calling thread and XLA's intra-op thread pool (shared by
-// every kernel in this directory; woolly/ops/cpu_kernels.py compiles them with -I here).
+// Splitting a kernel's work over the calling thread and other threads: the kernels' own spinning
+// worker for a decode step's calls, XLA's intra-op thread pool for the rest (shared by every
+// kernel in this directory; woolly/ops/cpu_kernels.py compiles them with -I here).
 #pragma once
 
 #include <immintrin.h>
