@@ -169,6 +169,17 @@ def group_layout(w: QuantizedWeight) -> QuantizedWeight:
                            w.kind, w.sub, w.off, grouped=True)
 
 
+def pair_rows(codes: np.ndarray) -> np.ndarray:
+    """4-bit codes uint8 [O, I] (O even) -> the "nib" bytes [O/2, I]: row o low, row o + O/2 high."""
+    O = codes.shape[0]
+    return codes[:O // 2] | (codes[O // 2:] << np.uint8(4))
+
+
+def unpair_rows(q: np.ndarray) -> np.ndarray:
+    """`pair_rows` undone: "nib" bytes [O/2, I] -> codes uint8 [O, I]."""
+    return np.concatenate([q & 15, q >> 4])
+
+
 def fuse_rows(ws: list) -> QuantizedWeight | None:
     """Plain-layout weights -> one whose rows are theirs in order ([sum O, I]: one matmul and a
     split instead of one matmul each, for matrices that read the same input), in the grouped
@@ -185,8 +196,7 @@ def fuse_rows(ws: list) -> QuantizedWeight | None:
     if not groupable(w0.kind, O, I) or (w0.kind == "nib" and O % 2):
         return None
     if w0.kind == "nib":   # [O/2, I] byte pairs -> codes [O, I] -> the fused shape's pairs
-        c = np.concatenate([np.concatenate([np.asarray(w.q) & 15, np.asarray(w.q) >> 4]) for w in ws])
-        q = c[:O // 2] | (c[O // 2:] << np.uint8(4))
+        q = pair_rows(np.concatenate([unpair_rows(np.asarray(w.q)) for w in ws]))
     else:
         q = np.concatenate([np.asarray(w.q) for w in ws])
     scale = np.concatenate([np.asarray(w.scale) for w in ws])
@@ -200,11 +210,11 @@ def split_rows(w: QuantizedWeight, widths: tuple[int, ...]) -> list[QuantizedWei
     p = w.plain()
     q, scale = np.asarray(p.q), np.asarray(p.scale)
     bias = None if p.bias is None else np.asarray(p.bias)
-    codes = np.concatenate([q & 15, q >> 4]) if p.kind == "nib" else q                     # [O, I]
+    codes = unpair_rows(q) if p.kind == "nib" else q                                       # [O, I]
     out, o = [], 0
     for n in widths:
         c = codes[o:o + n]
-        pq = c[:n // 2] | (c[n // 2:] << np.uint8(4)) if p.kind == "nib" else c
+        pq = pair_rows(c) if p.kind == "nib" else c
         out.append(QuantizedWeight(jnp.asarray(pq), jnp.asarray(scale[o:o + n]),
                                    None if bias is None else jnp.asarray(bias[o:o + n]), p.kind, p.sub, p.off))
         o += n
@@ -258,7 +268,7 @@ def prepare_weight(raw: np.ndarray, qtype: QuantizationType, shape: tuple[int, i
         if c.min() < 0 or c.max() > 15:  # not expected from these formats; stay exact regardless
             raise ValueError(f"{qtype.name} codes outside the 4-bit range after offset {off}")
         c = c.astype(np.uint8)
-        w = QuantizedWeight(c[: O // 2] | (c[O // 2:] << np.uint8(4)), scale, bias, "nib", sub, off)
+        w = QuantizedWeight(pair_rows(c), scale, bias, "nib", sub, off)
     else:
         w = QuantizedWeight(np.ascontiguousarray(q), scale, bias, "i8", sub, 0)       # host arrays so far
     if grouped is None:

@@ -40,7 +40,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from woolly.arch import ModelConfig
 from woolly.models.base import KVCache
 from woolly.ops import cpu_kernels
-from woolly.ops.qmatmul import QuantizedWeight
+from woolly.ops.qmatmul import QuantizedWeight, unpair_rows
 from woolly.runtime.params import unfuse_layer
 
 DATA, MODEL = "data", "model"
@@ -131,7 +131,7 @@ def unpack_nibbles(w: QuantizedWeight) -> QuantizedWeight:
     if w.kind != "nib":
         return w
     packed = np.asarray(w.q)                                                            # u8 [O/2, I]
-    codes = np.concatenate([packed & 15, packed >> 4], axis=0).astype(np.int16) - w.off  # [O, I]
+    codes = unpair_rows(packed).astype(np.int16) - w.off                                # [O, I]
     return QuantizedWeight(jnp.asarray(codes.astype(np.int8)), w.scale, w.bias, "i8", w.sub, 0)
 
 
