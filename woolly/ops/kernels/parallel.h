@@ -39,6 +39,14 @@ struct ParallelFor {
       done.fetch_add(1, std::memory_order_release);
     }
   }
+  // Until every unit is done (those other threads are computing), spinning, then yielding.
+  void wait() const {
+    int spins = 0;
+    while (done.load(std::memory_order_acquire) < units) {
+      _mm_pause();
+      if (++spins > 2048) std::this_thread::yield();
+    }
+  }
 };
 
 // Threads of this kernel library's own that stay awake between calls. XLA's pool parks its
@@ -71,11 +79,7 @@ class SpinPool {
     }
     if (sleepers_.load(std::memory_order_acquire) > 0) cv_.notify_all();
     job->work();
-    int spins = 0;
-    while (job->done.load(std::memory_order_acquire) < job->units) {
-      _mm_pause();
-      if (++spins > 2048) std::this_thread::yield();
-    }
+    job->wait();
     {
       std::lock_guard<std::mutex> lk(mu_);
       job_.reset();
@@ -152,11 +156,7 @@ inline void run_parallel(xla::ffi::ThreadPool& pool, int64_t total, bool paralle
   }
   for (int64_t t = 1; t < nt && t < sp->units; ++t) pool.Schedule([sp]() { sp->work(); });
   sp->work();
-  int spins = 0;
-  while (sp->done.load(std::memory_order_acquire) < sp->units) {
-    _mm_pause();
-    if (++spins > 2048) std::this_thread::yield();
-  }
+  sp->wait();
 }
 
 }  // namespace woolly
