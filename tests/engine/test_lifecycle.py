@@ -7,6 +7,8 @@ import pytest
 
 from woolly.errors import ModelNotFound, ModelNotLoaded, WoollyError
 
+from .support import make_engine
+
 pytestmark = pytest.mark.real
 
 PROMPT = "The history of the printing press begins"
@@ -57,3 +59,32 @@ def test_a_failed_load_leaves_the_previous_model_serving(engine, smollm2_path, t
         engine.load_model(str(tmp_path / "missing.gguf"))
     assert engine.current_model_name == "smollm2-135m-instruct"
     assert greedy(engine) == before
+
+
+def test_close_ends_requests_frees_the_model_and_is_idempotent(smollm2_path):
+    """`Engine.close()` (here through `with`): a running request ends with MODEL_NOT_LOADED, the
+    scheduler thread stops, the prefix cache is emptied; closing again is a no-op."""
+    with make_engine(smollm2_path) as engine:
+        greedy(engine)   # leaves an entry in the prefix cache
+        sched = engine.scheduler()
+        assert sched.prefix_cache.entries
+        session = engine.create_session()
+
+        async def consume():
+            pieces = []
+            with pytest.raises(ModelNotLoaded) as info:
+                async for piece in session.generate_stream(PROMPT, max_tokens=200, temperature=0):
+                    pieces.append(piece)
+                    if len(pieces) == 2:
+                        engine.close()
+            return pieces, info.value
+        pieces, err = asyncio.run(consume())
+        assert "closed" in err.message and 2 <= len(pieces) < 200
+        assert not sched._thread.is_alive() and not sched.prefix_cache.entries
+        assert engine.current_model_name is None
+    engine.close()
+    with pytest.raises(ModelNotLoaded):
+        engine.create_session()
+    engine.load_model(smollm2_path)   # a closed engine can load again
+    assert greedy(engine, 4)
+    engine.close()

@@ -123,6 +123,23 @@ class Engine:
         sched.close(ModelNotLoaded("the model was unloaded while this request ran"))
         model.close()
 
+    def close(self) -> None:
+        """Stop the scheduler (queued and running requests end with MODEL_NOT_LOADED) and free the
+        model. Idempotent; the engine can load a model again afterwards."""
+        with self._lock:
+            sched, self._scheduler = self._scheduler, None
+            model, self._model, self._runner, self._model_name = self._model, None, None, None
+        if sched is not None:
+            sched.close(ModelNotLoaded("the engine was closed while this request ran"))
+        if model is not None:
+            model.close()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     @property
     def current_model_name(self) -> str | None:
         return self._model_name

@@ -6,15 +6,19 @@ no slot is free it queues; past `max_queue` it is refused as busy. Each step eve
 active slot gets one token; cancellation takes effect at the next step.
 
 Events go to each request's `emit(kind, payload)`, called on the scheduler thread:
-("token", TokenEvent), ("done", GenerationResult), ("error", WoollyError).
+("token", TokenEvent), ("done", GenerationResult), ("error", WoollyError). An `emit` that
+raises (its consumer's event loop has closed) cancels its own request and touches no other.
+Live schedulers are closed at interpreter exit, so no thread is left inside XLA then.
 """
 from __future__ import annotations
 
+import atexit
 import collections
 import itertools
 import logging
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -30,6 +34,7 @@ log = logging.getLogger("woolly.engine")
 
 RECENT_WINDOW = 256   # W: penalty window kept per slot (repeat_last_n <= W)
 TRIM_AFTER = 64 << 20  # bytes the prefix cache evicts before the freed heap is returned to the OS
+CLOSE_TIMEOUT = 30.0   # seconds `Scheduler.close` waits for the thread to finish its step
 
 
 @dataclass
@@ -97,6 +102,16 @@ class Request:
 
     def cancel(self) -> None:
         self.cancelled.set()
+
+    def send(self, kind: str, payload) -> None:
+        """emit(kind, payload); if it raises, this request is cancelled (it ends at the next step)."""
+        try:
+            self.emit(kind, payload)
+        except Exception as e:   # e.g. "Event loop is closed": that consumer is gone
+            if not self.cancelled.is_set():
+                log.warning("request %d: its consumer cannot take events (%s: %s); cancelled",
+                            self.id, type(e).__name__, e)
+            self.cancel()
 
 
 @dataclass
@@ -202,6 +217,7 @@ class Scheduler:
         self._ahead = None   # (PendingStep, slot owners' request ids) queued before the last step was read
         self._thread = threading.Thread(target=self._run, name="woolly-scheduler", daemon=True)
         self._thread.start()
+        _live.add(self)
 
     # -- called from any thread ----------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: GenerationParams, emit) -> Request:
@@ -236,11 +252,16 @@ class Scheduler:
         return len(self.queue)
 
     def close(self, error: WoollyError) -> None:
-        """Stop the thread; every queued or running request ends with `error`."""
+        """Stop the thread; every queued or running request ends with `error`. Idempotent."""
         with self._wake:
-            self._closing = error
+            if self._closing is None:
+                self._closing = error
             self._wake.notify()
-        self._thread.join(timeout=30)
+        if threading.current_thread() is not self._thread:   # (an emit may close its own engine)
+            self._thread.join(timeout=CLOSE_TIMEOUT)
+            if not self._thread.is_alive():
+                self.prefix_cache.clear()
+        _live.discard(self)
 
     # -- the scheduler thread ------------------------------------------------------------
     def _run(self) -> None:
@@ -262,7 +283,7 @@ class Scheduler:
                 for i, s in enumerate(self.slots):
                     if s is not None:
                         self.slots[i] = None
-                        s.req.emit("error", err)
+                        s.req.send("error", err)
                 self._ahead = None
                 self.runner.reset_cache()
 
@@ -270,9 +291,9 @@ class Scheduler:
         for i, s in enumerate(self.slots):
             if s is not None:
                 self.slots[i] = None
-                s.req.emit("error", error)
+                s.req.send("error", error)
         while self.queue:
-            self.queue.popleft().emit("error", error)
+            self.queue.popleft().send("error", error)
 
     def _admit(self) -> None:
         """Fill free slots from the queue, then prefill the new prompts in one pass."""
@@ -314,7 +335,7 @@ class Scheduler:
     def _fail_start(self, slot: int, req: Request, e: Exception) -> None:
         log.exception("prefill failed")
         self.slots[slot] = None
-        req.emit("error", e if isinstance(e, WoollyError) else GenerationFailed(f"prefill failed: {type(e).__name__}"))
+        req.send("error", e if isinstance(e, WoollyError) else GenerationFailed(f"prefill failed: {type(e).__name__}"))
         if self.runner.cache.k[0].is_deleted():  # donated and lost: the others' KV went with it
             raise e
 
@@ -433,7 +454,7 @@ class Scheduler:
         piece = s.stops.feed(s.stream.push(tok))
         if piece or lp is not None:
             s.text.append(piece)
-            req.emit("token", TokenEvent(piece, tok, len(s.generated) - 1, lp, top))
+            req.send("token", TokenEvent(piece, tok, len(s.generated) - 1, lp, top))
         if s.stops.stopped:
             return self._finish(i, "stop")
         s.pos += 1
@@ -450,18 +471,29 @@ class Scheduler:
             tail = s.stops.feed(s.stream.flush()) + s.stops.flush()
             if tail:
                 s.text.append(tail)
-                s.req.emit("token", TokenEvent(tail, -1, len(s.generated) - 1))
+                s.req.send("token", TokenEvent(tail, -1, len(s.generated) - 1))
         if self.prefix_cache.max_bytes and s.pos > 0:
             known = (s.req.prompt_ids + s.generated)[:s.pos]   # tokens whose KV is in the slot
             self.prefix_cache.store(tuple(known), self.runner.read_slot(i), self.runner.slot_nbytes)
         now = time.perf_counter()
         start = s.req.submitted
-        s.req.emit("done", GenerationResult(
+        s.req.send("done", GenerationResult(
             text="".join(s.text), token_ids=list(s.generated), prompt_tokens=len(s.req.prompt_ids),
             generated_tokens=len(s.generated), finish_reason=reason,
             time_to_first_token=None if s.first_token_at is None else s.first_token_at - start,
             generation_time=now - start, cached_prompt_tokens=s.cached))
 
     def _finish_unstarted(self, req: Request, reason: str) -> None:
-        req.emit("done", GenerationResult("", [], len(req.prompt_ids), 0, reason, None,
+        req.send("done", GenerationResult("", [], len(req.prompt_ids), 0, reason, None,
                                           time.perf_counter() - req.submitted))
+
+
+_live: weakref.WeakSet[Scheduler] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live() -> None:
+    """At interpreter exit, stop every scheduler thread before Python finalizes: a daemon thread
+    still stepping inside XLA then aborted the process ("FATAL: exception not rethrown")."""
+    for sched in list(_live):
+        sched.close(GenerationFailed("the process is exiting"))
