@@ -6,8 +6,10 @@ A hypothesis test then flips, truncates and splices a valid tiny model.
 """
 from __future__ import annotations
 
+import os
 import re
 import struct
+import threading
 import time
 import tracemalloc
 import warnings
@@ -239,6 +241,64 @@ def test_directory_named_gguf(tmp_path):
     with pytest.raises(WoollyError) as ei:
         full_load(tmp_path / "dir.gguf")
     assert ei.value.code in ("MODEL_LOAD_FAILED", "MODEL_NOT_FOUND")
+
+
+def _load_error(path: Path) -> WoollyError:
+    """Load `path` in a thread: one WoollyError within TIME_LIMIT_S (a FIFO or device must not block)."""
+    box: list = []
+
+    def load():
+        try:
+            full_load(path)
+            box.append(None)
+        except BaseException as e:   # anything but a WoollyError fails the test below
+            box.append(e)
+    worker = threading.Thread(target=load, daemon=True)
+    worker.start()
+    worker.join(TIME_LIMIT_S)
+    assert box, f"loading {path.name} still runs after {TIME_LIMIT_S}s"
+    assert isinstance(box[0], WoollyError), repr(box[0])
+    assert "\n" not in str(box[0]) and str(path.parent) not in str(box[0])
+    return box[0]
+
+
+SYSFS_FILE = next((p for p in ("/sys/kernel/mm/transparent_hugepage/enabled", "/sys/power/state",
+                               "/sys/kernel/uevent_seqnum") if os.path.isfile(p)), None)
+
+
+@pytest.mark.parametrize("target, pattern", [
+    pytest.param(SYSFS_FILE, r"cannot map .*is it a file on disk", id="sysfs",
+                 marks=pytest.mark.skipif(SYSFS_FILE is None, reason="no sysfs here")),
+    ("/proc/self/status", r"empty"),
+    ("/dev/zero", r"a character device, not a regular file"),
+    ("/", r"a directory, not a regular file"),
+])
+def test_a_link_to_a_file_that_is_not_a_model_is_one_clear_error(tmp_path, target, pattern):
+    link = tmp_path / "link.gguf"
+    link.symlink_to(target)
+    err = _load_error(link)
+    assert err.code == "MODEL_LOAD_FAILED" and re.search(pattern, str(err)), str(err)
+
+
+def test_a_fifo_is_refused_without_waiting_for_a_writer(tmp_path):
+    os.mkfifo(tmp_path / "pipe.gguf")
+    err = _load_error(tmp_path / "pipe.gguf")
+    assert err.code == "MODEL_LOAD_FAILED" and "a FIFO, not a regular file" in str(err), str(err)
+
+
+def test_a_dangling_link_is_model_not_found(tmp_path):
+    (tmp_path / "gone.gguf").symlink_to(tmp_path / "missing.gguf")
+    assert _load_error(tmp_path / "gone.gguf").code == "MODEL_NOT_FOUND"
+
+
+def test_an_unreadable_file_is_one_clear_error(tmp_path):
+    path = tmp_path / "secret.gguf"
+    path.write_bytes(valid_gguf().build())
+    path.chmod(0)
+    if os.access(path, os.R_OK):
+        pytest.skip("running as root: permissions do not apply")
+    err = _load_error(path)
+    assert err.code == "MODEL_LOAD_FAILED" and "cannot open" in str(err), str(err)
 
 
 @pytest.mark.parametrize("magic", [b"GGUG", b"\0\0\0\0", b"GGML", b"FUGG"])

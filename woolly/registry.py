@@ -81,13 +81,13 @@ def model_path(name: str) -> Path:
 
 def resolve_model_path(spec: str | os.PathLike) -> Path:
     """A `.gguf` path as given, or a pulled model's file; ModelNotFound when absent."""
-    if is_path(spec):
+    if is_path(spec):   # only a missing path is "not found": what kind of file it is, opening it says
         p = Path(os.fspath(spec)).expanduser()
-        if not p.is_file():
+        if not os.path.exists(p):
             raise ModelNotFound(f"model file not found: {p.name}")
         return p
     p = model_path(os.fspath(spec))
-    if not p.is_file():
+    if not os.path.exists(p):
         hint = f"; run `woolly pull {spec}`" if spec in KNOWN_MODELS else ""
         raise ModelNotFound(f"model {spec!r} is not available{hint}")
     return p

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,20 +119,49 @@ class _Cursor:
         return a
 
 
+def _kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "a special file"
+
+
+def _map_regular_file(path: Path) -> mmap.mmap:
+    """Map `path` read-only; only a regular file with bytes passes, each other case one clear error.
+
+    Opened without blocking (a FIFO would wait for a writer) and checked on the open descriptor
+    (no race with a path swapped meanwhile): directories, FIFOs and devices (/dev/zero would read
+    forever) are refused before a byte is read; files that cannot be mapped (sysfs, whose size
+    is a page whatever the contents) and /proc files (size 0) end as ModelLoadFailed too."""
+    name = path.name
+    if not os.path.exists(path):   # a dangling link too
+        raise ModelNotFound(f"model file not found: {name}")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise ModelLoadFailed(f"cannot open the model file {name}: {e.strerror or type(e).__name__}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ModelLoadFailed(f"the model file {name} is {_kind(info.st_mode)}, not a regular file")
+        if info.st_size == 0:
+            raise ModelLoadFailed("GGUF file is empty")
+        return mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+    except OSError as e:   # e.g. ENODEV: a sysfs attribute, which no file system maps
+        raise ModelLoadFailed(f"cannot map the model file {name} ({e.strerror or type(e).__name__}): "
+                              f"is it a file on disk?") from None
+    finally:
+        os.close(fd)
+
+
 class GGUFFile:
     """A parsed GGUF file: `fields` (metadata), `tensors` (infos), `raw(name)` views."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        if not self.path.exists():
-            raise ModelNotFound(f"model file not found: {self.path.name}")
-        if not self.path.is_file():
-            raise ModelLoadFailed(f"not a file: {self.path.name}")
-        self.file_size = self.path.stat().st_size
-        if self.file_size == 0:
-            raise ModelLoadFailed("GGUF file is empty")
-        with open(self.path, "rb") as f:
-            self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self._mmap = _map_regular_file(self.path)
+        self.file_size = len(self._mmap)
         try:
             self._parse()
         except ModelLoadFailed:
