@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 
 from woolly.runtime import Runner
-from woolly.engine.samplers import GenerationParams
+from woolly.engine.samplers import GenerationParams, seed32
 from woolly.engine.stops import StopMatcher
 from woolly.errors import ContextLengthExceeded, GenerationFailed, ServerBusy, WoollyError
 
@@ -311,7 +311,7 @@ class Scheduler:
             if cached:
                 self.runner.write_slot(rows, slot)
         p = req.params
-        seed = p.seed if p.seed is not None else int(np.random.default_rng().integers(0, 2**31 - 1))
+        seed = seed32(p.seed) if p.seed is not None else int(np.random.default_rng().integers(0, 2**31 - 1))
         return _Slot(req=req, pos=n - 1, next_input=ids[-1], stream=TextStream(self.tok, ids[-1]),
                      stops=StopMatcher(p.stop), seed=seed, recent=ids[-min(p.repeat_last_n, RECENT_WINDOW):]
                      if p.repeat_last_n else [], cached=cached)

@@ -78,6 +78,7 @@ def _validation_message(exc: HTTPException) -> tuple[str, list[str]]:
 
 
 _MISSING = re.compile(r"Object missing required field `([^`]*)`")
+_UNKNOWN = re.compile(r"Object contains unknown field `([^`]*)`")
 
 
 def _field_error(key: str, message: str) -> tuple[str, str]:
@@ -85,10 +86,13 @@ def _field_error(key: str, message: str) -> tuple[str, str]:
     missing = _MISSING.match(message)
     if missing:   # msgspec names the missing field in the message, the object holding it in the key
         return (missing[1] if key in ("", "data") else f"{key}.{missing[1]}"), "a required field is missing"
+    unknown = _UNKNOWN.match(message)
+    if unknown:   # a struct that refuses what it would otherwise ignore (Ollama's options)
+        return (unknown[1] if key in ("", "data") else f"{key}.{unknown[1]}"), "not a supported field"
     if key == "data":
         if message == "'data'":   # no body at all
             return "", "the request needs a JSON body"
-        return "", f"the request body: {message}"
+        return "", f"the request body: {message}" if message.startswith("Expected") else message
     return key, message
 
 
@@ -199,8 +203,14 @@ class Server:
                 raise InvalidRequest("model must be a model name, not a path")
             check_name(name)
 
-    def max_tokens(self, requested: int | None, prompt_len: int) -> int:
+    def max_tokens(self, requested: int | None, prompt_len: int, num_ctx: int | None = None) -> int:
         context = self.engine.scheduler().runner.cache_length
+        if num_ctx is not None:   # Ollama's options.num_ctx: a smaller context for this request, never a larger one
+            if num_ctx > context:
+                raise InvalidRequest(f"options.num_ctx={num_ctx} exceeds the server's context of {context} "
+                                     f"(inference.max_sequence_length)", details={"num_ctx": num_ctx,
+                                                                                   "context_length": context})
+            context = num_ctx
         if prompt_len >= context:   # said as the prompt's fault, not max_tokens'
             raise ContextLengthExceeded(
                 f"the prompt has {prompt_len} tokens; the context holds {context} "
@@ -218,7 +228,7 @@ class Server:
     async def events(self, ids: list[int], options: dict) -> AsyncIterator[tuple[str, Any]]:
         session = self.engine.create_session()
         options = dict(options)
-        options["max_tokens"] = self.max_tokens(options.get("max_tokens"), len(ids))
+        options["max_tokens"] = self.max_tokens(options.get("max_tokens"), len(ids), options.pop("num_ctx", None))
         async for kind, payload in session.generate_events(ids, **options):
             yield kind, payload
 
