@@ -23,7 +23,7 @@ import numpy as np
 from woolly.runtime import Runner
 from woolly.engine.samplers import GenerationParams, seed32
 from woolly.engine.stops import StopMatcher
-from woolly.errors import ContextLengthExceeded, GenerationFailed, ServerBusy, WoollyError
+from woolly.errors import ContextLengthExceeded, GenerationFailed, InvalidRequest, ServerBusy, WoollyError
 
 log = logging.getLogger("woolly.engine")
 
@@ -189,7 +189,7 @@ class Scheduler:
     def submit(self, prompt_ids: list[int], params: GenerationParams, emit) -> Request:
         limit = self.runner.cache_length
         if not prompt_ids:
-            raise ContextLengthExceeded("the prompt is empty after tokenization")
+            raise InvalidRequest("the prompt is empty after tokenization")
         if len(prompt_ids) >= limit:
             raise ContextLengthExceeded(
                 f"the prompt has {len(prompt_ids)} tokens; the context holds {limit} "
