@@ -222,7 +222,7 @@ def test_busy_port_fails_before_the_model_loads(tmp_path):
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("woolly: error: cannot listen on 127.0.0.1:") and str(port) in last, proc.stderr
-    assert elapsed < 30, elapsed
+    assert elapsed < 60, elapsed   # no model load, no compile (the message is the main check)
 
 
 def test_version_flag():
