@@ -226,6 +226,7 @@ def cmd_serve(args) -> int:
         import os
         os.environ["WOOLLY_MODELS_DIR"] = cfg.models.directory
     setup_logging(cfg.logging)
+    _check_port_free(cfg.server.host, cfg.server.port)   # before the model load, not after it
     inf = cfg.inference
     engine = Engine(EngineConfig(max_batch_size=inf.max_batch_size, max_sequence_length=inf.max_sequence_length,
                                  enable_gpu=inf.gpu.enabled, num_threads=inf.cpu.threads, residency=inf.residency,
@@ -241,6 +242,22 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """WoollyError when host:port cannot be listened on (in use, or not this machine's address).
+    Bound and released with the options uvicorn uses (SO_REUSEADDR), so a free port passes."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, _, _, _, addr = infos[0]
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(addr)
+    except OSError as e:
+        raise WoollyError(f"cannot listen on {host}:{port}: {e.strerror or e} (server.port, --port)",
+                          code="INVALID_REQUEST") from None
+
+
 def cmd_bench(args) -> int:
     from woolly.bench import main as bench_main
 
@@ -250,6 +267,8 @@ def cmd_bench(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="woolly", description="Run GGUF language models on JAX.")
+    from woolly import __version__
+    p.add_argument("--version", action="version", version=f"woolly {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("pull", help="fetch a known model into the models directory")

@@ -30,7 +30,7 @@ T = TypeVar("T")
 # error code -> the WoollyError subclass raised for it (codes beyond these keep the base class)
 ERROR_CLASSES: dict[str, type[errors.WoollyError]] = {
     cls.code: cls for cls in vars(errors).values()
-    if isinstance(cls, type) and issubclass(cls, errors.WoollyError) and cls is not errors.ContextLengthExceeded
+    if isinstance(cls, type) and issubclass(cls, errors.WoollyError)
 }
 
 

@@ -27,6 +27,7 @@ class ServerSection(msgspec.Struct, forbid_unknown_fields=True):
     cors: Cors = msgspec.field(default_factory=Cors)
     max_body_bytes: int = 1 << 20
     max_queue: int = 64          # requests waiting for a slot before "busy"
+    max_json_depth: int = 64     # arrays/objects nested deeper in a request body: 400 (HTTP) / error event (WS)
 
 
 class ModelsSection(msgspec.Struct, forbid_unknown_fields=True):
@@ -106,6 +107,7 @@ class WoollyConfig(msgspec.Struct, forbid_unknown_fields=True):
 ENV_VARS: dict[str, tuple[tuple[str, ...], type]] = {
     "WOOLLY_HOST": (("server", "host"), str),
     "WOOLLY_PORT": (("server", "port"), int),
+    "WOOLLY_MAX_JSON_DEPTH": (("server", "max_json_depth"), int),
     "WOOLLY_MODELS_DIR": (("models", "directory"), str),
     "WOOLLY_GPU_ENABLED": (("inference", "gpu", "enabled"), bool),
     "WOOLLY_GPU_LAYERS": (("inference", "gpu", "layers"), int),
@@ -179,6 +181,8 @@ def load_config(path: str | os.PathLike | None = None, env: dict[str, str] | Non
         raise InvalidRequest("security.api_key_required is set but no key is configured (WOOLLY_API_KEY)")
     if not 0 < cfg.server.port < 65536:
         raise InvalidRequest(f"server.port {cfg.server.port} is out of range")
+    if not 1 <= cfg.server.max_json_depth <= 10_000:
+        raise InvalidRequest(f"server.max_json_depth must be in 1..10000, got {cfg.server.max_json_depth}")
     if cfg.inference.max_batch_size < 1 or cfg.inference.max_sequence_length < 16:
         raise InvalidRequest("inference.max_batch_size must be >= 1 and max_sequence_length >= 16")
     if cfg.inference.tensor_parallel < 1 or cfg.inference.data_parallel < 1:

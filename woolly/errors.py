@@ -54,7 +54,9 @@ class TokenizerError(WoollyError):
 
 
 class ContextLengthExceeded(InvalidRequest):
-    """A prompt longer than the context: an invalid request, said plainly."""
+    """A prompt longer than the context: an invalid request (a 400) with its own code."""
+
+    code = "CONTEXT_LENGTH_EXCEEDED"
 
 
 class Unauthorized(WoollyError):
@@ -81,6 +83,7 @@ HTTP_STATUS = {
     "MODEL_NOT_LOADED": 400,
     "MODEL_LOAD_FAILED": 500,
     "INVALID_REQUEST": 400,
+    "CONTEXT_LENGTH_EXCEEDED": 400,
     "GENERATION_FAILED": 500,
     "OUT_OF_MEMORY": 507,
     "GPU_ERROR": 500,

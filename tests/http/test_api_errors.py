@@ -55,12 +55,12 @@ def test_max_tokens_beyond_the_context(http):
 def test_prompt_longer_than_the_context(http):
     prompt = "hello " * (2 * CONTEXT)
     err = assert_error(http.post("/api/generate", json={"prompt": prompt, "max_tokens": 1}),
-                       400, "INVALID_REQUEST", "prompt", "context")
+                       400, "CONTEXT_LENGTH_EXCEEDED", "prompt", "context")
     assert err["details"]["prompt_tokens"] > CONTEXT and err["details"]["context_length"] == CONTEXT
     assert_error(http.post("/api/generate", json={"prompt": prompt, "max_tokens": 1, "stream": True}),
-                 400, "INVALID_REQUEST", "context")
+                 400, "CONTEXT_LENGTH_EXCEEDED", "context")
     assert_error(http.post("/api/chat", json={"messages": [{"role": "user", "content": prompt}]}),
-                 400, "INVALID_REQUEST", "context")
+                 400, "CONTEXT_LENGTH_EXCEEDED", "context")
 
 
 def test_chat_unknown_role_and_bad_messages(http):

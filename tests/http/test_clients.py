@@ -115,6 +115,7 @@ def run_node(node_packages, mode: str, url: str) -> dict:
     proc = subprocess.run(["node", str(node_packages / "run_reference_client.js"), mode, url],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
+    assert "Failed to parse" not in proc.stdout + proc.stderr, proc.stderr   # every SSE line is one it reads
     results = [line[len("RESULT "):] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert len(results) == 1, proc.stdout
     return json.loads(results[0])

@@ -165,9 +165,10 @@ def test_errors_arrive_as_error_events(server):
         return [bad_json, unknown, no_prompt, no_id, too_long, bad_role, bad_config], ok
 
     errors, ok = run_socket(server.ws_url, scenario)
-    for e in errors:
-        assert set(e) == ERROR_KEYS and e["code"] == "INVALID_REQUEST" and e["error"], e
     bad_json, unknown, no_prompt, no_id, too_long, bad_role, bad_config = errors
+    for e in errors:
+        code = "CONTEXT_LENGTH_EXCEEDED" if e is too_long else "INVALID_REQUEST"
+        assert set(e) == ERROR_KEYS and e["code"] == code and e["error"], e
     assert unknown["request_id"] == "x1" and "dance" in unknown["error"]
     assert no_prompt["request_id"] == "no-prompt" and "prompt" in no_prompt["error"]
     assert too_long["request_id"] == "too-long" and "context" in too_long["error"]

@@ -101,7 +101,7 @@ def test_prompt_token_ids_out_of_range_are_a_400(rhttp, ids, vocab_size):
 
 def test_prompt_of_token_ids_longer_than_the_context(rhttp):
     assert_error(rhttp.post("/v1/completions", json={"prompt": [1] * (CONTEXT + 1), "max_tokens": 1}),
-                 400, "INVALID_REQUEST", "context")
+                 400, "CONTEXT_LENGTH_EXCEEDED", "context")
 
 
 # -- special-token text in user content -------------------------------------------------------------------

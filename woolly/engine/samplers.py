@@ -14,7 +14,18 @@ import numpy as np
 
 from woolly.errors import InvalidRequest
 
-MAX_SEED = 2**63 - 1
+MIN_SEED, MAX_SEED = -(2**63), 2**64 - 1   # any 64-bit seed, signed or unsigned (taken mod 2**64)
+
+
+def seed32(seed: int) -> int:
+    """A 64-bit seed -> the u32 the device's PRNG keys are made from: its low 32 bits, XORed with a
+    bijective mix of its high 32 bits, so seeds that differ only in their high bits draw differently
+    (and seeds below 2**32 keep the keys they always had)."""
+    s = seed & 0xFFFF_FFFF_FFFF_FFFF
+    h = s >> 32                                   # murmur3's finalizer: a bijection on u32 with 0 -> 0
+    h = ((h ^ (h >> 16)) * 0x85EBCA6B) & 0xFFFFFFFF
+    h = ((h ^ (h >> 13)) * 0xC2B2AE35) & 0xFFFFFFFF
+    return (s & 0xFFFFFFFF) ^ (h ^ (h >> 16))
 
 
 @runtime_checkable
@@ -145,8 +156,8 @@ class GenerationParams:
             bad("presence_penalty and frequency_penalty must be within [-100, 100]")
         if not isinstance(self.repeat_last_n, int) or not 0 <= self.repeat_last_n <= 4096:
             bad("repeat_last_n must be between 0 and 4096")
-        if self.seed is not None and (not isinstance(self.seed, int) or not -MAX_SEED <= self.seed <= MAX_SEED):
-            bad("seed must be a 64-bit integer")
+        if self.seed is not None and (not isinstance(self.seed, int) or not MIN_SEED <= self.seed <= MAX_SEED):
+            bad(f"seed must be a 64-bit integer (between {MIN_SEED} and {MAX_SEED})")
         if not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20:
             bad("logprobs must be between 0 and 20")
         if len(self.stop) > 16 or any(not isinstance(s, str) or not s or len(s) > 512 for s in self.stop):

@@ -26,9 +26,9 @@ import numpy as np
 
 from woolly.runtime import Runner
 from woolly.runtime.params import trim_heap
-from woolly.engine.samplers import GenerationParams
+from woolly.engine.samplers import GenerationParams, seed32
 from woolly.engine.stops import StopMatcher
-from woolly.errors import ContextLengthExceeded, GenerationFailed, ServerBusy, WoollyError
+from woolly.errors import ContextLengthExceeded, GenerationFailed, InvalidRequest, ServerBusy, WoollyError
 
 log = logging.getLogger("woolly.engine")
 
@@ -223,7 +223,7 @@ class Scheduler:
     def submit(self, prompt_ids: list[int], params: GenerationParams, emit) -> Request:
         limit = self.runner.cache_length
         if not prompt_ids:
-            raise ContextLengthExceeded("the prompt is empty after tokenization")
+            raise InvalidRequest("the prompt is empty after tokenization")
         if len(prompt_ids) >= limit:
             raise ContextLengthExceeded(
                 f"the prompt has {len(prompt_ids)} tokens; the context holds {limit} "
@@ -350,7 +350,7 @@ class Scheduler:
             if cached:
                 self.runner.write_slot(rows, slot)
         p = req.params
-        seed = p.seed if p.seed is not None else int(np.random.default_rng().integers(0, 2**31 - 1))
+        seed = seed32(p.seed) if p.seed is not None else int(np.random.default_rng().integers(0, 2**31 - 1))
         return _Slot(req=req, pos=n - 1, next_input=ids[-1], stream=TextStream(self.tok, ids[-1]),
                      stops=StopMatcher(p.stop), seed=seed, recent=ids[-min(p.repeat_last_n, RECENT_WINDOW):]
                      if p.repeat_last_n else [], cached=cached)

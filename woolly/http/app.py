@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import hmac
 import logging
+import re
 import time
 from typing import Any, AsyncIterator
 
@@ -32,6 +33,7 @@ from woolly.http.chat import chat_prompt_ids
 from woolly.http.metrics import Metrics
 from woolly.http.responses import ERROR_RESPONSES
 from woolly.http.models_list import list_model_infos
+from woolly.http.request_body import JsonRequest
 from woolly.http.streaming import EventStream, Primed, prime
 
 log = logging.getLogger("woolly.http")
@@ -67,14 +69,31 @@ def http_error_handler(_: Request, exc: HTTPException) -> Response:
 
 
 def _validation_message(exc: HTTPException) -> tuple[str, list[str]]:
-    """Litestar's validation errors -> one message naming each bad field, and those fields."""
+    """Litestar's validation errors -> one message naming each bad field as the client sent it, and those fields."""
     extra = exc.extra
     if isinstance(extra, list) and extra and isinstance(extra[0], dict):
-        fields = [str(e["key"]) for e in extra[:3] if e.get("key")]
-        parts = [f"{e['key']}: {e.get('message', '')}" if e.get("key") else str(e.get("message", e))
-                 for e in extra[:3]]
-        return "; ".join(parts), fields
+        named = [_field_error(str(e.get("key") or ""), str(e.get("message", e))) for e in extra[:3]]
+        return "; ".join(f"{k}: {m}" if k else m for k, m in named), [k for k, _ in named if k]
     return str(exc.detail), []
+
+
+_MISSING = re.compile(r"Object missing required field `([^`]*)`")
+_UNKNOWN = re.compile(r"Object contains unknown field `([^`]*)`")
+
+
+def _field_error(key: str, message: str) -> tuple[str, str]:
+    """(field, message) of one error; Litestar names the whole body `data` (its handlers' parameter)."""
+    missing = _MISSING.match(message)
+    if missing:   # msgspec names the missing field in the message, the object holding it in the key
+        return (missing[1] if key in ("", "data") else f"{key}.{missing[1]}"), "a required field is missing"
+    unknown = _UNKNOWN.match(message)
+    if unknown:   # a struct that refuses what it would otherwise ignore (Ollama's options)
+        return (unknown[1] if key in ("", "data") else f"{key}.{unknown[1]}"), "not a supported field"
+    if key == "data":
+        if message == "'data'":   # no body at all
+            return "", "the request needs a JSON body"
+        return "", f"the request body: {message}" if message.startswith("Expected") else message
+    return key, message
 
 
 def undecodable_body_handler(_: Request, exc: UnicodeDecodeError) -> Response:
@@ -147,7 +166,13 @@ class AccessLogAndAuth:
                 resp = error_response(401, "UNAUTHORIZED", "missing or invalid API key",
                                       headers={"WWW-Authenticate": "Bearer"})
                 return await resp.to_asgi_response(None, None)(scope, receive, send_wrapper)  # type: ignore[arg-type]
-            await self.app(scope, receive, send_wrapper)
+            try:
+                await self.app(scope, receive, send_wrapper)
+            except Exception as e:
+                # Litestar answers what inner middleware raises (the rate limiter's 429) outside this
+                # one's send_wrapper: the log line takes the status from the exception instead.
+                status["code"] = status["code"] or getattr(e, "status_code", 500)
+                raise
         finally:
             elapsed = time.perf_counter() - start
             path = scope.get("path", "")
@@ -178,8 +203,14 @@ class Server:
                 raise InvalidRequest("model must be a model name, not a path")
             check_name(name)
 
-    def max_tokens(self, requested: int | None, prompt_len: int) -> int:
+    def max_tokens(self, requested: int | None, prompt_len: int, num_ctx: int | None = None) -> int:
         context = self.engine.scheduler().runner.cache_length
+        if num_ctx is not None:   # Ollama's options.num_ctx: a smaller context for this request, never a larger one
+            if num_ctx > context:
+                raise InvalidRequest(f"options.num_ctx={num_ctx} exceeds the server's context of {context} "
+                                     f"(inference.max_sequence_length)", details={"num_ctx": num_ctx,
+                                                                                   "context_length": context})
+            context = num_ctx
         if prompt_len >= context:   # said as the prompt's fault, not max_tokens'
             raise ContextLengthExceeded(
                 f"the prompt has {prompt_len} tokens; the context holds {context} "
@@ -197,7 +228,7 @@ class Server:
     async def events(self, ids: list[int], options: dict) -> AsyncIterator[tuple[str, Any]]:
         session = self.engine.create_session()
         options = dict(options)
-        options["max_tokens"] = self.max_tokens(options.get("max_tokens"), len(ids))
+        options["max_tokens"] = self.max_tokens(options.get("max_tokens"), len(ids), options.pop("num_ctx", None))
         async for kind, payload in session.generate_events(ids, **options):
             yield kind, payload
 
@@ -292,6 +323,7 @@ def create_app(config: WoollyConfig, engine: Engine) -> Litestar:
         exception_handlers={WoollyError: woolly_error_handler, HTTPException: http_error_handler,
                             UnicodeDecodeError: undecodable_body_handler, Exception: internal_error_handler},
         request_max_body_size=config.server.max_body_bytes,
+        request_class=JsonRequest,
         openapi_config=OpenAPIConfig(title="Woolly", version=woolly.__version__, path="/schema",
                                      render_plugins=[SwaggerRenderPlugin()]),
         debug=False,

@@ -28,7 +28,9 @@ def setup_logging(section) -> None:
         handler = logging.FileHandler(section.output)
     handler.setFormatter(JsonFormatter() if section.format == "json"
                          else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger("woolly")
-    root.handlers[:] = [handler]
-    root.setLevel(section.level.upper())
-    root.propagate = False
+    # uvicorn's own lines (startup, errors) go through the same handler, so `format: json` covers them too
+    for name in ("woolly", "uvicorn", "uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [handler] if name in ("woolly", "uvicorn") else []
+        logger.setLevel(section.level.upper())
+        logger.propagate = name not in ("woolly", "uvicorn")

@@ -17,7 +17,14 @@ Unit = Annotated[float, Meta(ge=0.0, le=1.0)]
 TopK = Annotated[int, Meta(ge=0, le=MAX_TOKENS)]
 Penalty = Annotated[float, Meta(gt=0.0, le=100.0)]
 SignedPenalty = Annotated[float, Meta(ge=-100.0, le=100.0)]
-Seed = Annotated[int, Meta(ge=-(2**63 - 1), le=2**63 - 1)]
+Seed = Annotated[int, Meta(ge=-(2**63))]   # every 64-bit seed, signed or unsigned: the top is _check_seed's
+MAX_SEED = 2**64 - 1                         # (msgspec's bounds stop at int64's)
+
+
+def _check_seed(seed: int | None) -> None:
+    """In a struct's __post_init__: msgspec reports the ValueError as a validation error."""
+    if seed is not None and seed > MAX_SEED:
+        raise ValueError(f"seed must be at most 2**64-1 ({MAX_SEED}), got {seed}")
 Stop = Annotated[list[Annotated[str, Meta(min_length=1, max_length=512)]], Meta(max_length=16)]
 TokenId = Annotated[int, Meta(ge=0, le=2**31 - 1)]
 ModelName = Annotated[str, Meta(min_length=1, max_length=256)]
@@ -36,11 +43,49 @@ class SamplingFields(msgspec.Struct, kw_only=True):
     seed: Seed | None = None
     stop: Stop | str | None = None
 
+    def __post_init__(self):
+        _check_seed(self.seed)
+
     def options(self) -> dict[str, Any]:
         """The generation options the engine takes (None: the engine's default)."""
         names = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repeat_penalty", "repeat_last_n",
                  "presence_penalty", "frequency_penalty", "seed", "stop")
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+
+class OllamaOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Ollama's `options` object. Only the names the engine honours are accepted: any other
+    (mirostat, num_gpu, ...) is a 400 naming it, rather than being silently ignored."""
+    num_predict: MaxTokens | None = None      # -> max_tokens
+    num_ctx: Annotated[int, Meta(ge=1)] | None = None   # at most the server's context (checked per request)
+    temperature: Temperature | None = None
+    top_p: Unit | None = None
+    top_k: TopK | None = None
+    min_p: Unit | None = None
+    repeat_penalty: Penalty | None = None
+    repeat_last_n: Annotated[int, Meta(ge=0, le=256)] | None = None
+    presence_penalty: SignedPenalty | None = None
+    frequency_penalty: SignedPenalty | None = None
+    seed: Seed | None = None
+    stop: Stop | str | None = None
+
+    def __post_init__(self):
+        _check_seed(self.seed)
+
+    def sampling(self) -> dict[str, Any]:
+        out = {n: getattr(self, n) for n in self.__struct_fields__ if getattr(self, n) is not None}
+        if "num_predict" in out:
+            out["max_tokens"] = out.pop("num_predict")
+        return out
+
+
+class OllamaFields(SamplingFields, kw_only=True):
+    """The reference's sampling fields plus Ollama's `options` (the top-level field wins where both are set)."""
+    ollama_options: OllamaOptions | None = msgspec.field(default=None, name="options")
+
+    def options(self) -> dict[str, Any]:
+        opts = self.ollama_options.sampling() if self.ollama_options else {}
+        return {**opts, **super().options()}   # num_ctx included: the server checks it against its context
 
 
 # -- the reference's routes --------------------------------------------------------------------
@@ -81,7 +126,7 @@ class LoadModelResponse(msgspec.Struct, omit_defaults=True):   # unload's answer
 NoTemplate = Annotated[None, Meta(description="refused: the model's own template is always used")]
 
 
-class GenerateRequest(SamplingFields, kw_only=True):
+class GenerateRequest(OllamaFields, kw_only=True):
     prompt: str
     stream: bool = False
     model: ModelName | None = None
@@ -103,7 +148,7 @@ class ChatMessage(msgspec.Struct, kw_only=True):
     name: str | None = None
 
 
-class ChatRequest(SamplingFields, kw_only=True):
+class ChatRequest(OllamaFields, kw_only=True):
     messages: Annotated[list[ChatMessage], Meta(min_length=1, max_length=4096)]
     stream: bool = False
     model: ModelName | None = None
@@ -183,6 +228,24 @@ class OpenAIFields(msgspec.Struct, kw_only=True):
     top_k: TopK | None = None
     min_p: Unit | None = None
     repeat_penalty: Penalty | None = None
+    # Not built yet: refused with a 400 rather than accepted and ignored (see __post_init__).
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+
+    def __post_init__(self):
+        _check_seed(self.seed)
+        if self.response_format is not None and self.response_format != {"type": "text"}:
+            kind = self.response_format.get("type")
+            raise ValueError(f"response_format {kind!r} is not supported: only {{\"type\": \"text\"}} (plain text) is")
+        for name in ("tools", "functions"):
+            if getattr(self, name):
+                raise ValueError(f"{name} (function calling) is not supported yet")
+        for name in ("tool_choice", "function_call"):
+            if getattr(self, name) not in (None, "none"):
+                raise ValueError(f"{name} (function calling) is not supported yet")
 
     def options(self) -> dict[str, Any]:
         opts = {

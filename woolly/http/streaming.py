@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import AsyncIterator
 
 from litestar.response import ServerSentEvent
+from litestar.response.sse import ServerSentEventMessage
 
 
 class Primed:
@@ -35,12 +36,23 @@ async def prime(events: AsyncIterator) -> Primed:
 
 
 class EventStream(ServerSentEvent):
-    """An SSE response that keeps `Content-Type: text/event-stream`.
+    """An SSE response that keeps `Content-Type: text/event-stream`, its lines ended by `\n`.
 
     Litestar lets a route's media type (JSON, the default) override a returned
     ServerSentEvent's own, so SSE clients that check the header would refuse the stream.
+    Litestar ends lines with `\r\n`, which the SSE spec allows but line-splitting clients
+    (the reference's own TypeScript one: `data === '[DONE]'`) read as `[DONE]\r`: each
+    event here is `data: <text>\n\n`, as OpenAI and Ollama send it.
     """
+
+    def __init__(self, events: AsyncIterator[str], **kwargs):
+        super().__init__(_lf_framed(events), **kwargs)
 
     def to_asgi_response(self, *args, **kwargs):
         kwargs["media_type"] = "text/event-stream"
         return super().to_asgi_response(*args, **kwargs)
+
+
+async def _lf_framed(events: AsyncIterator[str]) -> AsyncIterator[ServerSentEventMessage]:
+    async for data in events:
+        yield ServerSentEventMessage(data=data, sep="\n")

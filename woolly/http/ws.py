@@ -15,6 +15,7 @@ from litestar.exceptions import WebSocketDisconnect
 from woolly.errors import InvalidRequest, WoollyError
 from woolly.http import schemas as S
 from woolly.http.chat import chat_prompt_ids
+from woolly.http.request_body import check_depth
 
 MAX_IN_FLIGHT = 16
 
@@ -31,6 +32,8 @@ async def serve_socket(socket: WebSocket, server) -> None:
     await socket.accept()
     send_lock = asyncio.Lock()
     tasks: dict[str, asyncio.Task] = {}
+    sent: dict[str, dict] = {}   # id -> what its token events carried so far: {"text": [str], "tokens": int, "start": s}
+    max_depth = server.config.server.max_json_depth
 
     async def send(event: dict) -> None:
         async with send_lock:
@@ -41,6 +44,7 @@ async def serve_socket(socket: WebSocket, server) -> None:
 
     async def run(msg: ClientMessage) -> None:
         rid = msg.id
+        progress = sent[rid] = {"text": [], "tokens": 0, "start": time.perf_counter()}
         try:
             server.check_model(None)
             options = msg.config.options() if msg.config else {}
@@ -58,6 +62,9 @@ async def serve_socket(socket: WebSocket, server) -> None:
                     await send({"type": "token", "request_id": rid, "token": payload.text, "index": index,
                                 "timestamp": int(time.time() * 1000)})
                     index += 1
+                    progress["text"].append(payload.text)
+                if kind == "token":
+                    progress["tokens"] = payload.index + 1
                 elif kind == "done":
                     await send({"type": "complete", "request_id": rid, "text": payload.text,
                                 "tokens_generated": payload.generated_tokens,
@@ -67,11 +74,17 @@ async def serve_socket(socket: WebSocket, server) -> None:
             await send_error(rid, e)
         finally:
             tasks.pop(rid, None)
+            sent.pop(rid, None)
 
     await send(status_event(server))
     try:
         while True:
             raw = await socket.receive_text()
+            try:
+                check_depth(raw, max_depth)   # before msgspec's recursive decoder, which a deep message overflows
+            except InvalidRequest as e:
+                await send_error(None, e)
+                continue
             try:
                 msg = msgspec.json.decode(raw, type=ClientMessage)
             except msgspec.DecodeError as e:
@@ -83,8 +96,7 @@ async def serve_socket(socket: WebSocket, server) -> None:
                 task = tasks.get(msg.id or "")
                 if task is not None:
                     task.cancel()   # its generation stops at the next decode step
-                    await send({"type": "complete", "request_id": msg.id, "text": "", "tokens_generated": 0,
-                                "generation_time_ms": 0, "finish_reason": "cancelled"})
+                    await send(cancelled_event(msg.id, sent.get(msg.id)))
             elif msg.type in ("generate", "chat"):
                 if not msg.id:
                     await send_error(None, InvalidRequest("a request needs an id"))
@@ -101,6 +113,14 @@ async def serve_socket(socket: WebSocket, server) -> None:
     finally:
         for task in list(tasks.values()):
             task.cancel()
+
+
+def cancelled_event(rid: str, progress: dict | None) -> dict:
+    """The complete event of a cancelled request: the text and token count its token events carried."""
+    progress = progress or {"text": [], "tokens": 0, "start": time.perf_counter()}
+    return {"type": "complete", "request_id": rid, "text": "".join(progress["text"]),
+            "tokens_generated": progress["tokens"],
+            "generation_time_ms": int((time.perf_counter() - progress["start"]) * 1000), "finish_reason": "cancelled"}
 
 
 def status_event(server) -> dict:
