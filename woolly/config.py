@@ -31,7 +31,8 @@ class ServerSection(msgspec.Struct, forbid_unknown_fields=True):
     max_embedding_tokens: int = 32768      # tokens in one embeddings request, all inputs together
     embedding_chunk_tokens: int = 4096     # padded tokens per embedding pass (its memory grows with this)
     template_timeout: float = 2.0          # seconds a chat template may take to render
-    template_memory_bytes: int = 512 << 20  # address space of the template-rendering process
+    template_memory_bytes: int = 512 << 20  # address space of each template-rendering process
+    template_workers: int = 2              # template-rendering processes (renders at once)
 
 
 class ModelsSection(msgspec.Struct, forbid_unknown_fields=True):
@@ -196,10 +197,10 @@ def load_config(path: str | os.PathLike | None = None, env: dict[str, str] | Non
     if cfg.inference.max_batch_size < 1 or cfg.inference.max_sequence_length < 16:
         raise InvalidRequest("inference.max_batch_size must be >= 1 and max_sequence_length >= 16")
     srv = cfg.server
-    if min(srv.max_prompt_bytes, srv.max_embedding_tokens, srv.embedding_chunk_tokens, srv.template_memory_bytes) < 1 \
-            or not srv.template_timeout > 0:
+    if min(srv.max_prompt_bytes, srv.max_embedding_tokens, srv.embedding_chunk_tokens, srv.template_memory_bytes,
+           srv.template_workers) < 1 or not srv.template_timeout > 0:
         raise InvalidRequest("server.max_prompt_bytes, max_embedding_tokens, embedding_chunk_tokens, "
-                             "template_timeout and template_memory_bytes must be positive")
+                             "template_timeout, template_memory_bytes and template_workers must be positive")
     if cfg.inference.tensor_parallel < 1 or cfg.inference.data_parallel < 1:
         raise InvalidRequest("inference.tensor_parallel and data_parallel must be >= 1")
     check_distributed(cfg.distributed)

@@ -316,7 +316,8 @@ def create_app(config: WoollyConfig, engine: Engine) -> Litestar:
     )
     app.state.server = server
     from woolly import template_worker
-    template_worker.configure(timeout=config.server.template_timeout, memory_bytes=config.server.template_memory_bytes)
+    template_worker.configure(timeout=config.server.template_timeout, memory_bytes=config.server.template_memory_bytes,
+                              workers=config.server.template_workers)
     return app
 
 
