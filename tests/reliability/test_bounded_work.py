@@ -272,3 +272,18 @@ def test_websocket_big_prompts_are_bounded(bserver):
     assert events["over"]["type"] == "error" and "max_prompt_bytes" in events["over"]["error"], events["over"]
     assert close_code == 1009
     health.check()
+
+
+def test_the_bounds_are_settings_with_variables_and_are_checked():
+    from woolly.config import load_config
+    from woolly.errors import InvalidRequest
+
+    cfg = load_config(env={"WOOLLY_MAX_PROMPT_BYTES": "1000", "WOOLLY_MAX_EMBEDDING_TOKENS": "512",
+                           "WOOLLY_TEMPLATE_TIMEOUT": "0.5", "WOOLLY_TEMPLATE_MEMORY_BYTES": str(128 << 20)})
+    s = cfg.server
+    assert (s.max_prompt_bytes, s.max_embedding_tokens, s.template_timeout, s.template_memory_bytes) == \
+        (1000, 512, 0.5, 128 << 20)
+    for name, value in (("WOOLLY_TEMPLATE_TIMEOUT", "0"), ("WOOLLY_TEMPLATE_TIMEOUT", "soon"),
+                        ("WOOLLY_MAX_PROMPT_BYTES", "-1")):
+        with pytest.raises(InvalidRequest, match=name.removeprefix("WOOLLY_").lower() if value != "soon" else name):
+            load_config(env={name: value})
