@@ -27,7 +27,7 @@ class ServerSection(msgspec.Struct, forbid_unknown_fields=True):
     cors: Cors = msgspec.field(default_factory=Cors)
     max_body_bytes: int = 1 << 20
     max_queue: int = 64          # requests waiting for a slot before "busy"
-    max_prompt_bytes: int = 256 * 1024     # UTF-8 bytes of one prompt (chat: all messages' content; embeddings: all inputs)
+    max_prompt_bytes: int = 256 * 1024     # UTF-8 bytes of a prompt (chat: all contents; embeddings: all inputs)
     max_embedding_tokens: int = 32768      # tokens in one embeddings request, all inputs together
     embedding_chunk_tokens: int = 4096     # padded tokens per embedding pass (its memory grows with this)
     template_timeout: float = 2.0          # seconds a chat template may take to render
