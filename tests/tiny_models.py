@@ -135,11 +135,13 @@ def write_tiny_model(
     n_merges: int = 64,
     context_length: int = 512,
     sliding_window: int = 32,
+    chat_template: str | None = None,
 ) -> Path:
     """Write a tiny random model to `path` and return it.
 
     Sizes default to d_model 64 / ffn 128 (head_dim d_model // n_heads), or 256 / 256 when
-    `qtype` is a K-quant, whose 256-weight blocks run along every row.
+    `qtype` is a K-quant, whose 256-weight blocks run along every row. `chat_template`: the
+    file's template instead of the family's (ChatML for llama, none for gemma3).
     """
     qtype = QuantizationType.parse(qtype)
     if arch not in ("llama", "gemma3"):
@@ -192,8 +194,8 @@ def write_tiny_model(
     w.add_add_bos_token(vocab["add_bos"])
     w.add_add_eos_token(False)
     w.add_add_space_prefix(vocab["add_space_prefix"])
-    if vocab["chat_template"]:
-        w.add_chat_template(vocab["chat_template"])
+    if chat_template or vocab["chat_template"]:
+        w.add_chat_template(chat_template or vocab["chat_template"])
 
     def matrix(name: str, rows: int, cols: int) -> None:  # numpy order: [rows, cols], rows of length cols
         data, kw = encode_matrix(rng.normal(0.0, 0.02, (rows, cols)).astype(np.float32), qtype)

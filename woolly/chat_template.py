@@ -6,10 +6,14 @@ loop controls, a pass-through `{% generation %}` tag) with `messages`,
 `add_generation_prompt`, `bos_token`, `eos_token`, `raise_exception`, `strftime_now` and
 Transformers' `tojson`. A file without a template gets its family's built-in one (Gemma's
 `<start_of_turn>` turns, written to match llama.cpp's built-in "gemma" template), else ChatML.
-Errors: a template that reaches for anything unsafe (`__globals__`, `__class__`, ...) is
-stopped by the sandbox before it runs anything and raises `TokenizerError`, as does a broken
-template or one whose output passes `MAX_PROMPT_CHARS`; `raise_exception(...)` from the
-template and malformed messages raise `InvalidRequest`.
+The template comes from the model file, so it is not trusted. Errors: a template that reaches
+for anything unsafe (`__globals__`, `__class__`, ...) is stopped by the sandbox before it runs
+anything and raises `TokenizerError`, as does a broken template, one whose output passes
+`MAX_PROMPT_CHARS`, or one that builds a huge value (`7**(10**8)`, `'a'*10**9`, `center(1e9)`:
+refused by `_BoundedSandbox`, with constant folding off so none is computed while compiling);
+`raise_exception(...)` from the template and malformed messages raise `InvalidRequest`. What
+the sandbox cannot see (endless nested loops, growth by many small steps) is bounded by where
+renders run: `woolly.template_worker`'s child processes, limited in time and memory.
 
 Control tokens come only from the template. `render_chat_spans` renders twice: with the real
 messages, and with each message's content replaced by a random marker. The marked rendering
@@ -39,6 +43,8 @@ from woolly.errors import InvalidRequest, TokenizerError, WoollyError
 
 MAX_PROMPT_CHARS = 4_000_000      # a rendered prompt longer than this is refused
 MAX_TEMPLATE_CHARS = 200_000
+MAX_VALUE_SIZE = 1_000_000        # characters or items one template operation may make
+MAX_POW_BITS = 4096               # bits of an integer power a template may compute
 
 # llama.cpp's built-in "gemma" template (llm_chat_apply_template): system text folded into the
 # first user turn, "assistant" spoken as "model", content trimmed of ASCII whitespace.
@@ -147,12 +153,54 @@ class _GenerationTag(jinja2.ext.Extension):
         return parser.parse_statements(("name:endgeneration",), drop_needle=True)
 
 
+def _check_size(n: Any, what: str) -> None:
+    if isinstance(n, (int, float)) and n > MAX_VALUE_SIZE:
+        raise SecurityError(f"{what} of {n:.0f} is over the limit of {MAX_VALUE_SIZE}")
+
+
+class _BoundedSandbox(ImmutableSandboxedEnvironment):
+    """The immutable sandbox, also refusing operations that make huge values at once: integer
+    powers past MAX_POW_BITS, repetition (`'a' * n`) and padding widths (center, ljust, rjust,
+    zfill, the center and indent filters) past MAX_VALUE_SIZE. Ranges: the sandbox's MAX_RANGE."""
+
+    intercepted_binops = frozenset({"*", "**"})
+    PADDING = frozenset({"center", "ljust", "rjust", "zfill", "expandtabs"})
+
+    def call_binop(self, context, operator: str, left: Any, right: Any) -> Any:
+        if operator == "**" and isinstance(left, int) and isinstance(right, int) and right > 0 \
+                and abs(left) > 1 and abs(left).bit_length() * right > MAX_POW_BITS:
+            raise SecurityError(f"an integer power over {MAX_POW_BITS} bits")
+        if operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(n, int):
+                    _check_size(len(seq) * n, "a repetition")
+        return super().call_binop(context, operator, left, right)
+
+    def call(__self, __context, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805 (jinja2's names)
+        if isinstance(getattr(__obj, "__self__", None), str) and getattr(__obj, "__name__", "") in __self.PADDING:
+            for a in (*args, *kwargs.values()):
+                _check_size(a, f"a {__obj.__name__} width")
+        return super().call(__context, __obj, *args, **kwargs)
+
+
+def _bounded_filter(name: str, position: int, env: jinja2.Environment):
+    inner = env.filters[name]
+
+    def bounded(value, *args, **kwargs):
+        for a in (*args[position - 1:position], *kwargs.values()):
+            _check_size(a, f"a {name} width")
+        return inner(value, *args, **kwargs)
+    return bounded
+
+
 @lru_cache(maxsize=32)
 def _compile(source: str) -> jinja2.Template:
     if len(source) > MAX_TEMPLATE_CHARS:
         raise TokenizerError(f"the chat template is {len(source)} characters, over the limit of {MAX_TEMPLATE_CHARS}")
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[_GenerationTag, jinja2.ext.loopcontrols])
+    env = _BoundedSandbox(trim_blocks=True, lstrip_blocks=True, optimized=False,   # optimized: constant folding
+                          extensions=[_GenerationTag, jinja2.ext.loopcontrols])
+    for name in ("center", "indent"):
+        env.filters[name] = _bounded_filter(name, 1, env)
     env.filters["tojson"] = _tojson
     env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now)
     try:
@@ -163,6 +211,15 @@ def _compile(source: str) -> jinja2.Template:
 
 def _render(source: str, messages: list[dict], add_generation_prompt: bool, specials: dict[str, str],
             template_vars: Mapping[str, Any]) -> str:
+    """`render_here` in a template worker (bounded in time and memory)."""
+    from woolly.template_worker import render
+
+    return render(source, messages, add_generation_prompt, specials, dict(template_vars))
+
+
+def render_here(source: str, messages: list[dict], add_generation_prompt: bool, specials: dict[str, str],
+                template_vars: Mapping[str, Any]) -> str:
+    """Render in this process (what a template worker runs); MemoryError passes through."""
     template = _compile(source)
     context = dict(template_vars)
     context.update(messages=messages, add_generation_prompt=bool(add_generation_prompt), **specials)
@@ -178,7 +235,7 @@ def _render(source: str, messages: list[dict], add_generation_prompt: bool, spec
         raise InvalidRequest(f"the chat template refused the conversation: {e}") from None
     except SecurityError as e:
         raise TokenizerError(f"the chat template tried an unsafe operation and was stopped: {e}") from None
-    except WoollyError:
+    except (WoollyError, MemoryError):
         raise
     except Exception as e:  # a template bug (undefined names, type errors, recursion, ...)
         raise TokenizerError(f"the chat template failed: {type(e).__name__}: {e}") from None

@@ -232,13 +232,15 @@ def cmd_serve(args) -> int:
                                  enable_gpu=inf.gpu.enabled, num_threads=inf.cpu.threads, residency=inf.residency,
                                  tensor_parallel=inf.tensor_parallel, data_parallel=inf.data_parallel,
                                  max_queue=cfg.server.max_queue,
+                                 max_embedding_tokens=cfg.server.max_embedding_tokens,
+                                 embedding_chunk_tokens=cfg.server.embedding_chunk_tokens,
                                  cache_config=CacheConfig(cfg.cache.enabled, cfg.cache.size, cfg.cache.ttl)))
     model = args.model or (cfg.models.preload[0] if cfg.models.preload else cfg.models.default)
     engine.load_model(_pulled(model))
     app = create_app(cfg, engine)
     logging.getLogger("woolly").info("serving %s on http://%s:%d", model, cfg.server.host, cfg.server.port)
     uvicorn.run(app, host=cfg.server.host, port=cfg.server.port, log_config=None, access_log=False,
-                timeout_graceful_shutdown=5)
+                timeout_graceful_shutdown=5, ws_max_size=cfg.server.max_body_bytes)
     return 0
 
 

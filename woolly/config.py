@@ -28,6 +28,12 @@ class ServerSection(msgspec.Struct, forbid_unknown_fields=True):
     max_body_bytes: int = 1 << 20
     max_queue: int = 64          # requests waiting for a slot before "busy"
     max_json_depth: int = 64     # arrays/objects nested deeper in a request body: 400 (HTTP) / error event (WS)
+    max_prompt_bytes: int = 256 * 1024     # UTF-8 bytes of a prompt (chat: all contents; embeddings: all inputs)
+    max_embedding_tokens: int = 32768      # tokens in one embeddings request, all inputs together
+    embedding_chunk_tokens: int = 4096     # padded tokens per embedding pass (its memory grows with this)
+    template_timeout: float = 2.0          # seconds a chat template may take to render
+    template_memory_bytes: int = 512 << 20  # address space of each template-rendering process
+    template_workers: int = 2              # template-rendering processes (renders at once)
 
 
 class ModelsSection(msgspec.Struct, forbid_unknown_fields=True):
@@ -108,6 +114,10 @@ ENV_VARS: dict[str, tuple[tuple[str, ...], type]] = {
     "WOOLLY_HOST": (("server", "host"), str),
     "WOOLLY_PORT": (("server", "port"), int),
     "WOOLLY_MAX_JSON_DEPTH": (("server", "max_json_depth"), int),
+    "WOOLLY_MAX_PROMPT_BYTES": (("server", "max_prompt_bytes"), int),
+    "WOOLLY_MAX_EMBEDDING_TOKENS": (("server", "max_embedding_tokens"), int),
+    "WOOLLY_TEMPLATE_TIMEOUT": (("server", "template_timeout"), float),
+    "WOOLLY_TEMPLATE_MEMORY_BYTES": (("server", "template_memory_bytes"), int),
     "WOOLLY_MODELS_DIR": (("models", "directory"), str),
     "WOOLLY_GPU_ENABLED": (("inference", "gpu", "enabled"), bool),
     "WOOLLY_GPU_LAYERS": (("inference", "gpu", "layers"), int),
@@ -143,6 +153,11 @@ def _parse_env(name: str, raw: str, kind: type) -> Any:
             return int(raw)
         except ValueError:
             raise InvalidRequest(f"{name} must be an integer, got {raw!r}") from None
+    if kind is float:
+        try:
+            return float(raw)
+        except ValueError:
+            raise InvalidRequest(f"{name} must be a number, got {raw!r}") from None
     if kind is list:
         return [k for k in (s.strip() for s in raw.split(",")) if k]
     return raw
@@ -185,6 +200,11 @@ def load_config(path: str | os.PathLike | None = None, env: dict[str, str] | Non
         raise InvalidRequest(f"server.max_json_depth must be in 1..10000, got {cfg.server.max_json_depth}")
     if cfg.inference.max_batch_size < 1 or cfg.inference.max_sequence_length < 16:
         raise InvalidRequest("inference.max_batch_size must be >= 1 and max_sequence_length >= 16")
+    srv = cfg.server
+    if min(srv.max_prompt_bytes, srv.max_embedding_tokens, srv.embedding_chunk_tokens, srv.template_memory_bytes,
+           srv.template_workers) < 1 or not srv.template_timeout > 0:
+        raise InvalidRequest("server.max_prompt_bytes, max_embedding_tokens, embedding_chunk_tokens, "
+                             "template_timeout, template_memory_bytes and template_workers must be positive")
     if cfg.inference.tensor_parallel < 1 or cfg.inference.data_parallel < 1:
         raise InvalidRequest("inference.tensor_parallel and data_parallel must be >= 1")
     check_distributed(cfg.distributed)

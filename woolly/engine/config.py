@@ -31,6 +31,8 @@ class EngineConfig:
     cache_config: CacheConfig = field(default_factory=CacheConfig)
     residency: str = "dense"          # "dense" or "quantized" weights (woolly.ops.qmatmul)
     max_queue: int = 64               # requests waiting for a slot before `busy`
+    max_embedding_tokens: int = 32768     # tokens in one `embed` call, all inputs together
+    embedding_chunk_tokens: int = 4096    # padded tokens per embedding pass (bounds its memory)
     # Devices (woolly.runtime.sharding, docs/sharding.md): a ("data", "model") jax Mesh, or
     # tensor_parallel x data_parallel devices (data_parallel None: all the devices left).
     # Defaults: no mesh, one device, exactly the single-device path.
@@ -45,6 +47,8 @@ class EngineConfig:
             raise ValueError("max_sequence_length must be between 16 and 1048576")
         if self.residency not in ("dense", "quantized"):
             raise ValueError("residency must be 'dense' or 'quantized'")
+        if self.max_embedding_tokens < 1 or self.embedding_chunk_tokens < 1:
+            raise ValueError("max_embedding_tokens and embedding_chunk_tokens must be >= 1")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError("num_threads must be >= 1")
         if self.tensor_parallel < 1:

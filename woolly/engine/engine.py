@@ -256,11 +256,24 @@ class Engine:
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """Mean-pooled, L2-normalized final hidden states -> f32 [len(texts), D]."""
+        return self.embed_counted(texts)[0]
+
+    def embed_counted(self, texts: list[str]) -> tuple[np.ndarray, int]:
+        """`embed`, and the tokens the inputs held (at most `max_embedding_tokens`, else InvalidRequest)."""
         runner = self._runner
         if runner is None:
             raise ModelNotLoaded("no model is loaded")
-        lists = [self.tokenize(t) or [self.model.vocabulary.bos_id or 0] for t in texts]
-        for t in lists:
-            if len(t) > runner.cache_length:
-                raise InvalidRequest(f"an input has {len(t)} tokens; at most {runner.cache_length}")
-        return runner.embed(lists)
+        cap = self.config.max_embedding_tokens
+        lists, total = [], 0
+        for t in texts:
+            ids = self.tokenize(t) or [self.model.vocabulary.bos_id or 0]
+            if len(ids) > runner.cache_length:
+                raise InvalidRequest(f"an input has {len(ids)} tokens; at most {runner.cache_length}")
+            total += len(ids)
+            if total > cap:   # stop tokenizing: the request is refused whatever the rest holds
+                raise InvalidRequest(f"the inputs hold more than {cap} tokens, the limit for one embeddings "
+                                     f"request (max_embedding_tokens)", details={"max_embedding_tokens": cap})
+            lists.append(ids)
+        if not lists:
+            raise InvalidRequest("input must hold at least one text")
+        return runner.embed(lists, chunk_tokens=self.config.embedding_chunk_tokens), total

@@ -29,7 +29,7 @@ from woolly.config import WoollyConfig
 from woolly.engine import Engine
 from woolly.errors import HTTP_STATUS, ContextLengthExceeded, InvalidRequest, ModelNotLoaded, WoollyError
 from woolly.http import schemas as S
-from woolly.http.chat import chat_prompt_ids
+from woolly.http.chat import chat_prompt_ids, check_prompt_bytes
 from woolly.http.metrics import Metrics
 from woolly.http.responses import ERROR_RESPONSES
 from woolly.http.models_list import list_model_infos
@@ -191,6 +191,24 @@ class Server:
         self.config, self.engine = config, engine
         self.started = time.time()
         self.metrics = Metrics(engine)
+        self.embedding_passes = asyncio.Semaphore(1)   # one at a time: the others wait without a thread
+
+    # -- CPU work, off the event loop ---------------------------------------------------------------
+    async def prompt_ids(self, text: str, **options) -> list[int]:
+        """A prompt's ids (at most server.max_prompt_bytes), tokenized in a thread."""
+        check_prompt_bytes([text], self.config.server.max_prompt_bytes)
+        return await asyncio.to_thread(self.engine.tokenize, text, **options)
+
+    async def chat_ids(self, messages) -> list[int]:
+        """A chat's prompt ids: rendered in a template worker and tokenized, from a thread."""
+        return await asyncio.to_thread(chat_prompt_ids, self.engine.model, messages,
+                                       self.config.server.max_prompt_bytes)
+
+    async def embed(self, texts: list[str]):
+        """(vectors f32 [N, D], tokens) for `texts`, one embedding request at a time, in a thread."""
+        check_prompt_bytes(texts, self.config.server.max_prompt_bytes)
+        async with self.embedding_passes:
+            return await asyncio.to_thread(self.engine.embed_counted, texts)
 
     # -- helpers shared by the routes -------------------------------------------------------------
     def check_model(self, name: str | None) -> None:
@@ -264,33 +282,33 @@ def create_app(config: WoollyConfig, engine: Engine) -> Litestar:
           summary="Complete a prompt (JSON, or SSE with stream=true)", responses=ERROR_RESPONSES)
     async def generate(data: S.GenerateRequest, request: Request) -> Any:
         server.check_model(data.model)
-        ids = engine.tokenize(data.prompt)
+        ids = await server.prompt_ids(data.prompt)
         return await _answer(request, server.events(ids, data.options()), data.stream, _generate_json)
 
     @post("/api/chat", status_code=200,
           summary="Chat with the model's template applied (JSON, or SSE with stream=true)", responses=ERROR_RESPONSES)
     async def chat(data: S.ChatRequest, request: Request) -> Any:
         server.check_model(data.model)
-        ids = chat_prompt_ids(engine.model, data.messages)
+        ids = await server.chat_ids(data.messages)
         return await _answer(request, server.events(ids, data.options()), data.stream, _chat_json)
 
     @post("/api/tokenize", status_code=200, summary="Text to token ids", responses=ERROR_RESPONSES)
     async def tokenize(data: S.TokenizeRequest) -> S.TokenizeResponse:
         server.check_model(None)
-        ids = engine.tokenize(data.text, add_bos=data.add_bos, parse_special=data.parse_special)
+        ids = await server.prompt_ids(data.text, add_bos=data.add_bos, parse_special=data.parse_special)
         return S.TokenizeResponse(ids, len(ids))
 
     @post("/api/detokenize", status_code=200, summary="Token ids to text", responses=ERROR_RESPONSES)
     async def detokenize(data: S.DetokenizeRequest) -> S.DetokenizeResponse:
         server.check_model(None)
-        return S.DetokenizeResponse(engine.detokenize(data.tokens))
+        return S.DetokenizeResponse(await asyncio.to_thread(engine.detokenize, data.tokens))
 
     @post("/api/embeddings", status_code=200,
           summary="Mean-pooled, L2-normalized embeddings", responses=ERROR_RESPONSES)
     async def embeddings(data: S.EmbeddingsRequest) -> S.EmbeddingsResponse:
         server.check_model(data.model)
         texts = [data.input] if isinstance(data.input, str) else data.input
-        vecs = await asyncio.to_thread(engine.embed, texts)
+        vecs, _ = await server.embed(texts)
         return S.EmbeddingsResponse(vecs.tolist(), int(vecs.shape[1]), engine.current_model_name or "")
 
     @get("/metrics", summary="Prometheus metrics", include_in_schema=False)
@@ -329,6 +347,9 @@ def create_app(config: WoollyConfig, engine: Engine) -> Litestar:
         debug=False,
     )
     app.state.server = server
+    from woolly import template_worker
+    template_worker.configure(timeout=config.server.template_timeout, memory_bytes=config.server.template_memory_bytes,
+                              workers=config.server.template_workers)
     return app
 
 

@@ -27,7 +27,20 @@ def message_dicts(messages) -> list[dict]:
     return out
 
 
-def chat_prompt_ids(model, messages) -> list[int]:
+def check_prompt_bytes(texts, limit: int | None) -> None:
+    """InvalidRequest when `texts` hold more than `limit` UTF-8 bytes together (None: no limit)."""
+    if limit is None:
+        return
+    n = sum(len(t) if t.isascii() else len(t.encode("utf-8", "surrogatepass")) for t in texts)
+    if n > limit:
+        raise InvalidRequest(f"the prompt is {n} bytes, over the limit of {limit} (server.max_prompt_bytes)",
+                             details={"prompt_bytes": n, "max_prompt_bytes": limit})
+
+
+def chat_prompt_ids(model, messages, max_bytes: int | None = None) -> list[int]:
+    """Blocks (template worker, tokenizer): call it off the event loop."""
     from woolly.chat_template import tokenize_chat
 
-    return list(tokenize_chat(model, message_dicts(messages), add_generation_prompt=True))
+    dicts = message_dicts(messages)
+    check_prompt_bytes([m["content"] for m in dicts], max_bytes)
+    return list(tokenize_chat(model, dicts, add_generation_prompt=True))

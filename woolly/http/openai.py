@@ -15,7 +15,6 @@ from litestar import Request, get, post
 
 from woolly.errors import InvalidRequest, WoollyError
 from woolly.http import schemas as S
-from woolly.http.chat import chat_prompt_ids
 from woolly.http.responses import ERROR_RESPONSES
 from woolly.http.streaming import EventStream, prime
 
@@ -50,11 +49,11 @@ def openai_routes(server) -> list:
                 ids = list(data.prompt)
                 engine.check_token_ids(ids)
             elif len(data.prompt) == 1 and isinstance(data.prompt[0], str):
-                ids = engine.tokenize(data.prompt[0])
+                ids = await server.prompt_ids(data.prompt[0])
             else:
                 raise InvalidRequest("one prompt per request (n and prompt arrays are not supported)")
         else:
-            ids = engine.tokenize(data.prompt)
+            ids = await server.prompt_ids(data.prompt)
         options = data.options()
         if data.logprobs:
             options["logprobs"] = data.logprobs
@@ -80,7 +79,7 @@ def openai_routes(server) -> list:
     @post("/v1/chat/completions", status_code=200, summary="OpenAI: chat completion", responses=ERROR_RESPONSES)
     async def chat_completions(data: S.ChatCompletionRequest, request: Request) -> Any:
         server.check_model(data.model)
-        ids = chat_prompt_ids(engine.model, data.messages)
+        ids = await server.chat_ids(data.messages)
         options = data.options()
         n_top = data.top_logprobs or 0
         if data.logprobs:
@@ -111,12 +110,9 @@ def openai_routes(server) -> list:
 
     @post("/v1/embeddings", status_code=200, summary="OpenAI: embeddings", responses=ERROR_RESPONSES)
     async def embeddings(data: S.OpenAIEmbeddingsRequest) -> dict:
-        import asyncio
-
         server.check_model(data.model)
         texts = [data.input] if isinstance(data.input, str) else data.input
-        vecs = await asyncio.to_thread(engine.embed, texts)
-        n_tokens = sum(len(engine.tokenize(t)) for t in texts)
+        vecs, n_tokens = await server.embed(texts)
         return {"object": "list", "model": model_name(),
                 "data": [{"object": "embedding", "index": i, "embedding": _encode_vector(v, data.encoding_format)}
                          for i, v in enumerate(vecs)],

@@ -14,7 +14,6 @@ from litestar.exceptions import WebSocketDisconnect
 
 from woolly.errors import InvalidRequest, WoollyError
 from woolly.http import schemas as S
-from woolly.http.chat import chat_prompt_ids
 from woolly.http.request_body import check_depth
 
 MAX_IN_FLIGHT = 16
@@ -51,11 +50,11 @@ async def serve_socket(socket: WebSocket, server) -> None:
             if msg.type == "generate":
                 if msg.prompt is None:
                     raise InvalidRequest("a generate message needs a prompt")
-                ids = server.engine.tokenize(msg.prompt)
+                ids = await server.prompt_ids(msg.prompt)
             else:
                 if not msg.messages:
                     raise InvalidRequest("a chat message needs messages")
-                ids = chat_prompt_ids(server.engine.model, msg.messages)
+                ids = await server.chat_ids(msg.messages)
             index = 0
             async for kind, payload in server.events(ids, options):
                 if kind == "token" and payload.text:

@@ -22,6 +22,11 @@ MAX_PREFILL_BUCKET = 512   # longer prompts are prefilled in chunks of this many
 PENALTY_WINDOW = 64        # llama.cpp's default repeat_last_n
 
 
+def _rows_for(chunk_tokens: int, T: int) -> int:
+    """Rows of length T in an embedding pass of `chunk_tokens`: the largest power of two that fits, at least 1."""
+    return 1 << (max(1, chunk_tokens // T).bit_length() - 1)
+
+
 class PendingStep(NamedTuple):
     """A queued decode step's device-side outputs."""
 
@@ -176,14 +181,31 @@ class Runner:
         out, counts = np.asarray(out), np.asarray(counts)
         return [out[i, :counts[i]].tolist() for i in range(n)]
 
-    def embed(self, token_lists: Sequence[Sequence[int]]) -> np.ndarray:
-        """Mean-pooled, L2-normalized final hidden states, one row per token list -> f32 [B, D]."""
-        T = bucket(max(len(t) for t in token_lists))
-        padded = np.zeros((len(token_lists), T), np.int32)
-        for i, t in enumerate(token_lists):
-            padded[i, :len(t)] = t
-        lengths = np.array([len(t) for t in token_lists], np.int32)
-        return np.asarray(self._entry.embed(self.params, jnp.asarray(padded), jnp.asarray(lengths), cfg=self.cfg))
+    def embed(self, token_lists: Sequence[Sequence[int]], chunk_tokens: int = 4096) -> np.ndarray:
+        """Mean-pooled, L2-normalized final hidden states, one row per token list -> f32 [N, D].
+
+        Inputs go through in passes of about `chunk_tokens` padded tokens (at least one input):
+        sorted by length, each pass is [rows, T] with T its longest input's bucket and rows a power
+        of two, so memory follows the chunk, not the request, and shapes (compiles) stay few."""
+        n = len(token_lists)
+        order = sorted(range(n), key=lambda i: len(token_lists[i]))
+        out = np.zeros((n, self.cfg.d_model), np.float32)                                # [N, D]
+        i = 0
+        while i < n:
+            j = i + 1   # this pass: order[i:j]; grow while its padded [rows, T] fits the chunk
+            while j < n and j + 1 - i <= _rows_for(chunk_tokens, bucket(len(token_lists[order[j]]))):
+                j += 1
+            T = bucket(len(token_lists[order[j - 1]]))
+            rows = -(-bucket(j - i, minimum=1) // self.data_parallel) * self.data_parallel
+            padded = np.zeros((rows, T), np.int32)                                       # [rows, T]
+            lengths = np.zeros(rows, np.int32)                                           # 0: a padding row
+            for r, k in enumerate(order[i:j]):
+                padded[r, :len(token_lists[k])] = token_lists[k]
+                lengths[r] = len(token_lists[k])
+            vecs = self._entry.embed(self.params, jnp.asarray(padded), jnp.asarray(lengths), cfg=self.cfg)
+            out[order[i:j]] = np.asarray(vecs)[:j - i]
+            i = j
+        return out
 
     def token_logprobs(self, tokens: np.ndarray) -> np.ndarray:
         """log p(tokens[:, t+1] | tokens[:, :t+1]) for tokens i32 [B, T] from position 0 -> f32 [B, T-1].
