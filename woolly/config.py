@@ -27,6 +27,13 @@ class ServerSection(msgspec.Struct, forbid_unknown_fields=True):
     cors: Cors = msgspec.field(default_factory=Cors)
     max_body_bytes: int = 1 << 20
     max_queue: int = 64          # requests waiting for a slot before "busy"
+    # Host names accepted besides loopback's (DNS rebinding). Bound to loopback: only localhost,
+    # 127.0.0.1, [::1] and these; bound elsewhere: any Host unless this is set. "*": any.
+    allowed_hosts: list[str] = msgspec.field(default_factory=list)
+    max_connections: int = 512   # open connections (HTTP and WebSocket); more get 503 and are closed
+    header_timeout: int = 10     # seconds for a request's head to arrive, from connect or the last response
+    body_timeout: int = 30       # seconds a request body may stall between two reads
+    keep_alive_timeout: int = 5  # seconds an idle keep-alive connection stays open
 
 
 class ModelsSection(msgspec.Struct, forbid_unknown_fields=True):
@@ -64,6 +71,7 @@ class LoggingSection(msgspec.Struct, forbid_unknown_fields=True):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "text"] = "text"
     output: str = "stdout"       # stdout, stderr, or a file path
+    repeat_limit: int = 10       # the same warning or error at most this often a minute; the rest are counted
 
 
 class RateLimiting(msgspec.Struct, forbid_unknown_fields=True):
@@ -106,6 +114,10 @@ class WoollyConfig(msgspec.Struct, forbid_unknown_fields=True):
 ENV_VARS: dict[str, tuple[tuple[str, ...], type]] = {
     "WOOLLY_HOST": (("server", "host"), str),
     "WOOLLY_PORT": (("server", "port"), int),
+    "WOOLLY_ALLOWED_HOSTS": (("server", "allowed_hosts"), list),
+    "WOOLLY_MAX_CONNECTIONS": (("server", "max_connections"), int),
+    "WOOLLY_HEADER_TIMEOUT": (("server", "header_timeout"), int),
+    "WOOLLY_BODY_TIMEOUT": (("server", "body_timeout"), int),
     "WOOLLY_MODELS_DIR": (("models", "directory"), str),
     "WOOLLY_GPU_ENABLED": (("inference", "gpu", "enabled"), bool),
     "WOOLLY_GPU_LAYERS": (("inference", "gpu", "layers"), int),
@@ -179,6 +191,11 @@ def load_config(path: str | os.PathLike | None = None, env: dict[str, str] | Non
         raise InvalidRequest("security.api_key_required is set but no key is configured (WOOLLY_API_KEY)")
     if not 0 < cfg.server.port < 65536:
         raise InvalidRequest(f"server.port {cfg.server.port} is out of range")
+    srv = cfg.server
+    if srv.max_connections < 1 or min(srv.header_timeout, srv.body_timeout, srv.keep_alive_timeout) < 1:
+        raise InvalidRequest("server.max_connections, header_timeout, body_timeout and keep_alive_timeout must be >= 1")
+    if cfg.logging.repeat_limit < 1:
+        raise InvalidRequest("logging.repeat_limit must be >= 1")
     if cfg.inference.max_batch_size < 1 or cfg.inference.max_sequence_length < 16:
         raise InvalidRequest("inference.max_batch_size must be >= 1 and max_sequence_length >= 16")
     if cfg.inference.tensor_parallel < 1 or cfg.inference.data_parallel < 1:
