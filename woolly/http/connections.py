@@ -4,7 +4,8 @@ uvicorn arms no timer while a request is being read: a client that opens a conne
 sends half a request head, or a body that stops, holds its file descriptor forever. Here:
 
 - head: a request's head must be complete within `header_timeout` seconds of the connection
-  opening (or of the previous response ending, on a kept-alive connection);
+  opening (on a kept-alive connection, of its first byte; uvicorn's keep-alive timer closes an
+  idle one);
 - body: while a body is read, bytes must keep coming: at most `body_timeout` seconds between two;
 - cap: past `max_connections` open connections (HTTP and WebSocket), the one that has waited
   longest for a request head is closed to make room; when every connection is busy with a
@@ -67,10 +68,12 @@ class GuardedH11Protocol(H11Protocol):
         self._follow_state()
 
     def on_response_complete(self) -> None:
-        super().on_response_complete()
-        self._received = False
+        self._received = False   # before super(): it may go on to a pipelined request
         self._idle_since = self.loop.time()
-        self._follow_state()
+        self._disarm()           # idle between requests: uvicorn's keep-alive timer runs
+        super().on_response_complete()
+        if self.conn.their_state is not h11.IDLE:   # a pipelined request was taken up
+            self._follow_state()
 
     def handle_websocket_upgrade(self, event) -> None:
         self._disarm()   # the WebSocket protocol takes the connection over
@@ -98,8 +101,8 @@ class GuardedH11Protocol(H11Protocol):
         if self.transport.is_closing() or self.transport.get_protocol() is not self:
             return self._disarm()
         state = self.conn.their_state
-        if state is h11.IDLE:          # waiting for a head: the deadline runs from its first arming
-            if self._deadline is None:
+        if state is h11.IDLE:          # a head has begun: its deadline runs from its first byte
+            if self._deadline is None and self._received:
                 self._arm(self.header_timeout)
         elif state is h11.SEND_BODY:   # reading a body: every read restarts the clock
             self._arm(self.body_timeout)
@@ -122,8 +125,8 @@ class GuardedH11Protocol(H11Protocol):
         if self.flow.read_paused:      # we stopped reading (the app is behind), not the client
             return self._arm(self.body_timeout)
         in_body = self.conn.their_state is h11.SEND_BODY
-        started = self.cycle is not None and self.cycle.response_started and not self.cycle.response_complete
-        if (in_body or self._received) and not started:
+        # answer when nothing was answered to this request yet (a head cut short, or a body not yet replied to)
+        if (not self.cycle.response_started) if in_body else self._received:
             what = (f"the request body stalled for {self.body_timeout:g}s" if in_body
                     else f"the request head did not arrive within {self.header_timeout:g}s")
             self.transport.write(_raw_error(408, "Request Timeout", "INVALID_REQUEST", what))
