@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import resource
 import secrets
 import select
 import socket
@@ -31,6 +32,7 @@ KEYED_RATE = 8          # keyed server
 HEADER_TIMEOUT = 2      # seconds, open server
 BODY_TIMEOUT = 2
 MAX_CONNECTIONS = 48
+REPEAT_LIMIT = 10       # logging.repeat_limit's default
 KEYS = ("hardening-key-one", "hardening-key-two", "hardening-key-three")
 
 
@@ -213,6 +215,32 @@ def test_half_sent_requests_are_closed_and_do_not_starve_the_server(open_server)
     with client_from(open_server, "127.0.0.7") as http:
         assert http.get("/health", timeout=5).status_code == 200
     assert open_server.log_path.stat().st_size - log_before < 64 * 1024, open_server.log_tail(20)
+    log = open_server.log_path.read_text(errors="replace")
+    assert 0 < log.count("connection limit reached") <= REPEAT_LIMIT + 1   # 250 evictions, logged a few times
+
+
+def test_running_out_of_descriptors_does_not_flood_the_log(open_server):
+    """With the open-file limit reached, asyncio's accept loop fails thousands of times a second (Python 3.11
+    logs each, with a traceback: 61 MB in 16 s before the throttle). The log grows by a bounded amount, and
+    the server answers again once the half-open connections are closed."""
+    pid = open_server.process.pid
+    limits = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    log_before = open_server.log_path.stat().st_size
+    socks = []
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (open_fds(pid) + 16, limits[1]))
+    try:
+        for _ in range(64):   # the kernel completes these handshakes; the server cannot accept them all
+            socks.append(socket.create_connection(("127.0.0.1", open_server.port), timeout=10,
+                                                  source_address=("127.0.0.9", 0)))
+        time.sleep(3)
+        grown = open_server.log_path.stat().st_size - log_before
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, limits)
+        for s in socks:
+            s.close()
+    assert grown < 64 * 1024, open_server.log_tail(20)
+    with client_from(open_server, "127.0.0.10") as http:
+        assert http.get("/health", timeout=HEADER_TIMEOUT + 10).status_code == 200
 
 
 def test_a_body_must_keep_flowing(open_server):
