@@ -28,9 +28,9 @@ from woolly.engine import Engine
 from woolly.errors import HTTP_STATUS, ContextLengthExceeded, InvalidRequest, ModelNotLoaded, WoollyError
 from woolly.http import schemas as S
 from woolly.http.chat import chat_prompt_ids
+from woolly.http.guard import RequestGuard
 from woolly.http.metrics import Metrics
 from woolly.http.responses import ERROR_RESPONSES
-from woolly.http.guard import RequestGuard
 from woolly.http.models_list import list_model_infos
 from woolly.http.ratelimit import STATE_KEY, ClientLimiter, address_identity, key_identity, rate_limit_config
 from woolly.http.streaming import EventStream, Primed, prime
