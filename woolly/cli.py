@@ -214,6 +214,7 @@ def cmd_serve(args) -> int:
     from woolly.config import load_config
     from woolly.engine import CacheConfig, Engine, EngineConfig
     from woolly.http.app import create_app
+    from woolly.http.connections import connection_cap, protocol_class
     from woolly.http.logs import setup_logging
 
     cfg = load_config(args.config, overrides={("server", "host"): args.host, ("server", "port"): args.port,
@@ -238,9 +239,12 @@ def cmd_serve(args) -> int:
     model = args.model or (cfg.models.preload[0] if cfg.models.preload else cfg.models.default)
     engine.load_model(_pulled(model))
     app = create_app(cfg, engine)
-    logging.getLogger("woolly").info("serving %s on http://%s:%d", model, cfg.server.host, cfg.server.port)
-    uvicorn.run(app, host=cfg.server.host, port=cfg.server.port, log_config=None, access_log=False,
-                timeout_graceful_shutdown=5, ws_max_size=cfg.server.max_body_bytes)
+    srv = cfg.server
+    protocol = protocol_class(srv.header_timeout, srv.body_timeout, connection_cap(srv.max_connections))
+    logging.getLogger("woolly").info("serving %s on http://%s:%d", model, srv.host, srv.port)
+    uvicorn.run(app, host=srv.host, port=srv.port, log_config=None, access_log=False, timeout_graceful_shutdown=5,
+                http=protocol, timeout_keep_alive=srv.keep_alive_timeout,
+                ws_max_size=srv.max_body_bytes)
     return 0
 
 

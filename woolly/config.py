@@ -34,6 +34,13 @@ class ServerSection(msgspec.Struct, forbid_unknown_fields=True):
     template_timeout: float = 2.0          # seconds a chat template may take to render
     template_memory_bytes: int = 512 << 20  # address space of each template-rendering process
     template_workers: int = 2              # template-rendering processes (renders at once)
+    # Host names accepted besides loopback's (DNS rebinding). Bound to loopback: only localhost,
+    # 127.0.0.1, [::1] and these; bound elsewhere: any Host unless this is set. "*": any.
+    allowed_hosts: list[str] = msgspec.field(default_factory=list)
+    max_connections: int = 512   # open connections (HTTP and WebSocket); more get 503 and are closed
+    header_timeout: int = 10     # seconds for a request's head to arrive, from connect or the last response
+    body_timeout: int = 30       # seconds a request body may stall between two reads
+    keep_alive_timeout: int = 5  # seconds an idle keep-alive connection stays open
 
 
 class ModelsSection(msgspec.Struct, forbid_unknown_fields=True):
@@ -71,6 +78,7 @@ class LoggingSection(msgspec.Struct, forbid_unknown_fields=True):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "text"] = "text"
     output: str = "stdout"       # stdout, stderr, or a file path
+    repeat_limit: int = 10       # the same warning or error at most this often a minute; the rest are counted
 
 
 class RateLimiting(msgspec.Struct, forbid_unknown_fields=True):
@@ -118,6 +126,10 @@ ENV_VARS: dict[str, tuple[tuple[str, ...], type]] = {
     "WOOLLY_MAX_EMBEDDING_TOKENS": (("server", "max_embedding_tokens"), int),
     "WOOLLY_TEMPLATE_TIMEOUT": (("server", "template_timeout"), float),
     "WOOLLY_TEMPLATE_MEMORY_BYTES": (("server", "template_memory_bytes"), int),
+    "WOOLLY_ALLOWED_HOSTS": (("server", "allowed_hosts"), list),
+    "WOOLLY_MAX_CONNECTIONS": (("server", "max_connections"), int),
+    "WOOLLY_HEADER_TIMEOUT": (("server", "header_timeout"), int),
+    "WOOLLY_BODY_TIMEOUT": (("server", "body_timeout"), int),
     "WOOLLY_MODELS_DIR": (("models", "directory"), str),
     "WOOLLY_GPU_ENABLED": (("inference", "gpu", "enabled"), bool),
     "WOOLLY_GPU_LAYERS": (("inference", "gpu", "layers"), int),
@@ -198,6 +210,11 @@ def load_config(path: str | os.PathLike | None = None, env: dict[str, str] | Non
         raise InvalidRequest(f"server.port {cfg.server.port} is out of range")
     if not 1 <= cfg.server.max_json_depth <= 10_000:
         raise InvalidRequest(f"server.max_json_depth must be in 1..10000, got {cfg.server.max_json_depth}")
+    srv = cfg.server
+    if srv.max_connections < 1 or min(srv.header_timeout, srv.body_timeout, srv.keep_alive_timeout) < 1:
+        raise InvalidRequest("server.max_connections, header_timeout, body_timeout and keep_alive_timeout must be >= 1")
+    if cfg.logging.repeat_limit < 1:
+        raise InvalidRequest("logging.repeat_limit must be >= 1")
     if cfg.inference.max_batch_size < 1 or cfg.inference.max_sequence_length < 16:
         raise InvalidRequest("inference.max_batch_size must be >= 1 and max_sequence_length >= 16")
     srv = cfg.server

@@ -38,15 +38,21 @@ def test_health_is_public(secure):
     assert r.status_code == 200 and r.json()["status"] == "ok"
 
 
-@pytest.mark.parametrize("headers", [{}, bearer("wrong-key"), {"Authorization": AUTH_KEY},
-                                     {"Authorization": "Basic " + AUTH_KEY}, {"Authorization": "Bearer"},
-                                     bearer(AUTH_KEY + "x"), bearer(AUTH_KEY[:-1])])
-def test_missing_or_wrong_key_is_401(secure, headers):
-    for method, path in (("POST", "/api/tokenize"), ("GET", "/api/models"), ("GET", "/v1/models"),
-                         ("GET", "/metrics")):
-        r = secure.request(method, path, json={"text": "x"} if method == "POST" else None, headers=headers)
-        assert_error(r, 401, "UNAUTHORIZED")
-        assert r.headers["www-authenticate"] == "Bearer"
+BAD_KEYS = [{}, bearer("wrong-key"), {"Authorization": AUTH_KEY}, {"Authorization": "Basic " + AUTH_KEY},
+            {"Authorization": "Bearer"}, bearer(AUTH_KEY + "x"), bearer(AUTH_KEY[:-1])]
+
+
+@pytest.mark.parametrize("headers", BAD_KEYS)
+def test_missing_or_wrong_key_is_401(secure_server, headers):
+    # each case from its own loopback address: a refused key counts against its address's rate limit
+    address = f"127.0.1.{BAD_KEYS.index(headers) + 1}"
+    with httpx.Client(base_url=secure_server.url, timeout=120,
+                      transport=httpx.HTTPTransport(local_address=address)) as secure:
+        for method, path in (("POST", "/api/tokenize"), ("GET", "/api/models"), ("GET", "/v1/models"),
+                             ("GET", "/metrics")):
+            r = secure.request(method, path, json={"text": "x"} if method == "POST" else None, headers=headers)
+            assert_error(r, 401, "UNAUTHORIZED")
+            assert r.headers["www-authenticate"] == "Bearer"
 
 
 def test_every_configured_key_works(secure):
@@ -124,7 +130,11 @@ def test_cors_for_the_configured_origin_only(secure):
 
 
 def test_open_server_sends_no_cors_headers(http):
+    """Without CORS every other origin is foreign: its POST is refused, and no CORS header is sent."""
     r = http.post("/api/tokenize", json={"text": "x"}, headers={"Origin": ALLOWED_ORIGIN})
+    assert_error(r, 403, "UNAUTHORIZED")
+    assert "access-control-allow-origin" not in r.headers
+    r = http.get("/api/models", headers={"Origin": ALLOWED_ORIGIN})   # a read: answered, but not to the page
     assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
 
 

@@ -19,7 +19,6 @@ from litestar import Litestar, Request, Response, get, post, websocket
 from litestar.config.cors import CORSConfig
 from litestar.connection import WebSocket
 from litestar.exceptions import HTTPException
-from litestar.middleware.rate_limit import RateLimitConfig
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.types import ASGIApp, Receive, Scope, Send
@@ -30,9 +29,11 @@ from woolly.engine import Engine
 from woolly.errors import HTTP_STATUS, ContextLengthExceeded, InvalidRequest, ModelNotLoaded, WoollyError
 from woolly.http import schemas as S
 from woolly.http.chat import chat_prompt_ids, check_prompt_bytes
+from woolly.http.guard import RequestGuard
 from woolly.http.metrics import Metrics
 from woolly.http.responses import ERROR_RESPONSES
 from woolly.http.models_list import list_model_infos
+from woolly.http.ratelimit import STATE_KEY, ClientLimiter, address_identity, key_identity, rate_limit_config
 from woolly.http.request_body import JsonRequest
 from woolly.http.streaming import EventStream, Primed, prime
 
@@ -108,26 +109,36 @@ def internal_error_handler(_: Request, exc: Exception) -> Response:
 
 
 class AccessLogAndAuth:
-    """ASGI middleware: header limits, API keys (constant-time), then one access-log line per request.
+    """ASGI middleware: header limits, the request guard, API keys (constant-time), then one access-log
+    line per request.
 
     uvicorn's h11 parser bounds only headers that arrive in pieces: a header block sent in one
     write passes whatever its size, so the limits on their number and size are enforced here.
+    It also names the client for the rate limit (`woolly.http.ratelimit`): a refused key counts
+    against the client's address.
     """
 
     PUBLIC = ("/health",)
     MAX_HEADERS = 128
     MAX_HEADER_BYTES = 32 * 1024
 
-    def __init__(self, app: ASGIApp, keys: list[str], required: bool, metrics: Metrics):
-        self.app, self.metrics = app, metrics
+    def __init__(self, app: ASGIApp, keys: list[str], required: bool, metrics: Metrics,
+                 guard: RequestGuard | None = None, limiter: ClientLimiter | None = None):
+        self.app, self.metrics, self.guard, self.limiter = app, metrics, guard, limiter
         self.keys = [k.encode() for k in keys] if required else []
 
+    def _public(self, scope: Scope) -> bool:
+        return not self.keys or scope.get("path") in self.PUBLIC or scope.get("method") == "OPTIONS"
+
+    @staticmethod
+    def _bearer(scope: Scope) -> bytes:
+        auth = dict(scope.get("headers") or []).get(b"authorization", b"")
+        return auth[7:].strip() if auth[:7].lower() == b"bearer " else b""
+
     def _authorized(self, scope: Scope) -> bool:
-        if not self.keys or scope.get("path") in self.PUBLIC or scope.get("method") == "OPTIONS":
+        if self._public(scope):
             return True
-        headers = dict(scope.get("headers") or [])
-        auth = headers.get(b"authorization", b"")
-        given = auth[7:].strip() if auth[:7].lower() == b"bearer " else b""
+        given = self._bearer(scope)
         ok = False
         for key in self.keys:  # compare against every key, always, in constant time
             ok |= hmac.compare_digest(hashlib.sha256(given).digest(), hashlib.sha256(key).digest())
@@ -147,25 +158,33 @@ class AccessLogAndAuth:
                 status["code"] = 101
             await send(message)
 
+        async def refuse(code: int, error: str, message: str, headers: dict | None = None) -> None:
+            if scope["type"] == "websocket":   # closed before the handshake: the client sees 403
+                await send({"type": "websocket.close", "code": 1008 if code != 401 else 4401})
+                status["code"] = code
+                return
+            resp = error_response(code, error, message, headers=headers)
+            await resp.to_asgi_response(None, None)(scope, receive, send_wrapper)  # type: ignore[arg-type]
+
         try:
             raw_headers = scope.get("headers") or []
             if len(raw_headers) > self.MAX_HEADERS or \
                     sum(len(k) + len(v) for k, v in raw_headers) > self.MAX_HEADER_BYTES:
-                if scope["type"] == "websocket":
-                    await send({"type": "websocket.close", "code": 1008})
-                    status["code"] = 431
-                    return
-                resp = error_response(431, "INVALID_REQUEST", f"too many or too large request headers (at most "
-                                      f"{self.MAX_HEADERS} headers, {self.MAX_HEADER_BYTES} bytes)")
-                return await resp.to_asgi_response(None, None)(scope, receive, send_wrapper)  # type: ignore[arg-type]
+                return await refuse(431, "INVALID_REQUEST", f"too many or too large request headers (at most "
+                                    f"{self.MAX_HEADERS} headers, {self.MAX_HEADER_BYTES} bytes)")
+            refused = self.guard.check(scope) if self.guard else None
+            if refused:
+                code, message = refused
+                return await refuse(code, "UNAUTHORIZED" if code == 403 else "INVALID_REQUEST", message)
+            scope["state"][STATE_KEY] = address_identity(scope)
             if not self._authorized(scope):
-                if scope["type"] == "websocket":
-                    await send({"type": "websocket.close", "code": 4401})
-                    status["code"] = 401
-                    return
-                resp = error_response(401, "UNAUTHORIZED", "missing or invalid API key",
-                                      headers={"WWW-Authenticate": "Bearer"})
-                return await resp.to_asgi_response(None, None)(scope, receive, send_wrapper)  # type: ignore[arg-type]
+                limited = await self.limiter.hit(scope["litestar_app"], scope["state"][STATE_KEY]) \
+                    if self.limiter else None
+                if limited:
+                    return await refuse(429, "RATE_LIMITED", "too many requests; retry later", limited)
+                return await refuse(401, "UNAUTHORIZED", "missing or invalid API key", {"WWW-Authenticate": "Bearer"})
+            if self.keys and not self._public(scope):
+                scope["state"][STATE_KEY] = key_identity(self._bearer(scope))
             try:
                 await self.app(scope, receive, send_wrapper)
             except Exception as e:
@@ -209,6 +228,14 @@ class Server:
         check_prompt_bytes(texts, self.config.server.max_prompt_bytes)
         async with self.embedding_passes:
             return await asyncio.to_thread(self.engine.embed_counted, texts)
+        self.limiter: ClientLimiter | None = None   # the rate limit, when enabled
+
+    async def rate_limited(self, scope: Scope) -> dict[str, str] | None:
+        """Count one request (a WebSocket message) against the connection's client; 429 headers when over."""
+        if self.limiter is None:
+            return None
+        identity = scope.get("state", {}).get(STATE_KEY) or address_identity(scope)
+        return await self.limiter.hit(scope["litestar_app"], identity)
 
     # -- helpers shared by the routes -------------------------------------------------------------
     def check_model(self, name: str | None) -> None:
@@ -327,11 +354,12 @@ def create_app(config: WoollyConfig, engine: Engine) -> Litestar:
         if config.server.cors.enabled and config.server.cors.origins else None
     rate = None
     if sec.rate_limiting.enabled:
-        rate = RateLimitConfig(rate_limit=("minute", sec.rate_limiting.requests_per_minute),
-                               exclude=["/health", "/metrics"], identifier_for_request=_client_identity)
+        rate = rate_limit_config(sec.rate_limiting.requests_per_minute, exclude=["/health", "/metrics"])
+        server.limiter = ClientLimiter(rate)
+    guard = RequestGuard(config.server)
 
     def auth_middleware(app: ASGIApp) -> ASGIApp:
-        return AccessLogAndAuth(app, sec.api_keys, sec.api_key_required, server.metrics)
+        return AccessLogAndAuth(app, sec.api_keys, sec.api_key_required, server.metrics, guard, server.limiter)
 
     app = Litestar(
         route_handlers=[health, models, load_model, unload_model, generate, chat, tokenize, detokenize, embeddings,
@@ -351,14 +379,6 @@ def create_app(config: WoollyConfig, engine: Engine) -> Litestar:
     template_worker.configure(timeout=config.server.template_timeout, memory_bytes=config.server.template_memory_bytes,
                               workers=config.server.template_workers)
     return app
-
-
-def _client_identity(request: Request) -> str:
-    """Rate-limit key: a hash of the API key when one is sent, else the client address."""
-    auth = request.headers.get("authorization", "")
-    if auth.lower().startswith("bearer "):
-        return "key:" + hashlib.sha256(auth[7:].strip().encode()).hexdigest()[:16]
-    return "addr:" + (request.client.host if request.client else "unknown")
 
 
 # -- answering: one JSON body, or an SSE stream ------------------------------------------------------

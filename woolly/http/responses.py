@@ -13,8 +13,10 @@ from woolly.http.schemas import ErrorResponse
 _ERRORS = {
     400: "Invalid request (INVALID_REQUEST, CONTEXT_LENGTH_EXCEEDED, MODEL_NOT_LOADED, ...)",
     401: "Missing or invalid API key (UNAUTHORIZED)",
+    403: "A web page's Origin that CORS does not allow (UNAUTHORIZED)",
     404: "Unknown route or model (NOT_FOUND, MODEL_NOT_FOUND)",
     413: "Body over the size limit (PAYLOAD_TOO_LARGE)",
+    415: "A request body that is not application/json (INVALID_REQUEST)",
     429: "Rate limited (RATE_LIMITED), with Retry-After",
     431: "Too many or too large request headers",
     500: "Internal or model-load error (INTERNAL_ERROR, MODEL_LOAD_FAILED, ...)",

@@ -12,7 +12,7 @@ import msgspec
 from litestar.connection import WebSocket
 from litestar.exceptions import WebSocketDisconnect
 
-from woolly.errors import InvalidRequest, WoollyError
+from woolly.errors import InvalidRequest, RateLimited, WoollyError
 from woolly.http import schemas as S
 from woolly.http.request_body import check_depth
 
@@ -103,6 +103,9 @@ async def serve_socket(socket: WebSocket, server) -> None:
                     await send_error(msg.id, InvalidRequest(f"request id {msg.id!r} is already in flight"))
                 elif len(tasks) >= MAX_IN_FLIGHT:
                     await send_error(msg.id, InvalidRequest(f"at most {MAX_IN_FLIGHT} requests in flight per socket"))
+                elif limited := await server.rate_limited(socket.scope):   # one request of the client's budget
+                    await send_error(msg.id, RateLimited(f"too many requests; retry in {limited['Retry-After']}s",
+                                                         details={"retry_after": int(limited["Retry-After"])}))
                 else:
                     tasks[msg.id] = asyncio.create_task(run(msg))
             else:
