@@ -211,6 +211,7 @@ class Server:
         self.started = time.time()
         self.metrics = Metrics(engine)
         self.embedding_passes = asyncio.Semaphore(1)   # one at a time: the others wait without a thread
+        self.limiter: ClientLimiter | None = None   # the rate limit, when enabled
 
     # -- CPU work, off the event loop ---------------------------------------------------------------
     async def prompt_ids(self, text: str, **options) -> list[int]:
@@ -228,7 +229,6 @@ class Server:
         check_prompt_bytes(texts, self.config.server.max_prompt_bytes)
         async with self.embedding_passes:
             return await asyncio.to_thread(self.engine.embed_counted, texts)
-        self.limiter: ClientLimiter | None = None   # the rate limit, when enabled
 
     async def rate_limited(self, scope: Scope) -> dict[str, str] | None:
         """Count one request (a WebSocket message) against the connection's client; 429 headers when over."""
