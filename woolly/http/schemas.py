@@ -21,6 +21,8 @@ Seed = Annotated[int, Meta(ge=-(2**63 - 1), le=2**63 - 1)]
 Stop = Annotated[list[Annotated[str, Meta(min_length=1, max_length=512)]], Meta(max_length=16)]
 TokenId = Annotated[int, Meta(ge=0, le=2**31 - 1)]
 ModelName = Annotated[str, Meta(min_length=1, max_length=256)]
+# Ollama's keep_alive: seconds, or a duration ("5m"); -1 keeps the model loaded, 0 unloads it after the request
+KeepAlive = Annotated[str, Meta(max_length=32)] | float
 
 
 class SamplingFields(msgspec.Struct, kw_only=True):
@@ -66,8 +68,13 @@ class ModelInfo(msgspec.Struct):
 
 
 class LoadModelRequest(msgspec.Struct, kw_only=True):
-    name: ModelName
+    name: ModelName               # a pulled model's name, or a .gguf path inside the models directory
     gpu_layers: Annotated[int, Meta(ge=0, le=100000)] | None = None
+    keep_alive: KeepAlive | None = None   # default: kept until unloaded (or evicted)
+
+
+class UnloadModelRequest(msgspec.Struct, kw_only=True):
+    name: ModelName | None = None   # default: every loaded model
 
 
 class LoadModelResponse(msgspec.Struct, omit_defaults=True):   # unload's answer has no load_time_ms
@@ -85,6 +92,7 @@ class GenerateRequest(SamplingFields, kw_only=True):
     prompt: str
     stream: bool = False
     model: ModelName | None = None
+    keep_alive: KeepAlive | None = None
     template: NoTemplate = None   # Ollama's per-request template override: refused, not silently ignored
 
 
@@ -108,6 +116,7 @@ class ChatRequest(SamplingFields, kw_only=True):
     stream: bool = False
     model: ModelName | None = None
     chat_template: NoTemplate = None
+    keep_alive: KeepAlive | None = None
     template: NoTemplate = None   # Ollama's name for it
 
 
@@ -142,6 +151,7 @@ class DetokenizeResponse(msgspec.Struct):
 class EmbeddingsRequest(msgspec.Struct, kw_only=True):
     input: str | Annotated[list[str], Meta(min_length=1, max_length=256)]
     model: ModelName | None = None
+    keep_alive: KeepAlive | None = None
 
 
 class EmbeddingsResponse(msgspec.Struct):
@@ -167,6 +177,7 @@ class StreamOptions(msgspec.Struct, kw_only=True):
 
 class OpenAIFields(msgspec.Struct, kw_only=True):
     model: str | None = None
+    keep_alive: KeepAlive | None = None
     max_tokens: MaxTokens | None = None
     max_completion_tokens: MaxTokens | None = None
     temperature: Annotated[float, Meta(ge=0.0, le=2.0)] | None = None
@@ -210,4 +221,5 @@ class ChatCompletionRequest(OpenAIFields, kw_only=True):
 class OpenAIEmbeddingsRequest(msgspec.Struct, kw_only=True):
     input: str | Annotated[list[str], Meta(min_length=1, max_length=256)]
     model: str | None = None
+    keep_alive: KeepAlive | None = None
     encoding_format: Literal["float", "base64"] = "float"   # base64: little-endian float32 bytes
