@@ -112,6 +112,9 @@ class ModelPool:
             name = self._default
             if name is None:
                 raise ModelNotLoaded("no model is loaded; POST /api/models/load first, or name a model")
+        explicit = spec is not None   # a load asked for (kept), not one a request caused (models.keep_alive)
+        if name not in self._entries:
+            spec = self._resolve(name, spec)   # an unknown name is refused before anything is evicted
         while True:
             with self._lock:
                 e = self._entries.get(name)
@@ -139,11 +142,11 @@ class ModelPool:
             loading.done.set()
             raise
         with self._lock:
-            default_keep = self.keep_alive if spec is None else None
+            default_keep = None if explicit else self.keep_alive
             self._entries[name] = _Entry(engine, default_keep if keep_alive is KEEP else keep_alive, leases=1)
             del self._loading[name]
             self._default = name   # the most recently loaded model serves requests that name none
-            self._specs.setdefault(name, spec if spec is not None else name)
+            self._specs.setdefault(name, spec)
         loading.done.set()
         log.info("loaded model %s", name, extra={"model": name})
         return engine
@@ -217,13 +220,18 @@ class ModelPool:
             victims.append((idle, self._entries.pop(idle)))
         return victims
 
-    def _open(self, name: str, spec) -> Engine:
+    def _resolve(self, name: str, spec):
+        """What loads `name`: `spec`, or what loaded it before, or the pulled model; else MODEL_NOT_FOUND."""
         from woolly.registry import is_path, model_path
 
         spec = spec if spec is not None else self._specs.get(name, name)
         if not is_path(spec) and not model_path(name).is_file():
             raise ModelNotFound(f"model {name!r} is not available; see GET /api/models",
                                 details={"model": name, "available_models": self.available()})
+        return spec
+
+    def _open(self, name: str, spec) -> Engine:
+        spec = spec if spec is not None else self._specs.get(name, name)
         engine = Engine(self.config)
         engine.load_model(spec)
         return engine

@@ -6,6 +6,7 @@ logprobs come in the completions or chat form.
 """
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from functools import partial
@@ -13,6 +14,7 @@ from typing import Any, AsyncIterator
 
 import msgspec
 from litestar import Request, Response, get, post
+from litestar.openapi.datastructures import ResponseSpec
 
 from woolly.errors import InvalidRequest, WoollyError
 from woolly.http import schemas as S
@@ -28,25 +30,23 @@ def openai_routes(server) -> list:
     def token_bytes(engine, token_id: int) -> list[int]:
         return list(engine.tokenizer.token_bytes(token_id))
 
-    def model_object(name: str) -> dict:
-        return {"id": name, "object": "model", "created": int(server.started), "owned_by": "woolly"}
+    def model_object(name: str) -> S.OpenAIModel:
+        return S.OpenAIModel(id=name, created=int(server.started))
 
     @get("/v1/models", summary="OpenAI: list models", responses=ERROR_RESPONSES)
     async def list_models() -> dict:
-        import asyncio
-
         names = await asyncio.to_thread(server.pool.available)
         return {"object": "list", "data": [model_object(n) for n in names]}
 
-    @get("/v1/models/{model_id:str}", summary="OpenAI: one model", responses=ERROR_RESPONSES)
-    async def retrieve_model(model_id: str) -> Any:
-        import asyncio
-
+    @get("/v1/models/{model_id:str}", summary="OpenAI: one model (404 in OpenAI's error shape when unknown)",
+         responses={**ERROR_RESPONSES, 404: ResponseSpec(data_container=S.OpenAIErrorResponse, generate_examples=False,
+                                                         description="No such model (model_not_found)")})
+    async def retrieve_model(model_id: str) -> Response[S.OpenAIModel]:
         if model_id in await asyncio.to_thread(server.pool.available):
-            return model_object(model_id)
-        body = {"error": {"message": f"The model '{model_id[:256]}' does not exist", "type": "invalid_request_error",
-                          "param": "model", "code": "model_not_found"}}
-        return Response(content=body, status_code=404, media_type="application/json")
+            return Response(model_object(model_id))
+        error = S.OpenAIErrorBody(message=f"The model '{model_id[:256]}' does not exist",
+                                  type="invalid_request_error", param="model", code="model_not_found")
+        return Response(S.OpenAIErrorResponse(error), status_code=404)  # type: ignore[arg-type]
 
     @post("/v1/completions", status_code=200, summary="OpenAI: text completion", responses=ERROR_RESPONSES)
     async def completions(data: S.CompletionRequest, request: Request) -> Any:
@@ -127,8 +127,6 @@ def openai_routes(server) -> list:
 
     @post("/v1/embeddings", status_code=200, summary="OpenAI: embeddings", responses=ERROR_RESPONSES)
     async def embeddings(data: S.OpenAIEmbeddingsRequest) -> dict:
-        import asyncio
-
         texts = [data.input] if isinstance(data.input, str) else data.input
         async with server.use(data.model, data.keep_alive) as engine:
             vecs = await asyncio.to_thread(engine.embed, texts)

@@ -218,6 +218,24 @@ class ChatCompletionRequest(OpenAIFields, kw_only=True):
     chat_template: NoTemplate = None
 
 
+class OpenAIModel(msgspec.Struct):
+    id: str
+    created: int
+    object: str = "model"
+    owned_by: str = "woolly"
+
+
+class OpenAIErrorBody(msgspec.Struct):
+    message: str
+    type: str
+    param: str | None
+    code: str
+
+
+class OpenAIErrorResponse(msgspec.Struct):   # OpenAI's own error shape (GET /v1/models/{id} for an unknown id)
+    error: OpenAIErrorBody
+
+
 class OpenAIEmbeddingsRequest(msgspec.Struct, kw_only=True):
     input: str | Annotated[list[str], Meta(min_length=1, max_length=256)]
     model: str | None = None
