@@ -222,11 +222,12 @@ class ModelPool:
 
     def _resolve(self, name: str, spec):
         """What loads `name`: `spec`, or what loaded it before, or the pulled model; else MODEL_NOT_FOUND."""
-        from woolly.registry import is_path, model_path
+        from woolly.registry import KNOWN_MODELS, is_path, model_path
 
         spec = spec if spec is not None else self._specs.get(name, name)
         if not is_path(spec) and not model_path(name).is_file():
-            raise ModelNotFound(f"model {name!r} is not available; see GET /api/models",
+            hint = f"; run `woolly pull {name}`" if name in KNOWN_MODELS else ""
+            raise ModelNotFound(f"model {name!r} is not available{hint}",
                                 details={"model": name, "available_models": self.available()})
         return spec
 
