@@ -287,3 +287,19 @@ def test_a_model_loaded_on_demand_is_unloaded_after_the_default_keep_alive(singl
 def test_a_bad_keep_alive_is_a_400(single, keep_alive):
     assert_error(single.post("/api/generate", json={"prompt": "Hi", "max_tokens": 1, "keep_alive": keep_alive}),
                  400, "INVALID_REQUEST", "keep_alive")
+
+
+# -- configuration ----------------------------------------------------------------------------------------------
+def test_the_pool_settings_come_from_the_file_and_woolly_variables(tmp_path):
+    from woolly.config import load_config, parse_keep_alive
+    from woolly.errors import InvalidRequest
+
+    cfg = load_config(env={})
+    assert (cfg.models.max_loaded, parse_keep_alive(cfg.models.keep_alive)) == (3, 300.0)   # Ollama's defaults
+    assert cfg.inference.residency == "quantized"
+    cfg = load_config(env={"WOOLLY_MAX_LOADED_MODELS": "1", "WOOLLY_KEEP_ALIVE": "1h30m"})
+    assert (cfg.models.max_loaded, parse_keep_alive(cfg.models.keep_alive)) == (1, 5400.0)
+    assert parse_keep_alive(-1) is None and parse_keep_alive("0") == 0.0 and parse_keep_alive("250ms") == 0.25
+    for env in ({"WOOLLY_MAX_LOADED_MODELS": "0"}, {"WOOLLY_KEEP_ALIVE": "soon"}):
+        with pytest.raises(InvalidRequest):
+            load_config(env=env)
