@@ -48,7 +48,7 @@ class _Loading:
 
 
 class ModelPool:
-    def __init__(self, config: EngineConfig | None = None, max_loaded: int = 1,
+    def __init__(self, config: EngineConfig | None = None, max_loaded: int = 3,
                  keep_alive: float | None = 300.0, sweep_interval: float = 1.0):
         if max_loaded < 1:
             raise ValueError("max_loaded must be >= 1")
@@ -190,7 +190,7 @@ class ModelPool:
         if not victims:
             raise ModelNotLoaded("no model is loaded" if name is None else f"model {name!r} is not loaded",
                                  details={"model": name} if name else None)
-        self._close(victims, "unloaded", cut=True)
+        self._close(victims, "unloaded")
         return [n for n, _ in victims]
 
     def close(self) -> None:
@@ -199,7 +199,7 @@ class ModelPool:
         with self._lock:
             victims = list(self._entries.items())
             self._entries.clear()
-        self._close(victims, "server shutting down", cut=True)
+        self._close(victims, "server shutting down")
 
     # -- internals ---------------------------------------------------------------------------
     def _find(self, name_or_engine) -> _Entry | None:
@@ -237,7 +237,7 @@ class ModelPool:
         engine.load_model(spec)
         return engine
 
-    def _close(self, victims: list[tuple[str, _Entry]], why: str, cut: bool = False) -> None:
+    def _close(self, victims: list[tuple[str, _Entry]], why: str) -> None:
         for name, e in victims:
             try:
                 e.engine.unload_model()
