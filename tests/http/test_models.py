@@ -209,11 +209,14 @@ def test_loading_a_path_only_from_the_models_directory(pool_server, pool):
     assert pool.get("/health").json()["model"] == GEMMA and loaded(pool)[GEMMA]
 
 
-def test_unload_by_name_leaves_the_others(pool):
+def test_unload_by_name_leaves_the_others(pool_server, pool):
+    from woolly.client import WoollyClient
+
     resident = [n for n, is_loaded in loaded(pool).items() if is_loaded]
     assert GEMMA in resident and len(resident) == 2
-    r = pool.post("/api/models/unload", json={"name": GEMMA})
-    assert r.status_code == 200 and r.json() == {"success": True, "message": "Model unloaded"}
+    with WoollyClient(pool_server.url) as client:
+        r = client.unload_model(GEMMA)
+    assert r.success and r.message == "Model unloaded"
     now = loaded(pool)
     assert not now[GEMMA] and [n for n, is_loaded in now.items() if is_loaded] == [n for n in resident if n != GEMMA]
     assert_error(pool.post("/api/models/unload", json={"name": GEMMA}), 400, "MODEL_NOT_LOADED")
