@@ -225,7 +225,8 @@ class ModelPool:
         from woolly.registry import KNOWN_MODELS, is_path, model_path
 
         spec = spec if spec is not None else self._specs.get(name, name)
-        if not is_path(spec) and not model_path(name).is_file():
+        # an entry that exists but is no regular file (FIFO, directory, device) fails its load: MODEL_LOAD_FAILED
+        if not is_path(spec) and not model_path(name).exists():
             hint = f"; run `woolly pull {name}`" if name in KNOWN_MODELS else ""
             raise ModelNotFound(f"model {name!r} is not available{hint}",
                                 details={"model": name, "available_models": self.available()})
