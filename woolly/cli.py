@@ -27,7 +27,7 @@ def _progress_bar(desc: str, unit_scale: float = 100.0):
 
 
 def cmd_pull(args) -> int:
-    from woolly.registry import model_path, pull
+    from woolly.model_store import model_path, pull
 
     dest = model_path(args.name)
     if dest.is_file():
@@ -52,7 +52,7 @@ def cmd_pull(args) -> int:
 
 
 def cmd_list(args) -> int:
-    from woolly.registry import list_models
+    from woolly.model_store import list_models
 
     rows = list_models()
     print(f"{'NAME':<28} {'SIZE':>10}  STATUS")
@@ -104,7 +104,7 @@ def _engine(args, batch: int = 1):
 
 def _pulled(spec: str) -> str:
     """A known model's name is pulled on first use; paths and other names pass through."""
-    from woolly.registry import KNOWN_MODELS, is_path, model_path, pull
+    from woolly.model_store import KNOWN_MODELS, is_path, model_path, pull
 
     if not is_path(spec) and spec in KNOWN_MODELS and not model_path(spec).is_file():
         print(f"pulling {spec} ...", file=sys.stderr)

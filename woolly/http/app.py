@@ -243,7 +243,7 @@ class Server:
         if self.engine.current_model_name is None:
             raise ModelNotLoaded("no model is loaded; POST /api/models/load first")
         if name:
-            from woolly.registry import check_name, is_path
+            from woolly.model_store import check_name, is_path
             if is_path(name):
                 raise InvalidRequest("model must be a model name, not a path")
             check_name(name)
@@ -294,7 +294,7 @@ def create_app(config: WoollyConfig, engine: Engine) -> Litestar:
     @post("/api/models/load", status_code=200,
           summary="Load a model (a pulled model's name)", responses=ERROR_RESPONSES)
     async def load_model(data: S.LoadModelRequest) -> S.LoadModelResponse:
-        from woolly.registry import check_name
+        from woolly.model_store import check_name
         check_name(data.name)
         t0 = time.perf_counter()
         await asyncio.to_thread(engine.load_model, data.name)

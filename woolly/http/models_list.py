@@ -33,7 +33,7 @@ def _info(name: str, path: str) -> ModelInfo | None:
 
 
 def list_model_infos(engine) -> list[ModelInfo]:
-    from woolly.registry import list_models
+    from woolly.model_store import list_models
 
     out = []
     for row in list_models():

@@ -33,7 +33,7 @@ def openai_routes(server) -> list:
 
     @get("/v1/models", summary="OpenAI: list models", responses=ERROR_RESPONSES)
     async def list_models() -> dict:
-        from woolly.registry import list_models as pulled
+        from woolly.model_store import list_models as pulled
 
         names = [r["name"] for r in pulled() if r["pulled"]]
         if engine.current_model_name and engine.current_model_name not in names:
