@@ -253,8 +253,10 @@ def child_engine(tmp: Path) -> dict:
     prompts = ["Hello world", "The quick brown fox", "the end", "There is the thing", "dog sleeps"]
     text = " ".join(["The quick brown fox jumps over the lazy dog, then it says hello."] * 12)
     out = {}
-    for name, cfg in (("one", EngineConfig(max_batch_size=4, max_sequence_length=128)),
-                      ("dp4", EngineConfig(max_batch_size=4, max_sequence_length=128, data_parallel=4))):
+    # dense, the exact mode: sharded traces multiply in f32 (xla_only), one device's kernel rounds activations to int8
+    for name, cfg in (("one", EngineConfig(max_batch_size=4, max_sequence_length=128, residency="dense")),
+                      ("dp4", EngineConfig(max_batch_size=4, max_sequence_length=128, data_parallel=4,
+                                           residency="dense"))):
         eng = Engine(cfg)
         eng.load_model(path)
         res = eng.generate_batch(prompts, max_tokens=12, temperature=0.8, seed=7)

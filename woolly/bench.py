@@ -57,7 +57,7 @@ DEFAULT_LIMITS = (2.0, 3.0)
 @dataclass
 class BenchConfig:
     model: str
-    residency: str = "dense"
+    residency: str = "quantized"
     threads: int = 2
     compare: str | None = None
     repeats: int = 3

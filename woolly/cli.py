@@ -97,7 +97,7 @@ def _engine(args, batch: int = 1):
     from woolly.engine import Engine, EngineConfig
 
     engine = Engine(EngineConfig(max_batch_size=batch, max_sequence_length=args.ctx,
-                                 residency=getattr(args, "residency", "dense")))
+                                 residency=getattr(args, "residency", "quantized")))
     engine.load_model(_pulled(args.model))
     return engine
 
@@ -211,8 +211,9 @@ def cmd_serve(args) -> int:
 
     import uvicorn
 
-    from woolly.config import load_config
-    from woolly.engine import CacheConfig, Engine, EngineConfig
+    from woolly.config import load_config, parse_keep_alive
+    from woolly.engine import CacheConfig, EngineConfig
+    from woolly.engine.pool import ModelPool
     from woolly.http.app import create_app
     from woolly.http.connections import connection_cap, protocol_class
     from woolly.http.logs import setup_logging
@@ -229,22 +230,28 @@ def cmd_serve(args) -> int:
     setup_logging(cfg.logging)
     _check_port_free(cfg.server.host, cfg.server.port)   # before the model load, not after it
     inf = cfg.inference
-    engine = Engine(EngineConfig(max_batch_size=inf.max_batch_size, max_sequence_length=inf.max_sequence_length,
-                                 enable_gpu=inf.gpu.enabled, num_threads=inf.cpu.threads, residency=inf.residency,
-                                 tensor_parallel=inf.tensor_parallel, data_parallel=inf.data_parallel,
-                                 max_queue=cfg.server.max_queue,
-                                 max_embedding_tokens=cfg.server.max_embedding_tokens,
-                                 embedding_chunk_tokens=cfg.server.embedding_chunk_tokens,
-                                 cache_config=CacheConfig(cfg.cache.enabled, cfg.cache.size, cfg.cache.ttl)))
-    model = args.model or (cfg.models.preload[0] if cfg.models.preload else cfg.models.default)
-    engine.load_model(_pulled(model))
-    app = create_app(cfg, engine)
-    srv = cfg.server
-    protocol = protocol_class(srv.header_timeout, srv.body_timeout, connection_cap(srv.max_connections))
-    logging.getLogger("woolly").info("serving %s on http://%s:%d", model, srv.host, srv.port)
-    uvicorn.run(app, host=srv.host, port=srv.port, log_config=None, access_log=False, timeout_graceful_shutdown=5,
-                http=protocol, timeout_keep_alive=srv.keep_alive_timeout,
-                ws_max_size=srv.max_body_bytes)
+    pool = ModelPool(EngineConfig(max_batch_size=inf.max_batch_size, max_sequence_length=inf.max_sequence_length,
+                                  enable_gpu=inf.gpu.enabled, num_threads=inf.cpu.threads, residency=inf.residency,
+                                  tensor_parallel=inf.tensor_parallel, data_parallel=inf.data_parallel,
+                                  max_queue=cfg.server.max_queue,
+                                  max_embedding_tokens=cfg.server.max_embedding_tokens,
+                                  embedding_chunk_tokens=cfg.server.embedding_chunk_tokens,
+                                  cache_config=CacheConfig(cfg.cache.enabled, cfg.cache.size, cfg.cache.ttl)),
+                     max_loaded=cfg.models.max_loaded, keep_alive=parse_keep_alive(cfg.models.keep_alive))
+    try:
+        # the models it starts with stay loaded (until unloaded or evicted); the first serves requests naming none
+        models = [args.model] if args.model else (cfg.models.preload[:cfg.models.max_loaded] or [cfg.models.default])
+        for model in reversed(models):
+            pool.load(_pulled(model))
+        app = create_app(cfg, pool)
+        srv = cfg.server
+        protocol = protocol_class(srv.header_timeout, srv.body_timeout, connection_cap(srv.max_connections))
+        logging.getLogger("woolly").info("serving %s on http://%s:%d", models[0], srv.host, srv.port)
+        uvicorn.run(app, host=srv.host, port=srv.port, log_config=None, access_log=False, timeout_graceful_shutdown=5,
+                    http=protocol, timeout_keep_alive=srv.keep_alive_timeout,
+                    ws_max_size=srv.max_body_bytes)
+    finally:
+        pool.close()
     return 0
 
 
@@ -269,6 +276,9 @@ def cmd_bench(args) -> int:
 
     _pulled(args.model)
     return bench_main(args)
+
+
+RESIDENCY_HELP = "quantized weights (the default, fast) or dense f32 weights (the exact mode)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -302,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--seed", type=int, default=None)
         s.add_argument("--stop", action="append", help="a stop string (repeatable)")
         s.add_argument("--ctx", type=int, default=ctx, help="context length")
-        s.add_argument("--residency", choices=("dense", "quantized"), default="dense")
+        s.add_argument("--residency", choices=("dense", "quantized"), default="quantized", help=RESIDENCY_HELP)
 
     def distributed_flags(s):
         g = s.add_argument_group("multi-process (jax.distributed; also WOOLLY_COORDINATOR_ADDRESS, ...)")
@@ -334,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("file")
     s.add_argument("--n-ctx", type=int, default=512)
     s.add_argument("--ctx", type=int, default=512)
-    s.add_argument("--residency", choices=("dense", "quantized"), default="dense")
+    s.add_argument("--residency", choices=("dense", "quantized"), default="quantized", help=RESIDENCY_HELP)
     s.set_defaults(func=cmd_perplexity)
 
     s = sub.add_parser("serve", help="serve the HTTP API (default 127.0.0.1:11434)")
@@ -342,7 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", default=None, help="a woolly.config.yaml")
     s.add_argument("--host", default=None)
     s.add_argument("--port", type=int, default=None)
-    s.add_argument("--residency", choices=("dense", "quantized"), default=None)
+    s.add_argument("--residency", choices=("dense", "quantized"), default=None,
+                   help=RESIDENCY_HELP + "; config inference.residency")
     s.add_argument("--tensor-parallel", type=int, default=None, metavar="N",
                    help="split heads and MLP over N of this process's devices (docs/sharding.md)")
     s.add_argument("--data-parallel", type=int, default=None, metavar="N", help="split the slots over N devices")
@@ -356,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print the report as JSON")
     s.add_argument("--plot", default=None, metavar="FILE.png", help="draw the figures (needs matplotlib)")
     s.add_argument("--output", "-o", default=None, metavar="FILE.json", help="also write the JSON report here")
-    s.add_argument("--residency", choices=("dense", "quantized"), default="dense")
+    s.add_argument("--residency", choices=("dense", "quantized"), default="quantized", help=RESIDENCY_HELP)
     s.add_argument("--threads", type=int, default=2, help="CPU threads for both engines (default 2)")
     s.add_argument("--repeats", type=int, default=None, help="timed repeats per figure (default 3; medians)")
     s.add_argument("--quick", action="store_true", help="every figure at reduced sizes (tests), not for numbers")
