@@ -10,7 +10,7 @@ import pytest
 from tiny_models import write_tiny_model
 from woolly import model_store as store
 from woolly.cli import main
-from woolly.errors import InvalidRequest, ModelLoadFailed, ModelNotFound
+from woolly.errors import InvalidRequest, ModelLoadFailed, ModelNotFound, WoollyError
 from woolly.model import Model
 from woolly.model_store import KNOWN_MODELS, KnownModel, Part, list_models, model_path, models_dir, pull, resolve_model_path
 
@@ -60,8 +60,9 @@ def test_a_gguf_path_resolves_as_given(tmp_path, models):
 def test_invalid_names_are_invalid_requests(models, name, no_downloads):
     with pytest.raises(InvalidRequest, match="invalid model name"):
         resolve_model_path(name)
-    with pytest.raises(InvalidRequest):
+    with pytest.raises(WoollyError):   # a path-like one is taken as a file to register: not found, not a GGUF
         pull(name)
+    assert list(models.iterdir()) == []
 
 
 def test_a_real_file_behind_an_invalid_name_is_never_opened(tmp_path, models, monkeypatch):
@@ -200,7 +201,7 @@ def test_cli_pull_is_a_no_op_when_present(models, no_downloads, capsys):
 
 
 def test_cli_pull_of_an_invalid_name_is_one_line(models, no_downloads, capsys):
-    assert main(["pull", "../etc"]) == 1
+    assert main(["pull", "Bad;Name"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("woolly: error: invalid model name") and err.count("\n") == 1
 

