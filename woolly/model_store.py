@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from woolly.errors import InvalidRequest, ModelLoadFailed, ModelNotFound
+from woolly.errors import InvalidRequest, ModelLoadFailed, ModelNotFound, WoollyError
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
 
@@ -310,24 +310,18 @@ def pull_hf(spec: str, *, name: str | None = None) -> Path:
             check_gguf(got, f"hf.co/{repo}/{filename}")
             os.replace(got, dest)
         return dest
+    except GatedRepoError:   # before its base, RepositoryNotFoundError
+        raise ModelLoadFailed(f"hf.co/{repo} is gated: accept its terms on huggingface.co and set HF_TOKEN") from None
     except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as e:
         raise ModelNotFound(f"hf.co/{repo}: not found ({type(e).__name__})") from None
-    except GatedRepoError:
-        raise ModelLoadFailed(f"hf.co/{repo} is gated: accept its terms on huggingface.co and set HF_TOKEN") from None
     except LocalEntryNotFoundError:
         raise ModelLoadFailed(f"cannot reach {endpoint or 'huggingface.co'} to pull hf.co/{repo}") from None
     except HfHubHTTPError as e:
         raise ModelLoadFailed(f"hf.co/{repo}: {_first_line(e)}") from None
-    except (OSError, *_http_errors()) as e:
-        if isinstance(e, OSError) and e.filename and str(e.filename).startswith(str(models_dir())):
-            raise
+    except WoollyError:
+        raise
+    except Exception as e:   # the transport's errors (a dropped connection, a timeout): one line, no traceback
         raise ModelLoadFailed(f"download of hf.co/{repo} failed: {type(e).__name__}: {_first_line(e)}") from None
-
-
-def _http_errors() -> tuple[type[BaseException], ...]:
-    import httpx
-
-    return (httpx.HTTPError, httpx.StreamError)
 
 
 def _first_line(e: BaseException) -> str:
