@@ -63,6 +63,7 @@ def cmd_list(args) -> int:
 
 
 def cmd_info(args) -> int:
+    from woolly.chat_template import model_kind, template_origin
     from woolly.model import Model
 
     m = Model.from_file(args.model)
@@ -71,6 +72,11 @@ def cmd_info(args) -> int:
     print(f"name:          {md.name}\narchitecture:  {md.architecture}\nparameters:    {md.parameters:,}\n"
           f"quantization:  {md.quantization}\nfile size:     {md.file_size:,} bytes\n"
           f"context:       {md.context_length}\nlicense:       {md.license}\nvocabulary:    {m.vocabulary.size}")
+    kind, why = model_kind(m)
+    origin = {"file": "the file's (tokenizer.chat_template)",
+              "builtin": f"built-in {m.architecture} fallback (the file has none)",
+              "chatml": "ChatML fallback (the file has none and its family no built-in one)"}[template_origin(m)]
+    print(f"kind:          {kind} ({why})\nchat template: {origin}")
     c = m.config
     print(f"layers {c.n_layers}, d {c.d_model}, heads {c.n_heads}/{c.n_kv_heads}, head dim {c.head_dim}, ffn {c.ffn_dim}")
     return 0
@@ -149,6 +155,10 @@ def cmd_run(args) -> int:
 def cmd_chat(args) -> int:
     engine = _engine(args)
     model = engine.model
+    from woolly.chat_template import base_model_warning
+
+    if warning := base_model_warning(model):
+        print(f"woolly: warning: {warning}", file=sys.stderr)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("woolly chat: type a message; /clear forgets the conversation, /exit or Ctrl-D quits.", file=sys.stderr)
     while True:
