@@ -136,6 +136,22 @@ def test_a_local_gguf_gets_a_name_from_its_file_name(tmp_path, models):
     assert leftovers(models) == ["my-model.q8_0.gguf"]
 
 
+def test_a_local_gguf_is_hard_linked_on_the_same_file_system_else_copied(tmp_path, models):
+    src = write_tiny_model(tmp_path / "same.gguf")
+    assert pull(src).stat().st_ino == src.stat().st_ino
+    other_fs = Path("/dev/shm")
+    if not other_fs.is_dir() or other_fs.stat().st_dev == models.stat().st_dev:
+        pytest.skip("no second file system to copy from")
+    far = write_tiny_model(other_fs / f"woolly-test-{os.getpid()}.gguf")
+    try:
+        stages = []
+        dest = pull(far, name="far", progress=lambda stage, frac: stages.append((stage, frac)))
+        assert dest.stat().st_ino != far.stat().st_ino and dest.read_bytes() == far.read_bytes()
+        assert stages[-1] == ("copy", 1.0)
+    finally:
+        far.unlink()
+
+
 def test_a_local_file_that_is_not_a_gguf_is_refused(tmp_path, models, capsys):
     bad = tmp_path / "notes.gguf"
     bad.write_text("hello, not a model")

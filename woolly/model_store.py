@@ -129,7 +129,7 @@ def pull(spec: str | os.PathLike, progress: Callable[[str, float], None] | None 
     """
     if isinstance(spec, str) and is_hf_spec(spec):
         return pull_hf(spec, name=name)
-    if is_local_spec(spec):
+    if spec not in KNOWN_MODELS and is_local_spec(spec):
         return pull_file(spec, name=name, progress=progress)
     if name is not None and name != spec:
         raise InvalidRequest("--name applies to a local file or a Hugging Face repo, not to a known model")
