@@ -129,7 +129,7 @@ def test_tiny_data_parallel_engine():
 @pytest.mark.real
 @pytest.mark.parametrize("name", ["smollm2-135m-instruct", "gemma3-270m"])
 def test_real_greedy_tensor_parallel_equals_one_device(name):
-    from woolly.registry import resolve_model_path
+    from woolly.model_store import resolve_model_path
     facts = run_child("real", str(resolve_model_path(name)))
     print(name, facts)
     assert facts["equal"] == {"2": True, "4": True}

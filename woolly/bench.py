@@ -466,7 +466,7 @@ def _log(msg: str) -> None:
 
 def run(cfg: BenchConfig) -> dict:
     """Measure everything; -> the JSON-able report."""
-    from woolly.registry import resolve_model_path
+    from woolly.model_store import resolve_model_path
 
     if cfg.compare not in (None, *PEERS):
         from woolly.errors import InvalidRequest

@@ -27,11 +27,11 @@ def _progress_bar(desc: str, unit_scale: float = 100.0):
 
 
 def cmd_pull(args) -> int:
-    from woolly.registry import model_path, pull
+    from woolly.model_store import KNOWN_MODELS, model_path, pull
 
-    dest = model_path(args.name)
-    if dest.is_file():
-        print(f"{args.name} is already pulled: {dest}")
+    spec = args.model
+    if spec in KNOWN_MODELS and args.name is None and model_path(spec).is_file():
+        print(f"{spec} is already pulled: {model_path(spec)}")
         return 0
     bars: dict[str, tuple] = {}
 
@@ -39,20 +39,20 @@ def cmd_pull(args) -> int:
         if stage not in bars:
             for _, close in bars.values():
                 close()
-            bars[stage] = _progress_bar(f"{stage} {args.name}")
+            bars[stage] = _progress_bar(f"{stage} {spec}")
         bars[stage][0](fraction)
 
     try:
-        path = pull(args.name, progress)
+        path = pull(spec, progress, name=args.name)
     finally:
         for _, close in bars.values():
             close()
-    print(f"pulled {args.name}: {path}")
+    print(f"pulled {path.stem}: {path}")
     return 0
 
 
 def cmd_list(args) -> int:
-    from woolly.registry import list_models
+    from woolly.model_store import list_models
 
     rows = list_models()
     print(f"{'NAME':<28} {'SIZE':>10}  STATUS")
@@ -63,6 +63,7 @@ def cmd_list(args) -> int:
 
 
 def cmd_info(args) -> int:
+    from woolly.chat_template import model_kind, template_origin
     from woolly.model import Model
 
     m = Model.from_file(args.model)
@@ -71,6 +72,11 @@ def cmd_info(args) -> int:
     print(f"name:          {md.name}\narchitecture:  {md.architecture}\nparameters:    {md.parameters:,}\n"
           f"quantization:  {md.quantization}\nfile size:     {md.file_size:,} bytes\n"
           f"context:       {md.context_length}\nlicense:       {md.license}\nvocabulary:    {m.vocabulary.size}")
+    kind, why = model_kind(m)
+    origin = {"file": "the file's (tokenizer.chat_template)",
+              "builtin": f"built-in {m.architecture} fallback (the file has none)",
+              "chatml": "ChatML fallback (the file has none and its family no built-in one)"}[template_origin(m)]
+    print(f"kind:          {kind} ({why})\nchat template: {origin}")
     c = m.config
     print(f"layers {c.n_layers}, d {c.d_model}, heads {c.n_heads}/{c.n_kv_heads}, head dim {c.head_dim}, ffn {c.ffn_dim}")
     return 0
@@ -104,7 +110,7 @@ def _engine(args, batch: int = 1):
 
 def _pulled(spec: str) -> str:
     """A known model's name is pulled on first use; paths and other names pass through."""
-    from woolly.registry import KNOWN_MODELS, is_path, model_path, pull
+    from woolly.model_store import KNOWN_MODELS, is_path, model_path, pull
 
     if not is_path(spec) and spec in KNOWN_MODELS and not model_path(spec).is_file():
         print(f"pulling {spec} ...", file=sys.stderr)
@@ -149,6 +155,10 @@ def cmd_run(args) -> int:
 def cmd_chat(args) -> int:
     engine = _engine(args)
     model = engine.model
+    from woolly.chat_template import base_model_warning
+
+    if warning := base_model_warning(model):
+        print(f"woolly: warning: {warning}", file=sys.stderr)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("woolly chat: type a message; /clear forgets the conversation, /exit or Ctrl-D quits.", file=sys.stderr)
     while True:
@@ -287,8 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"woolly {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("pull", help="fetch a known model into the models directory")
-    s.add_argument("name")
+    s = sub.add_parser("pull", help="bring a model into the models directory: a known name, a .gguf path, "
+                                    "or hf.co/owner/repo[:QUANT]")
+    s.add_argument("model", help="smollm2-135m-instruct, ./file.gguf, or hf.co/owner/repo:Q4_K_M (HF_ENDPOINT honoured)")
+    s.add_argument("--name", default=None, help="register a file or Hugging Face download under this name")
     s.set_defaults(func=cmd_pull)
 
     s = sub.add_parser("list", help="list pulled and available models")

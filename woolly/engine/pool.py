@@ -87,7 +87,7 @@ class ModelPool:
 
     def available(self) -> list[str]:
         """Names a request may use: pulled models, and models this pool loaded (a path the operator gave)."""
-        from woolly.registry import list_models
+        from woolly.model_store import list_models
 
         pulled = {r["name"] for r in list_models() if r["pulled"]}
         with self._lock:
@@ -222,7 +222,7 @@ class ModelPool:
 
     def _resolve(self, name: str, spec):
         """What loads `name`: `spec`, or what loaded it before, or the pulled model; else MODEL_NOT_FOUND."""
-        from woolly.registry import KNOWN_MODELS, is_path, model_path
+        from woolly.model_store import KNOWN_MODELS, is_path, model_path
 
         spec = spec if spec is not None else self._specs.get(name, name)
         # an entry that exists but is no regular file (FIFO, directory, device) fails its load: MODEL_LOAD_FAILED

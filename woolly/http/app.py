@@ -252,7 +252,7 @@ class Server:
     @staticmethod
     def model_name(name: str | None) -> str | None:
         """A request's `model`: a model's name (never a path), or None for the default model."""
-        from woolly.registry import check_name, is_path
+        from woolly.model_store import check_name, is_path
 
         if not name:
             return None
@@ -283,7 +283,7 @@ class Server:
 
     def load_spec(self, name: str) -> str:
         """/api/models/load's `name`: a model's name, or a `.gguf` path inside the models directory (else 400)."""
-        from woolly.registry import check_name, is_path, models_dir
+        from woolly.model_store import check_name, is_path, models_dir
 
         if not is_path(name):
             return check_name(name)

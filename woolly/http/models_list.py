@@ -34,7 +34,7 @@ def _info(name: str, path: str) -> ModelInfo | None:
 
 def list_model_infos(pool) -> list[ModelInfo]:
     """The models directory's models, then loaded models from elsewhere (a path given to `woolly serve`)."""
-    from woolly.registry import list_models
+    from woolly.model_store import list_models
 
     loaded = {name for name, _ in pool.loaded()}
     out = []
