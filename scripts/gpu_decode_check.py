@@ -175,7 +175,7 @@ def synthetic_params(name: str, residency: str):
     """(cfg, params) with the real model's shapes and block formats and random codes."""
     from woolly.arch import ModelConfig
     from woolly.formats.quants import QuantizationType as Q
-    from woolly.models.registry import architecture
+    from woolly.models.families import architecture
     from woolly.ops.qmatmul import prepare_weight
 
     spec = SYNTHETIC[name]
