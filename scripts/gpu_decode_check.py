@@ -212,7 +212,7 @@ def load(name: str, path: str | None, mode: str):
     if path is None:
         cfg, params = synthetic_params(name, residency)
     else:
-        from woolly.model import Model
+        from woolly.model_file import Model
 
         model = Model.from_file(path)
         cfg, params = model.config, load_params(model, residency, grouped=False)   # as on a GPU, also on CPU

@@ -4,7 +4,7 @@ from woolly.errors import (
     ModelNotFound, ModelNotLoaded, OutOfMemory, RateLimited, TokenizerError, Unauthorized, WoollyError,
 )
 from woolly.formats.quants import QuantizationType
-from woolly.model import Model, ModelMetadata, Vocabulary
+from woolly.model_file import Model, ModelMetadata, Vocabulary
 
 __version__ = "0.1.0"
 
