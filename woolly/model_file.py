@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from woolly.arch import ModelConfig, read_config
+from woolly.arch import ModelConfig
 from woolly.errors import ModelLoadFailed
 from woolly.formats.gguf_file import GGUFFile, TensorInfo
 from woolly.formats.quants import QuantizationType, dequantize
@@ -75,7 +75,12 @@ class Model:
         tied = "output.weight" not in self.tensors
         emb = self.tensors.get("token_embd.weight")
         vocab_size = emb.dims[1] if emb is not None and len(emb.dims) == 2 else self.vocabulary.size
-        return read_config(self.architecture, self.gguf.get, vocab_size, tied)
+        from woolly.models.families import read_config  # JAX loads with the forward pass, not on import
+
+        def tensor(name: str):  # a hyperparameter kept as a tensor (rope_freqs.weight), f32
+            return self.tensor(name) if name in self.tensors else None
+
+        return read_config(self.architecture, self.gguf.get, vocab_size, tied, tensor)
 
     @cached_property
     def metadata(self) -> ModelMetadata:

@@ -1,7 +1,8 @@
 """What every decoder family shares: the cache type, attention and MLP blocks, the layer loop.
 
-A family module (llama.py, gemma3.py) supplies an `Architecture`: which GGUF tensors a layer
-needs, under which parameter names, and its `block` function. `decoder_forward` runs the rest.
+A family module (llama.py, gemma3.py, ...) supplies an `Architecture`: how to read its config
+from the metadata, which GGUF tensors the file must hold, which of them a layer's parameters
+are, and its `block` function. `hidden_states` runs the rest.
 
 Parameters are a plain pytree:
     {"embed": W [V, D], "output_norm": [D], "output": W [V, D] (absent when tied),
@@ -41,7 +42,9 @@ BlockFn = Callable[..., tuple[jax.Array, jax.Array, jax.Array]]
 
 @dataclass(frozen=True)
 class Architecture:
-    name: str
+    name: str                       # GGUF general.architecture
+    config: Callable[..., ModelConfig]  # (meta(key), vocab_size, tied_output, tensor(name)) -> ModelConfig
+    tensors: Callable[[ModelConfig], dict[str, tuple[int, ...]]]  # name -> GGUF dims the file must hold
     layer_tensors: dict[str, str]   # parameter name -> GGUF tensor name under "blk.{i}."
     block: BlockFn
 
@@ -59,8 +62,8 @@ def self_attention(lp: dict, x: jax.Array, positions: jax.Array, k_cache: jax.Ar
         q = rms_norm(q, lp["q_norm"], cfg.rms_eps)
         k = rms_norm(k, lp["k_norm"], cfg.rms_eps)
     rope_positions = jnp.maximum(positions, 0)                                          # padding rotates as 0
-    q = rope(q, rope_positions, rope_base, cfg.rope_neox)
-    k = rope(k, rope_positions, rope_base, cfg.rope_neox)
+    q = rope(q, rope_positions, rope_base, cfg.rope_neox, cfg.rope_freq_scale, cfg.rope_freq_factors)
+    k = rope(k, rope_positions, rope_base, cfg.rope_neox, cfg.rope_freq_scale, cfg.rope_freq_factors)
     k_cache = write_cache(k_cache, k, positions)                                        # [B, K, S, H]
     v_cache = write_cache(v_cache, v, positions)                                        # [B, K, S, H]
     out = cached_attend(q, k_cache, v_cache, positions, cfg.query_scale, window)        # [B, T, N, H]

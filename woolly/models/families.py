@@ -1,22 +1,41 @@
-"""Architecture name (GGUF general.architecture) -> its `Architecture`, and the model entry points."""
+"""The family table: GGUF general.architecture -> its module's `Architecture`; the model entry points.
+
+Adding a family is one module under `woolly.models` and one line in `ARCHITECTURES`.
+"""
 from __future__ import annotations
+
+from typing import Callable
 
 import jax
 
 from woolly.arch import ModelConfig
 from woolly.errors import ModelLoadFailed
+from woolly.models import gemma3, llama
 from woolly.models.base import Architecture, KVCache, hidden_states, output_logits
-from woolly.models.gemma3 import GEMMA3
-from woolly.models.llama import LLAMA
 
-ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (LLAMA, GEMMA3)}
+ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
+    llama.LLAMA,
+    gemma3.GEMMA3,
+)}
+
+
+def family(arch: str) -> Architecture:
+    try:
+        return ARCHITECTURES[arch]
+    except KeyError:
+        raise ModelLoadFailed(
+            f"architecture {arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})") from None
 
 
 def architecture(cfg: ModelConfig) -> Architecture:
-    try:
-        return ARCHITECTURES[cfg.arch]
-    except KeyError:
-        raise ModelLoadFailed(f"no forward pass for architecture {cfg.arch!r}") from None
+    return family(cfg.arch)
+
+
+def read_config(arch: str, meta: Callable[[str], object], vocab_size: int, tied_output: bool,
+                tensor: Callable[[str], object] = lambda name: None) -> ModelConfig:
+    """The config of `arch` from a metadata lookup `meta(key) -> value | None` and, for the
+    few families that keep hyperparameters in tensors, `tensor(name) -> f32 array | None`."""
+    return family(arch).config(meta, vocab_size, tied_output, tensor)
 
 
 def forward_hidden(params: dict, tokens: jax.Array, positions: jax.Array, cache: KVCache,
