@@ -10,12 +10,16 @@ import jax
 
 from woolly.arch import ModelConfig
 from woolly.errors import ModelLoadFailed
-from woolly.models import gemma3, llama
+from woolly.models import gemma2, gemma3, llama, phi3, qwen2, qwen3
 from woolly.models.base import Architecture, KVCache, hidden_states, output_logits
 
 ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
     llama.LLAMA,
     gemma3.GEMMA3,
+    qwen2.QWEN2,
+    qwen3.QWEN3,
+    phi3.PHI3,
+    gemma2.GEMMA2,
 )}
 
 
@@ -48,4 +52,4 @@ def forward(params: dict, tokens: jax.Array, positions: jax.Array, cache: KVCach
             cfg: ModelConfig) -> tuple[jax.Array, KVCache]:
     """tokens [B, T], positions [B, T] (-1: padding) -> logits [B, T, V], cache. Pure; cfg static."""
     h, cache = forward_hidden(params, tokens, positions, cache, cfg)
-    return output_logits(params, h), cache
+    return output_logits(params, h, cfg), cache
