@@ -28,6 +28,8 @@ CASES = {
     "gemma3": dict(arch="gemma3", sliding_window=16),
     "llama-rope-freqs": dict(arch="llama", rope_freqs=True),         # Llama 3.1/3.2 frequency factors
     "llama-linear-rope": dict(arch="llama", rope_scaling_factor=4.0),
+    # Mistral: arch "llama"; llama.cpp's llama graph attends globally whatever window the file declares.
+    "mistral-window": dict(arch="llama", declare_window=True, sliding_window=16),
     "qwen2": dict(arch="qwen2"),
     "qwen3": dict(arch="qwen3", head_dim=32),                        # head_dim != d_model / heads
     "phi3": dict(arch="phi3"),

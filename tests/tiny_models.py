@@ -140,6 +140,7 @@ def write_tiny_model(
     rope_freqs: bool = False,
     rope_scaling_factor: float = 0.0,
     softcaps: tuple[float, float] = (50.0, 30.0),
+    declare_window: bool = False,
     weight_scale: float = 0.02,
 ) -> Path:
     """Write a tiny random model to `path` and return it.
@@ -151,7 +152,8 @@ def write_tiny_model(
     Other families (`FAMILIES`): qwen2 (q/k/v biases), qwen3 (q/k norms), phi3 (fused qkv and
     gate-up, LongRoPE factors), gemma2 (soft-caps `softcaps` = (attention, logits), alternating
     sliding layers). llama: `rope_freqs` writes Llama 3.1-style frequency factors,
-    `rope_scaling_factor` linear RoPE scaling. `weight_scale`: the matrices' standard deviation.
+    `rope_scaling_factor` linear RoPE scaling, `declare_window` writes `sliding_window` as some
+    Mistral files do. `weight_scale`: the matrices' standard deviation.
     """
     qtype = QuantizationType.parse(qtype)
     if arch not in FAMILIES:
@@ -184,6 +186,8 @@ def write_tiny_model(
         w.add_layer_norm_rms_eps(1e-5)
         w.add_rope_dimension_count(head_dim)
         w.add_vocab_size(n_vocab)
+        if declare_window:
+            w.add_sliding_window(sliding_window)
     else:
         w.add_rope_freq_base(1000000.0)
         w.add_layer_norm_rms_eps(1e-6)
