@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from oracle import open_llama_cpp
+from test_runtime_oracle import QUANTIZED_TOLERANCE, relative_error
 from tiny_models import write_tiny_model
 from woolly.model_file import Model
 from woolly.models import gemma3
@@ -134,3 +135,19 @@ def test_greedy_text_matches_llama_cpp(family_file):
     for p, a, b in zip(PROMPTS, ref, mine):
         print(f"{name} {p!r}: llama.cpp {model.tokenizer.decode(a)!r} / woolly {model.tokenizer.decode(b)!r}")
     assert mine == ref
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("name", [n for n in CASES if n not in ("llama", "gemma3")])   # those two: test_runtime_oracle
+def test_quantized_files_match_llama_cpp(tmp_path, name):
+    """Q8_0 weights, dense and quantized-resident (fused/grouped where the CPU kernel is used):
+    within test_runtime_oracle's tolerance for llama.cpp's 8-bit activations."""
+    path = str(write_tiny_model(tmp_path / "q8.gguf", qtype="Q8_0", n_layers=2, weight_scale=0.08, **CASES[name]))
+    model = Model.from_file(path)
+    tokens = np.random.default_rng(1).integers(0, model.config.vocab_size, N_TOKENS).tolist()
+    ref = llama_cpp_logits(path, tokens, n_batch=512)
+    for residency in ("dense", "quantized"):
+        params = load_params(model, residency)
+        err = relative_error(np.asarray(entry.all_logits(params, jnp.asarray([tokens]), cfg=model.config))[0], ref)
+        print(f"{name} Q8_0 {residency}: max |woolly - llama.cpp| / max |logit| = {err:.2e}")
+        assert err <= QUANTIZED_TOLERANCE

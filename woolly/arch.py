@@ -29,9 +29,9 @@ class ModelConfig:
     rope_base: float
     rope_neox: bool           # True: rotate halves (NEOX); False: adjacent pairs (llama GGUF)
     tied_output: bool         # output projection shares token_embd
-    rope_base_local: float = 0.0   # gemma3 sliding-window layers use their own base
+    rope_base_local: float = 0.0   # gemma3: sliding-window layers use their own base
     sliding_window: int = 0        # 0: every layer attends globally
-    sliding_window_pattern: int = 0  # gemma3: every Nth layer is global, the rest slide
+    sliding_window_pattern: int = 0  # every Nth layer is global, the rest slide (gemma3: 6, gemma2: 2)
     embed_scale: float = 1.0       # gemma: embeddings times sqrt(D)
     attn_scale: float = 0.0        # 0: 1/sqrt(H)
     rope_freq_scale: float = 1.0   # linear RoPE scaling: positions times this (1 / rope.scaling.factor)
