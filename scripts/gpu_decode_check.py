@@ -175,7 +175,7 @@ def synthetic_params(name: str, residency: str):
     """(cfg, params) with the real model's shapes and block formats and random codes."""
     from woolly.arch import ModelConfig
     from woolly.formats.quants import QuantizationType as Q
-    from woolly.models.registry import architecture
+    from woolly.models.families import architecture
     from woolly.ops.qmatmul import prepare_weight
 
     spec = SYNTHETIC[name]
@@ -212,7 +212,7 @@ def load(name: str, path: str | None, mode: str):
     if path is None:
         cfg, params = synthetic_params(name, residency)
     else:
-        from woolly.model import Model
+        from woolly.model_file import Model
 
         model = Model.from_file(path)
         cfg, params = model.config, load_params(model, residency, grouped=False)   # as on a GPU, also on CPU

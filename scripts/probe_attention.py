@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from woolly.model import Model
+from woolly.model_file import Model
 from woolly.ops import attention, cpu_kernels
 from woolly.runtime.cache import new_cache
 from woolly.runtime.runner import Runner

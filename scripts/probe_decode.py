@@ -15,7 +15,7 @@ import time
 import jax
 import numpy as np
 
-from woolly.model import Model
+from woolly.model_file import Model
 from woolly.runtime import params as params_mod
 from woolly.runtime.runner import Runner
 

@@ -13,7 +13,7 @@ import time
 import jax
 import numpy as np
 
-from woolly.model import Model
+from woolly.model_file import Model
 from woolly.runtime.runner import Runner
 
 model = Model.from_file(sys.argv[1] if len(sys.argv) > 1 else "smollm2-135m-instruct")

@@ -29,7 +29,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from woolly.formats.quants import QuantizationType, decode_blocks, dequantize  # noqa: E402
-from woolly.model import Model  # noqa: E402
+from woolly.model_file import Model  # noqa: E402
 from woolly.ops import qmatmul as qm  # noqa: E402
 
 MODELS = {"smollm2": "smollm2-135m-instruct", "gemma": "gemma3-270m"}

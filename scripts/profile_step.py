@@ -24,7 +24,7 @@ import time
 import jax
 import numpy as np
 
-from woolly.model import Model
+from woolly.model_file import Model
 from woolly.runtime.runner import Runner
 
 name, mode = sys.argv[1], sys.argv[2]

@@ -29,7 +29,7 @@ def figures(name: str, residency: str, prompt_len: int, steps: int, batch: int) 
     import jax
     import jax.numpy as jnp
 
-    from woolly.model import Model
+    from woolly.model_file import Model
     from woolly.runtime import Runner, SamplingParams, entry
 
     model = Model.from_file(name)

@@ -162,7 +162,7 @@ def test_smollm2_greedy_tokens_unchanged(smollm2_path, monkeypatch):
     attention (and the on-device generate loop agrees); with exact f32 activations in the
     matmuls (the default int8 ones amplify the two attentions' rounding differences) the
     decode logits agree to 1e-4 of their scale."""
-    from woolly.model import Model
+    from woolly.model_file import Model
     from woolly.ops import qmatmul
     from woolly.runtime import Runner
 

@@ -13,7 +13,7 @@ from woolly.chat_template import (
     GEMMA_TEMPLATE, MAX_PROMPT_CHARS, render_chat, render_chat_spans, tokenize_chat,
 )
 from woolly.errors import InvalidRequest, TokenizerError
-from woolly.model import Model
+from woolly.model_file import Model
 
 CONVERSATION = [
     {"role": "system", "content": "You are a helpful assistant."},

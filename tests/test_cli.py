@@ -14,7 +14,7 @@ import pytest
 from tiny_models import write_tiny_model
 from woolly.cli import main
 from woolly.formats.quants import QuantizationType as Q
-from woolly.model import Model
+from woolly.model_file import Model
 
 WOOLLY = [sys.executable, "-m", "woolly.cli"]
 

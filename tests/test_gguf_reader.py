@@ -9,7 +9,7 @@ from tiny_models import write_tiny_model
 from woolly.errors import ModelLoadFailed
 from woolly.formats.gguf_file import GGUFFile
 from woolly.formats.quants import QuantizationType
-from woolly.model import Model
+from woolly.model_file import Model
 
 EXPECTED = {
     # name: (architecture, blocks, d_model, vocabulary, dominant quantization, heads, kv heads, head dim)

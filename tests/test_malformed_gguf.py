@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from tiny_models import write_tiny_model
 from woolly.errors import WoollyError
-from woolly.model import Model
+from woolly.model_file import Model
 
 U8, I8, U16, I16, U32, I32, F32, BOOL, STR, ARR, U64, I64, F64 = range(13)
 _FMT = {U8: "<B", I8: "<b", U16: "<H", I16: "<h", U32: "<I", I32: "<i", F32: "<f", BOOL: "<?",

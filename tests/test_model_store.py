@@ -11,7 +11,7 @@ from tiny_models import write_tiny_model
 from woolly import model_store as store
 from woolly.cli import main
 from woolly.errors import InvalidRequest, ModelLoadFailed, ModelNotFound, WoollyError
-from woolly.model import Model
+from woolly.model_file import Model
 from woolly.model_store import KNOWN_MODELS, KnownModel, Part, list_models, model_path, models_dir, pull, resolve_model_path
 
 INVALID_NAMES = ["../x", "/etc/passwd", "a b", "", "..", "x/../y", ".hidden", "-rf", "A" * 3, "x" * 200,
@@ -68,7 +68,7 @@ def test_invalid_names_are_invalid_requests(models, name, no_downloads):
 def test_a_real_file_behind_an_invalid_name_is_never_opened(tmp_path, models, monkeypatch):
     p = write_tiny_model(tmp_path / "model")  # a valid GGUF, but not named .gguf
     opened = []
-    monkeypatch.setattr("woolly.model.GGUFFile", lambda path: opened.append(path))
+    monkeypatch.setattr("woolly.model_file.GGUFFile", lambda path: opened.append(path))
     with pytest.raises(InvalidRequest):
         Model.from_file(str(p))
     assert opened == []

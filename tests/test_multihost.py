@@ -84,7 +84,7 @@ def _worker(mode: str, model_path: str, out: str) -> None:
     import jax.numpy as jnp
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-    from woolly.model import Model
+    from woolly.model_file import Model
     from woolly.ops.cpu_kernels import xla_only
     from woolly.runtime.entry import all_logits
     from woolly.runtime.params import load_params

@@ -39,7 +39,7 @@ def test_the_forward_pass_is_differentiable_for_few_rows(tmp_path):
     import jax.numpy as jnp
 
     from tiny_models import write_tiny_model
-    from woolly.model import Model
+    from woolly.model_file import Model
     from woolly.models import forward_hidden, output_logits
     from woolly.runtime import load_params, new_cache
 

@@ -19,7 +19,7 @@ import pytest
 from tiny_models import write_tiny_model
 from woolly.cli import main
 from woolly.errors import InvalidRequest, ModelLoadFailed, ModelNotFound
-from woolly.model import Model
+from woolly.model_file import Model
 from woolly.model_store import model_path, pull
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

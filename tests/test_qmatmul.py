@@ -174,7 +174,7 @@ def test_resident_nbytes_counts_every_leaf():
 @pytest.mark.real
 @pytest.mark.parametrize("name", ["smollm2-135m-instruct", "gemma3-270m"])
 def test_quantized_residency_under_twice_the_file(name):
-    from woolly.model import Model
+    from woolly.model_file import Model
 
     m = Model.from_file(name)
     total = 0

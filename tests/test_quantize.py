@@ -19,7 +19,7 @@ from tiny_models import write_tiny_model
 from woolly.errors import InvalidRequest, ModelLoadFailed, ModelNotFound
 from woolly.formats.gguf_file import GGUFFile
 from woolly.formats.quants import QuantizationType as Q
-from woolly.model import Model
+from woolly.model_file import Model
 from woolly.quantize import FILE_TYPE, TARGETS, fallback_type, quantize_model
 
 SMOLLM2_TYPES = [Q.Q8_0, Q.Q4_0]

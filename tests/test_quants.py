@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from woolly.formats.quants import BLOCK_SIZE, QuantizationType, decode_blocks, dequantize, row_nbytes
-from woolly.model import Model
+from woolly.model_file import Model
 
 ALL_TYPES = list(QuantizationType)
 BLOCK_TYPES = [t for t in ALL_TYPES if t.is_quantized]

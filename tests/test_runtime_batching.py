@@ -8,7 +8,7 @@ import pytest
 
 from tiny_models import write_tiny_model
 from woolly.formats.quants import QuantizationType
-from woolly.model import Model
+from woolly.model_file import Model
 from woolly.ops import qmatmul
 from woolly.runtime import Runner, SamplingParams, entry
 from woolly.runtime.params import load_params

@@ -11,7 +11,7 @@ import pytest
 
 from tiny_models import write_tiny_model
 from woolly.formats.quants import QuantizationType
-from woolly.model import Model
+from woolly.model_file import Model
 from woolly.ops import qmatmul
 from woolly.runtime import entry
 from woolly.runtime.cache import bucket, new_cache

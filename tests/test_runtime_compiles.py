@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from tiny_models import write_tiny_model
-from woolly.model import Model
+from woolly.model_file import Model
 from woolly.runtime import Runner, SamplingParams, entry
 
 # Every executable JAX builds or loads from the persistent cache; cache loads also record CACHE_HIT.
@@ -67,7 +67,7 @@ jax.monitoring.register_event_listener(lambda e, **kw: events.append(e))
 sys.path.insert(0, {tests!r})
 import numpy as np
 from test_runtime_compiles import workload
-from woolly.model import Model
+from woolly.model_file import Model
 from woolly.runtime import Runner
 runner = Runner(Model.from_file({path!r}), slots=2, cache_length=64)
 workload(runner, np.random.default_rng(0), prompt_lengths=[17, 30], decode_steps=3)

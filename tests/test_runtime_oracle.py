@@ -21,7 +21,7 @@ import pytest
 from oracle import llama_cpp_model
 from tiny_models import write_tiny_model
 from woolly.formats.quants import QuantizationType
-from woolly.model import Model
+from woolly.model_file import Model
 from woolly.quantize import quantize_model
 from woolly.runtime import Runner, entry
 from woolly.runtime.cache import bucket

@@ -148,7 +148,7 @@ def _spec(a) -> list:
 
 def _tiny(tmp: Path, arch: str, qtype: str):
     from tiny_models import write_tiny_model
-    from woolly.model import Model
+    from woolly.model_file import Model
     # 8 Q heads over 2 KV heads, head dim 16 x 8 = 128, vocabulary of 324 / 360: all divide 4.
     return Model.from_file(write_tiny_model(tmp / f"{arch}-{qtype}.gguf", arch=arch, qtype=qtype, n_layers=2,
                                             d_model=128, n_heads=8, n_kv_heads=2, ffn_dim=256, n_merges=65))
@@ -278,7 +278,7 @@ def child_real(path: str) -> dict:
     """Greedy completions with tensor_parallel 4 and 2 equal one device's (dense weights)."""
     import time
 
-    from woolly.model import Model
+    from woolly.model_file import Model
     from woolly.runtime import Runner, sharding
     from woolly.runtime.params import load_params
 

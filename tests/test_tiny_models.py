@@ -6,7 +6,7 @@ import pytest
 
 from tiny_models import K_QUANTS, write_tiny_model
 from woolly.formats.quants import QuantizationType
-from woolly.model import Model
+from woolly.model_file import Model
 
 ALL_TYPES = list(QuantizationType)
 

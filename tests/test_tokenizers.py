@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from oracle import llama_cpp_model
 from woolly.errors import InvalidRequest, TokenizerError
-from woolly.model import Model
+from woolly.model_file import Model
 from woolly.tokenizers import BPETokenizer, SentencePieceTokenizer, Tokenizer
 from woolly.tokenizers.pretokenize import PRE_TOKENIZER_REGEXES, PreTokenizer
 

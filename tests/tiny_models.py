@@ -36,6 +36,7 @@ CHATML_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
     " + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+FAMILIES = ("llama", "gemma3", "qwen2", "qwen3", "phi3", "gemma2")
 K_QUANTS = (QuantizationType.Q2_K, QuantizationType.Q3_K, QuantizationType.Q4_K,
             QuantizationType.Q5_K, QuantizationType.Q6_K)
 
@@ -136,46 +137,69 @@ def write_tiny_model(
     context_length: int = 512,
     sliding_window: int = 32,
     chat_template: str | None = None,
+    rope_freqs: bool = False,
+    rope_scaling_factor: float = 0.0,
+    softcaps: tuple[float, float] = (50.0, 30.0),
+    declare_window: bool = False,
+    weight_scale: float = 0.02,
 ) -> Path:
     """Write a tiny random model to `path` and return it.
 
     Sizes default to d_model 64 / ffn 128 (head_dim d_model // n_heads), or 256 / 256 when
     `qtype` is a K-quant, whose 256-weight blocks run along every row. `chat_template`: the
     file's template instead of the family's (ChatML for llama, none for gemma3).
+
+    Other families (`FAMILIES`): qwen2 (q/k/v biases), qwen3 (q/k norms), phi3 (fused qkv and
+    gate-up, LongRoPE factors), gemma2 (soft-caps `softcaps` = (attention, logits), alternating
+    sliding layers). llama: `rope_freqs` writes Llama 3.1-style frequency factors,
+    `rope_scaling_factor` linear RoPE scaling, `declare_window` writes `sliding_window` as some
+    Mistral files do. `weight_scale`: the matrices' standard deviation.
     """
     qtype = QuantizationType.parse(qtype)
-    if arch not in ("llama", "gemma3"):
+    if arch not in FAMILIES:
         raise ValueError(f"unknown tiny architecture {arch!r}")
+    spm = arch in ("gemma3", "gemma2", "phi3")   # phi3: Llama 2's SentencePiece vocabulary, as Phi-3
     k_quant = qtype in K_QUANTS
     d_model = d_model or (256 if k_quant else 64)
     ffn_dim = ffn_dim or (256 if k_quant else 128)
     head_dim = head_dim or d_model // n_heads
     q_dim, kv_dim = n_heads * head_dim, n_kv_heads * head_dim
-    vocab = bpe_vocabulary(n_merges) if arch == "llama" else spm_vocabulary(n_merges)
+    vocab = spm_vocabulary(n_merges) if spm else bpe_vocabulary(n_merges)
     n_vocab = len(vocab["tokens"])
     rng = np.random.default_rng(seed)
     path = Path(path)
 
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_name(f"tiny-{arch}-{qtype.name.lower()}")
+    # llama.cpp gives a model *named* phi3 Phi-3's token attributes, looking up "</s>" and others by text.
+    w.add_name(f"tiny-{arch.replace('phi3', 'phi')}-{qtype.name.lower()}")
     w.add_block_count(n_layers)
     w.add_context_length(context_length)
     w.add_embedding_length(d_model)
     w.add_feed_forward_length(ffn_dim)
     w.add_head_count(n_heads)
     w.add_head_count_kv(n_kv_heads)
-    if arch == "gemma3" or head_dim != d_model // n_heads:
+    if spm or arch == "qwen3" or head_dim != d_model // n_heads:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
-    if arch == "llama":
+    if not spm:
         w.add_rope_freq_base(10000.0)
         w.add_layer_norm_rms_eps(1e-5)
         w.add_rope_dimension_count(head_dim)
         w.add_vocab_size(n_vocab)
+        if declare_window:
+            w.add_sliding_window(sliding_window)
     else:
         w.add_rope_freq_base(1000000.0)
         w.add_layer_norm_rms_eps(1e-6)
         w.add_sliding_window(sliding_window)
+    if arch == "gemma2":
+        w.add_attn_logit_softcapping(softcaps[0])
+        w.add_final_logit_softcapping(softcaps[1])
+    if rope_scaling_factor:
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(rope_scaling_factor)
+    if arch == "phi3":
+        w.add_rope_scaling_orig_ctx_len(context_length)
     w.add_file_type(FILE_TYPE[qtype])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
@@ -198,28 +222,46 @@ def write_tiny_model(
         w.add_chat_template(chat_template or vocab["chat_template"])
 
     def matrix(name: str, rows: int, cols: int) -> None:  # numpy order: [rows, cols], rows of length cols
-        data, kw = encode_matrix(rng.normal(0.0, 0.02, (rows, cols)).astype(np.float32), qtype)
+        data, kw = encode_matrix(rng.normal(0.0, weight_scale, (rows, cols)).astype(np.float32), qtype)
         w.add_tensor(name, data, **kw)
 
     def norm(name: str, n: int) -> None:
         w.add_tensor(name, (1.0 + rng.normal(0.0, 0.01, n)).astype(np.float32))
 
+    def factors(name: str) -> None:  # RoPE frequency divisors [H/2], as Llama 3.1's grow toward low frequencies
+        w.add_tensor(name, np.geomspace(1.0, 8.0, head_dim // 2).astype(np.float32))
+
     matrix("token_embd.weight", n_vocab, d_model)
     norm("output_norm.weight", d_model)
+    if rope_freqs:
+        factors("rope_freqs.weight")
+    if arch == "phi3":
+        factors("rope_factors_short.weight")
+        w.add_tensor("rope_factors_long.weight", np.full(head_dim // 2, 16.0, np.float32))  # unused in context
     for i in range(n_layers):
         b = f"blk.{i}."
         norm(b + "attn_norm.weight", d_model)
-        matrix(b + "attn_q.weight", q_dim, d_model)
-        matrix(b + "attn_k.weight", kv_dim, d_model)
-        matrix(b + "attn_v.weight", kv_dim, d_model)
+        if arch == "phi3":
+            matrix(b + "attn_qkv.weight", q_dim + 2 * kv_dim, d_model)
+        else:
+            matrix(b + "attn_q.weight", q_dim, d_model)
+            matrix(b + "attn_k.weight", kv_dim, d_model)
+            matrix(b + "attn_v.weight", kv_dim, d_model)
+        if arch == "qwen2":
+            for name, n in (("attn_q.bias", q_dim), ("attn_k.bias", kv_dim), ("attn_v.bias", kv_dim)):
+                w.add_tensor(b + name, rng.normal(0.0, 0.5, n).astype(np.float32))
         matrix(b + "attn_output.weight", d_model, q_dim)
         norm(b + "ffn_norm.weight", d_model)
-        matrix(b + "ffn_gate.weight", ffn_dim, d_model)
-        matrix(b + "ffn_up.weight", ffn_dim, d_model)
+        if arch == "phi3":
+            matrix(b + "ffn_up.weight", 2 * ffn_dim, d_model)
+        else:
+            matrix(b + "ffn_gate.weight", ffn_dim, d_model)
+            matrix(b + "ffn_up.weight", ffn_dim, d_model)
         matrix(b + "ffn_down.weight", d_model, ffn_dim)
-        if arch == "gemma3":
+        if arch in ("gemma3", "qwen3"):
             norm(b + "attn_q_norm.weight", head_dim)
             norm(b + "attn_k_norm.weight", head_dim)
+        if arch in ("gemma3", "gemma2"):
             norm(b + "post_attention_norm.weight", d_model)
             norm(b + "post_ffw_norm.weight", d_model)
 

@@ -4,7 +4,8 @@ from woolly.errors import (
     ModelNotFound, ModelNotLoaded, OutOfMemory, RateLimited, TokenizerError, Unauthorized, WoollyError,
 )
 from woolly.formats.quants import QuantizationType
-from woolly.model import Model, ModelMetadata, Vocabulary
+from woolly.formats.vocab import Vocabulary
+from woolly.model_file import Model, ModelMetadata
 
 __version__ = "0.1.0"
 

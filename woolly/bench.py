@@ -125,7 +125,7 @@ def read_bandwidth(threads: int = 2, nbytes: int = 256 << 20, repeats: int = 5) 
 def weight_bytes_per_token(path: str) -> int:
     """GGUF bytes of the weights one batch-1 decode step reads: every matrix once, the output
     projection (the token embedding when tied) in full, one embedding row otherwise."""
-    from woolly.model import Model
+    from woolly.model_file import Model
 
     m = Model.from_file(path)
     try:

@@ -64,7 +64,7 @@ def cmd_list(args) -> int:
 
 def cmd_info(args) -> int:
     from woolly.chat_template import model_kind, template_origin
-    from woolly.model import Model
+    from woolly.model_file import Model
 
     m = Model.from_file(args.model)
     m.validate()
@@ -188,7 +188,7 @@ def cmd_chat(args) -> int:
 
 
 def cmd_tokenize(args) -> int:
-    from woolly.model import Model
+    from woolly.model_file import Model
 
     tok = Model.from_file(_pulled(args.model)).tokenizer
     ids = tok.tokenize(args.text, parse_special=args.parse_special)

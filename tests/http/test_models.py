@@ -105,7 +105,7 @@ def test_a_model_served_from_a_path_is_listed_as_loaded(pool):
 
 def tokens_of(path: str, text: str | None = None, messages=None) -> int:
     from woolly.chat_template import tokenize_chat
-    from woolly.model import Model
+    from woolly.model_file import Model
 
     m = Model.from_file(path)
     try:

@@ -75,7 +75,7 @@ class Engine:
     # -- models ------------------------------------------------------------------------------
     def load_model(self, path_or_name: str | os.PathLike) -> None:
         """Load a `.gguf` path or a pulled model's name; on failure the previous model stays."""
-        from woolly.model import Model
+        from woolly.model_file import Model
         from woolly.runtime import Runner
 
         t0 = time.perf_counter()

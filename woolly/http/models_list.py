@@ -17,7 +17,7 @@ def human_count(n: int) -> str:
 
 def _info(name: str, path: str) -> ModelInfo | None:
     from woolly.errors import WoollyError
-    from woolly.model import Model
+    from woolly.model_file import Model
 
     key = (path, os.path.getmtime(path))
     if key not in _cache:

@@ -1,7 +1,8 @@
 """What every decoder family shares: the cache type, attention and MLP blocks, the layer loop.
 
-A family module (llama.py, gemma3.py) supplies an `Architecture`: which GGUF tensors a layer
-needs, under which parameter names, and its `block` function. `decoder_forward` runs the rest.
+A family module (llama.py, gemma3.py, ...) supplies an `Architecture`: how to read its config
+from the metadata, which GGUF tensors the file must hold, which of them a layer's parameters
+are, and its `block` function. `hidden_states` runs the rest.
 
 Parameters are a plain pytree:
     {"embed": W [V, D], "output_norm": [D], "output": W [V, D] (absent when tied),
@@ -18,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from woolly.arch import ModelConfig
-from woolly.ops.attention import cached_attend, write_cache
+from woolly.ops.attention import attend, attention_mask, cached_attend, write_cache
 from woolly.ops.norms import rms_norm
 from woolly.ops.qmatmul import embed_rows, linear
 from woolly.ops.rope import rope
@@ -41,7 +42,9 @@ BlockFn = Callable[..., tuple[jax.Array, jax.Array, jax.Array]]
 
 @dataclass(frozen=True)
 class Architecture:
-    name: str
+    name: str                       # GGUF general.architecture
+    config: Callable[..., ModelConfig]  # (meta(key), vocab_size, tied_output, tensor(name)) -> ModelConfig
+    tensors: Callable[[ModelConfig], dict[str, tuple[int, ...]]]  # name -> GGUF dims the file must hold
     layer_tensors: dict[str, str]   # parameter name -> GGUF tensor name under "blk.{i}."
     block: BlockFn
 
@@ -52,6 +55,8 @@ def self_attention(lp: dict, x: jax.Array, positions: jax.Array, k_cache: jax.Ar
     B, T, _ = x.shape
     q, k, v = projections(lp, x, "wqkv", ("wq", "wk", "wv"),
                           (cfg.q_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim))
+    if "bq" in lp:                                                                      # qwen2: q/k/v biases
+        q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
     q = q.reshape(B, T, cfg.n_heads, cfg.head_dim)                                      # [B, T, N, H]
     k = k.reshape(B, T, cfg.n_kv_heads, cfg.head_dim)                                   # [B, T, K, H]
     v = v.reshape(B, T, cfg.n_kv_heads, cfg.head_dim)                                   # [B, T, K, H]
@@ -59,11 +64,15 @@ def self_attention(lp: dict, x: jax.Array, positions: jax.Array, k_cache: jax.Ar
         q = rms_norm(q, lp["q_norm"], cfg.rms_eps)
         k = rms_norm(k, lp["k_norm"], cfg.rms_eps)
     rope_positions = jnp.maximum(positions, 0)                                          # padding rotates as 0
-    q = rope(q, rope_positions, rope_base, cfg.rope_neox)
-    k = rope(k, rope_positions, rope_base, cfg.rope_neox)
+    q = rope(q, rope_positions, rope_base, cfg.rope_neox, cfg.rope_freq_scale, cfg.rope_freq_factors)
+    k = rope(k, rope_positions, rope_base, cfg.rope_neox, cfg.rope_freq_scale, cfg.rope_freq_factors)
     k_cache = write_cache(k_cache, k, positions)                                        # [B, K, S, H]
     v_cache = write_cache(v_cache, v, positions)                                        # [B, K, S, H]
-    out = cached_attend(q, k_cache, v_cache, positions, cfg.query_scale, window)        # [B, T, N, H]
+    if cfg.attn_softcap:  # gemma2: the kernel has no soft-capping, so the masked jnp attention
+        mask = attention_mask(positions, k_cache.shape[2], window)                      # [B, T, S]
+        out = attend(q, k_cache, v_cache, mask, cfg.query_scale, cfg.attn_softcap)      # [B, T, N, H]
+    else:
+        out = cached_attend(q, k_cache, v_cache, positions, cfg.query_scale, window)    # [B, T, N, H]
     return linear(out.reshape(B, T, cfg.q_dim), lp["wo"]), k_cache, v_cache             # [B, T, D]
 
 
@@ -101,6 +110,10 @@ def hidden_states(arch: Architecture, params: dict, tokens: jax.Array, positions
     return rms_norm(x, params["output_norm"], cfg.rms_eps), KVCache(tuple(ks), tuple(vs))
 
 
-def output_logits(params: dict, h: jax.Array) -> jax.Array:
-    """Final states h [..., D] -> logits [..., V] (the output matrix, or the tied embedding)."""
-    return linear(h, params["output"] if "output" in params else params["embed"])
+def output_logits(params: dict, h: jax.Array, cfg: ModelConfig | None = None) -> jax.Array:
+    """Final states h [..., D] -> logits [..., V] (the output matrix, or the tied embedding),
+    soft-capped where the family caps them (gemma2: cap * tanh(logits / cap))."""
+    logits = linear(h, params["output"] if "output" in params else params["embed"])
+    if cfg is not None and cfg.final_softcap:
+        logits = jnp.tanh(logits / cfg.final_softcap) * cfg.final_softcap
+    return logits

@@ -52,7 +52,7 @@ def prefill(params, cache: KVCache, tokens: jax.Array, start: jax.Array, length:
     if not logits:
         return None, cache
     last = jax.lax.dynamic_index_in_dim(h[0], length - 1, axis=0, keepdims=False)            # [D]
-    return output_logits(params, last), cache
+    return output_logits(params, last, cfg), cache
 
 
 @partial(jax.jit, static_argnames=("cfg", "logits"), donate_argnames=("cache",))
@@ -67,14 +67,14 @@ def prefill_rows(params, cache: KVCache, tokens: jax.Array, positions: jax.Array
     if not logits:
         return None, cache
     h_last = jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]                        # [B, D]
-    return output_logits(params, h_last), cache
+    return output_logits(params, h_last, cfg), cache
 
 
 def decode_logits(params, cache: KVCache, tokens: jax.Array, positions: jax.Array, cfg) -> tuple[jax.Array, KVCache]:
     """One token per slot: tokens i32 [B] at positions i32 [B] (-1: slot inactive, nothing written)
     -> logits [B, V], cache."""
     h, cache = forward_hidden(params, tokens[:, None], positions[:, None], cache, cfg)       # [B, 1, D]
-    return output_logits(params, h[:, 0]), cache
+    return output_logits(params, h[:, 0], cfg), cache
 
 
 decode_step = jax.jit(decode_logits, static_argnames=("cfg",), donate_argnames=("cache",))
@@ -184,7 +184,7 @@ def sequence_logits(params, tokens: jax.Array, cfg) -> jax.Array:
     B, T = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     h, _ = forward_hidden(params, tokens, positions, new_cache(cfg, B, T), cfg)
-    return output_logits(params, h)
+    return output_logits(params, h, cfg)
 
 
 all_logits = jax.jit(sequence_logits, static_argnames=("cfg",))

@@ -5,8 +5,8 @@ import ctypes
 
 import jax.numpy as jnp
 
-from woolly.model import Model
-from woolly.models.registry import architecture
+from woolly.model_file import Model
+from woolly.models.families import architecture
 from woolly.ops.qmatmul import (RESIDENCIES, fuse_rows, grouped_where_possible, kernel_groups_weights, prepare_weight,
                                 split_rows)
 

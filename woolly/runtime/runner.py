@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from woolly.model import Model
+from woolly.model_file import Model
 from woolly.runtime import entry
 from woolly.runtime.cache import bucket, new_cache
 from woolly.runtime.compile_cache import enable_compile_cache

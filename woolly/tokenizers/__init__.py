@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 from woolly.errors import TokenizerError
-from woolly.model import Vocabulary
+from woolly.formats.vocab import Vocabulary
 from woolly.tokenizers.base import Tokenizer
 from woolly.tokenizers.bpe import BPETokenizer
 from woolly.tokenizers.sentencepiece import SentencePieceTokenizer

@@ -13,7 +13,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from woolly.errors import InvalidRequest, TokenizerError
-from woolly.model import (
+from woolly.formats.vocab import (
     TOKEN_BYTE, TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_USER_DEFINED, Vocabulary,
 )
 from woolly.tokenizers.special import Fragment, SpecialTokens, SpecialTokenSplitter

@@ -15,7 +15,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from woolly.errors import TokenizerError
-from woolly.model import TOKEN_CONTROL, TOKEN_NORMAL, Vocabulary
+from woolly.formats.vocab import TOKEN_CONTROL, TOKEN_NORMAL, Vocabulary
 from woolly.tokenizers.base import Tokenizer
 from woolly.tokenizers.pretokenize import IGNORE_MERGES, PreTokenizer
 from woolly.tokenizers.special import Fragment

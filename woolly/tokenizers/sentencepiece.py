@@ -20,7 +20,7 @@ import re
 import numpy as np
 
 from woolly.errors import TokenizerError
-from woolly.model import TOKEN_NORMAL, Vocabulary
+from woolly.formats.vocab import TOKEN_NORMAL, Vocabulary
 from woolly.tokenizers.base import Tokenizer
 from woolly.tokenizers.special import Fragment
 
