@@ -13,14 +13,7 @@ import numpy as np
 from woolly.arch import ModelConfig, read_config
 from woolly.errors import ModelLoadFailed
 from woolly.formats.gguf_file import STRING, GGUFFile, TensorInfo, value_type_name
-from woolly.formats.quants import QuantizationType, dequantize
-
-# llama.cpp's llama_ftype names for general.file_type.
-FILE_TYPE_NAMES = {
-    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
-    11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S",
-    17: "Q5_K_M", 18: "Q6_K", 32: "BF16",
-}
+from woolly.formats.quants import FILE_TYPE_NAMES, QuantizationType, dequantize
 
 # llama.cpp's token types (tokenizer.ggml.token_type).
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
