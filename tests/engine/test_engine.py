@@ -12,7 +12,7 @@ from oracle import llama_cpp_model
 from woolly.engine import MirostatSampler
 from woolly.errors import InvalidRequest
 
-from .support import SLOTS, run_events
+from support.engine import SLOTS, run_events
 
 pytestmark = pytest.mark.real
 
