@@ -9,7 +9,7 @@ from woolly.bench import prompt_text, SAMPLING
 from woolly.engine import CacheConfig, Engine, EngineConfig
 name = sys.argv[1]
 e = Engine(EngineConfig(max_batch_size=8, max_sequence_length=512, residency="quantized", cache_config=CacheConfig(enabled=False)))
-from woolly.registry import resolve_model_path
+from woolly.model_store import resolve_model_path
 e.load_model(str(resolve_model_path(name)))
 e.generate_batch([prompt_text(12, 0)], max_tokens=2, **SAMPLING)
 e.generate_batch([prompt_text(12, i) for i in range(8)], max_tokens=4, **SAMPLING)   # the batched admission too

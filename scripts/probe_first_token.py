@@ -12,7 +12,7 @@ import jax
 
 from woolly.bench import SAMPLING, prompt_ids
 from woolly.engine import CacheConfig, Engine, EngineConfig
-from woolly.registry import resolve_model_path
+from woolly.model_store import resolve_model_path
 
 name = sys.argv[1] if len(sys.argv) > 1 else "gemma3-270m"
 e = Engine(EngineConfig(max_batch_size=1, max_sequence_length=1024, residency="quantized",

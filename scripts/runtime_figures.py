@@ -75,7 +75,7 @@ def figures(name: str, residency: str, prompt_len: int, steps: int, batch: int) 
 
 def llama_cpp_figures(name: str, prompt_len: int, steps: int) -> tuple[str, str]:
     from woolly.bench import import_llama_cpp   # plain CPU buffers: AMX/repacked ones segfault on this CPU
-    from woolly.registry import resolve_model_path
+    from woolly.model_store import resolve_model_path
 
     llama_cpp = import_llama_cpp()
     llm = llama_cpp.Llama(model_path=str(resolve_model_path(name)), n_ctx=prompt_len + steps + 8, n_threads=2,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from oracle import close_all, llama_cpp_model, open_llama_cpp  # noqa: F401  (re-exported)
-from woolly.registry import resolve_model_path
+from woolly.model_store import resolve_model_path
 
 REAL_MODELS = ("smollm2-135m-instruct", "gemma3-270m")
 

@@ -29,7 +29,7 @@ def model(name: str) -> Model:
 
 
 def oracle(name: str):
-    from woolly.registry import resolve_model_path
+    from woolly.model_store import resolve_model_path
 
     return llama_cpp_model(str(resolve_model_path(name)), vocab_only=True)
 

@@ -69,6 +69,85 @@ def test_info_on_the_real_models(capsys):
     assert info_fields(out)["vocabulary"] == "262144" and "layers 18, d 640" in out
 
 
+@pytest.mark.real
+def test_info_says_base_or_instruct_on_the_real_models(capsys):
+    """smollm2-135m-instruct carries its chat template; gemma3-270m is Google's base 270M
+    (general.name 'Gemma 3 270m', no finetune, no template): it chats through the built-in one."""
+    assert main(["info", "smollm2-135m-instruct"]) == 0
+    f = info_fields(capsys.readouterr().out)
+    assert f["kind"].startswith("instruct") and f["chat template"].startswith("the file's")
+    assert main(["info", "gemma3-270m"]) == 0
+    f = info_fields(capsys.readouterr().out)
+    assert f["kind"].startswith("base") and f["chat template"].startswith("built-in gemma3 fallback")
+
+
+def test_info_says_base_or_instruct_on_tiny_models(tmp_path, tiny, capsys):
+    assert main(["info", str(tiny)]) == 0   # gemma3, no template in the file
+    f = info_fields(capsys.readouterr().out)
+    assert f["kind"] == "base (no chat template in the file and no instruct/chat in its name)"
+    assert f["chat template"] == "built-in gemma3 fallback (the file has none)"
+    assert main(["info", str(write_tiny_model(tmp_path / "chatml.gguf"))]) == 0   # llama with a ChatML template
+    f = info_fields(capsys.readouterr().out)
+    assert f["kind"] == "instruct (the file carries a chat template)"
+    assert f["chat template"] == "the file's (tokenizer.chat_template)"
+
+
+def metadata_only_gguf(path: Path, **fields) -> Path:
+    """A GGUF with metadata and no tensors: enough for what `model_kind` reads."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    for key, value in fields.items():
+        w.add_string(key.replace("__", "."), value)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("fields,kind", [
+    ({"general__name": "Llama 3.2 1B Instruct"}, "instruct"),
+    ({"general__name": "Gemma 3 270m", "general__finetune": "it"}, "instruct"),
+    ({"general__name": "Qwen2.5 0.5B", "general__finetune": "base", "tokenizer__chat_template": "{{x}}"}, "base"),
+    ({"general__name": "Smollm2 135M", "tokenizer__chat_template": "{{x}}"}, "instruct"),
+    ({"general__name": "Mistral 7B v0.1"}, "base"),
+    ({"general__name": "Italian Pretrained"}, "base"),   # 'it' only as a whole word
+])
+def test_model_kind_reads_finetune_name_then_template(tmp_path, fields, kind):
+    from woolly.chat_template import model_kind
+
+    m = Model.from_file(metadata_only_gguf(tmp_path / "m.gguf", **fields))
+    assert model_kind(m)[0] == kind
+
+
+def test_chat_with_a_base_model_warns_on_stderr(tiny, tmp_path, monkeypatch, capsys):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))   # Ctrl-D at the first prompt
+    assert main(["chat", str(tiny), "--ctx", "64"]) == 0
+    err = capsys.readouterr().err
+    assert "woolly: warning: tiny looks like a base model (no chat template in the file" in err
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    assert main(["chat", str(write_tiny_model(tmp_path / "chatml.gguf")), "--ctx", "64"]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_the_server_logs_a_base_model_chat_once(tiny, tmp_path, caplog):
+    """`chat_prompt_ids` is what /api/chat and /v1/chat/completions both render through."""
+    from woolly.http.chat import chat_prompt_ids
+    from woolly.http.schemas import ChatMessage
+
+    messages = [ChatMessage(role="user", content="hi")]
+    base = Model.from_file(tiny)
+    with caplog.at_level("WARNING", logger="woolly"):
+        chat_prompt_ids(base, messages)
+        chat_prompt_ids(base, messages)
+        chat_prompt_ids(Model.from_file(write_tiny_model(tmp_path / "chatml.gguf")), messages)
+    warned = [r.getMessage() for r in caplog.records if "looks like a base model" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("tiny looks like a base model")
+
+
 @pytest.mark.parametrize("spec,fragment", [
     ("missing.gguf", "model file not found: missing.gguf"),
     ("../escape", "invalid model name"),

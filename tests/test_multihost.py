@@ -257,7 +257,7 @@ def test_woolly_run_joins_a_cluster_from_its_flags(tmp_path):
 
 @pytest.mark.real
 def test_two_processes_on_smollm2(tmp_path):
-    from woolly.registry import resolve_model_path
+    from woolly.model_store import resolve_model_path
 
     model = resolve_model_path("smollm2-135m-instruct")
     if not Path(model).is_file():

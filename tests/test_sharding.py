@@ -129,7 +129,7 @@ def test_tiny_data_parallel_engine():
 @pytest.mark.real
 @pytest.mark.parametrize("name", ["smollm2-135m-instruct", "gemma3-270m"])
 def test_real_greedy_tensor_parallel_equals_one_device(name):
-    from woolly.registry import resolve_model_path
+    from woolly.model_store import resolve_model_path
     facts = run_child("real", str(resolve_model_path(name)))
     print(name, facts)
     assert facts["equal"] == {"2": True, "4": True}
@@ -253,8 +253,10 @@ def child_engine(tmp: Path) -> dict:
     prompts = ["Hello world", "The quick brown fox", "the end", "There is the thing", "dog sleeps"]
     text = " ".join(["The quick brown fox jumps over the lazy dog, then it says hello."] * 12)
     out = {}
-    for name, cfg in (("one", EngineConfig(max_batch_size=4, max_sequence_length=128)),
-                      ("dp4", EngineConfig(max_batch_size=4, max_sequence_length=128, data_parallel=4))):
+    # dense, the exact mode: sharded traces multiply in f32 (xla_only), one device's kernel rounds activations to int8
+    for name, cfg in (("one", EngineConfig(max_batch_size=4, max_sequence_length=128, residency="dense")),
+                      ("dp4", EngineConfig(max_batch_size=4, max_sequence_length=128, data_parallel=4,
+                                           residency="dense"))):
         eng = Engine(cfg)
         eng.load_model(path)
         res = eng.generate_batch(prompts, max_tokens=12, temperature=0.8, seed=7)

@@ -60,7 +60,7 @@ def tokenizer(name: str) -> Tokenizer:
 @pytest.fixture(scope="module", params=MODELS)
 def pair(request):
     """(woolly tokenizer, llama.cpp Llama with only the vocabulary loaded) for one model."""
-    from woolly.registry import resolve_model_path
+    from woolly.model_store import resolve_model_path
 
     path = str(resolve_model_path(request.param))
     return tokenizer(request.param), llama_cpp_model(path, vocab_only=True)
@@ -326,7 +326,7 @@ def write_vocab_gguf(src: str, dst, overrides: dict) -> str:
     import numpy as np
 
     from woolly.formats.gguf_file import STRING, GGUFFile
-    from woolly.registry import resolve_model_path
+    from woolly.model_store import resolve_model_path
 
     g = GGUFFile(resolve_model_path(src))
     w = gguf.GGUFWriter(str(dst), g.get("general.architecture"))

@@ -14,7 +14,7 @@ def __getattr__(name):  # heavier parts load on first use, so `import woolly` st
         "quantize_model": "woolly.quantize",
         "Tokenizer": "woolly.tokenizers", "BPETokenizer": "woolly.tokenizers",
         "SentencePieceTokenizer": "woolly.tokenizers",
-        "pull": "woolly.registry", "list_models": "woolly.registry",
+        "pull": "woolly.model_store", "list_models": "woolly.model_store",
         "WoollyClient": "woolly.client", "AsyncWoollyClient": "woolly.client",
         **{n: "woolly.engine" for n in ("Engine", "EngineConfig", "CacheConfig", "MmapConfig", "Session",
                                          "Sampler", "DefaultSampler", "MirostatSampler", "GenerationResult")},

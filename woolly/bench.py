@@ -57,7 +57,7 @@ DEFAULT_LIMITS = (2.0, 3.0)
 @dataclass
 class BenchConfig:
     model: str
-    residency: str = "dense"
+    residency: str = "quantized"
     threads: int = 2
     compare: str | None = None
     repeats: int = 3
@@ -466,7 +466,7 @@ def _log(msg: str) -> None:
 
 def run(cfg: BenchConfig) -> dict:
     """Measure everything; -> the JSON-able report."""
-    from woolly.registry import resolve_model_path
+    from woolly.model_store import resolve_model_path
 
     if cfg.compare not in (None, *PEERS):
         from woolly.errors import InvalidRequest

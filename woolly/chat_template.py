@@ -82,6 +82,47 @@ def chat_template_source(model) -> str:
     return BUILTIN_TEMPLATES.get(getattr(model, "architecture", ""), CHATML_TEMPLATE)
 
 
+def template_origin(model) -> str:
+    """Where `chat_template_source(model)` comes from: "file" (tokenizer.chat_template),
+    "builtin" (the family's, as llama.cpp falls back), or "chatml" (a guess for a file with none)."""
+    if model.vocabulary.chat_template:
+        return "file"
+    return "builtin" if getattr(model, "architecture", "") in BUILTIN_TEMPLATES else "chatml"
+
+
+_INSTRUCT_WORDS = re.compile(r"(?<![a-z0-9])(instruct|it|chat|sft|dpo|orpo|rlhf|assistant)(?![a-z0-9])", re.I)
+_BASE_WORDS = re.compile(r"(?<![a-z0-9])(base|pretrain|pretrained)(?![a-z0-9])", re.I)
+
+
+def model_kind(model) -> tuple[str, str]:
+    """("instruct" | "base", why). The words of general.finetune and general.name decide first (as
+    Hugging Face and llama.cpp's converter name them: "Instruct", "it", "chat", "base"), then
+    whether the file carries a chat template: llama.cpp and Ollama chat only through one."""
+    get = model.gguf.get
+    for key in ("general.finetune", "general.name"):
+        text = get(key)
+        if isinstance(text, str):
+            if m := _INSTRUCT_WORDS.search(text):
+                return "instruct", f"{key} says {m.group(0)!r}"
+            if m := _BASE_WORDS.search(text):
+                return "base", f"{key} says {m.group(0)!r}"
+    if isinstance(get("tokenizer.chat_template"), str) and get("tokenizer.chat_template"):
+        return "instruct", "the file carries a chat template"
+    return "base", "no chat template in the file and no instruct/chat in its name"
+
+
+def base_model_warning(model, once: bool = False) -> str | None:
+    """The warning for chatting with a base model (None for an instruct one); `once`: only the
+    first time for this model object (a server logs it once, not per request)."""
+    kind, why = model_kind(model)
+    if kind != "base" or (once and model.__dict__.get("_base_chat_warned")):
+        return None
+    if once:
+        model.__dict__["_base_chat_warned"] = True
+    return (f"{model.name} looks like a base model ({why}): it is not tuned for chat, so expect replies "
+            "that ramble or make no sense; use an instruct model, or plain completion")
+
+
 def render_chat(model, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True,
                 **template_vars: Any) -> str:
     """The prompt text for `messages` (each a dict with "role" and "content")."""

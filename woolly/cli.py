@@ -27,11 +27,11 @@ def _progress_bar(desc: str, unit_scale: float = 100.0):
 
 
 def cmd_pull(args) -> int:
-    from woolly.registry import model_path, pull
+    from woolly.model_store import KNOWN_MODELS, model_path, pull
 
-    dest = model_path(args.name)
-    if dest.is_file():
-        print(f"{args.name} is already pulled: {dest}")
+    spec = args.model
+    if spec in KNOWN_MODELS and args.name is None and model_path(spec).is_file():
+        print(f"{spec} is already pulled: {model_path(spec)}")
         return 0
     bars: dict[str, tuple] = {}
 
@@ -39,20 +39,20 @@ def cmd_pull(args) -> int:
         if stage not in bars:
             for _, close in bars.values():
                 close()
-            bars[stage] = _progress_bar(f"{stage} {args.name}")
+            bars[stage] = _progress_bar(f"{stage} {spec}")
         bars[stage][0](fraction)
 
     try:
-        path = pull(args.name, progress)
+        path = pull(spec, progress, name=args.name)
     finally:
         for _, close in bars.values():
             close()
-    print(f"pulled {args.name}: {path}")
+    print(f"pulled {path.stem}: {path}")
     return 0
 
 
 def cmd_list(args) -> int:
-    from woolly.registry import list_models
+    from woolly.model_store import list_models
 
     rows = list_models()
     print(f"{'NAME':<28} {'SIZE':>10}  STATUS")
@@ -63,6 +63,7 @@ def cmd_list(args) -> int:
 
 
 def cmd_info(args) -> int:
+    from woolly.chat_template import model_kind, template_origin
     from woolly.model import Model
 
     m = Model.from_file(args.model)
@@ -71,6 +72,11 @@ def cmd_info(args) -> int:
     print(f"name:          {md.name}\narchitecture:  {md.architecture}\nparameters:    {md.parameters:,}\n"
           f"quantization:  {md.quantization}\nfile size:     {md.file_size:,} bytes\n"
           f"context:       {md.context_length}\nlicense:       {md.license}\nvocabulary:    {m.vocabulary.size}")
+    kind, why = model_kind(m)
+    origin = {"file": "the file's (tokenizer.chat_template)",
+              "builtin": f"built-in {m.architecture} fallback (the file has none)",
+              "chatml": "ChatML fallback (the file has none and its family no built-in one)"}[template_origin(m)]
+    print(f"kind:          {kind} ({why})\nchat template: {origin}")
     c = m.config
     print(f"layers {c.n_layers}, d {c.d_model}, heads {c.n_heads}/{c.n_kv_heads}, head dim {c.head_dim}, ffn {c.ffn_dim}")
     return 0
@@ -97,14 +103,14 @@ def _engine(args, batch: int = 1):
     from woolly.engine import Engine, EngineConfig
 
     engine = Engine(EngineConfig(max_batch_size=batch, max_sequence_length=args.ctx,
-                                 residency=getattr(args, "residency", "dense")))
+                                 residency=getattr(args, "residency", "quantized")))
     engine.load_model(_pulled(args.model))
     return engine
 
 
 def _pulled(spec: str) -> str:
     """A known model's name is pulled on first use; paths and other names pass through."""
-    from woolly.registry import KNOWN_MODELS, is_path, model_path, pull
+    from woolly.model_store import KNOWN_MODELS, is_path, model_path, pull
 
     if not is_path(spec) and spec in KNOWN_MODELS and not model_path(spec).is_file():
         print(f"pulling {spec} ...", file=sys.stderr)
@@ -149,6 +155,10 @@ def cmd_run(args) -> int:
 def cmd_chat(args) -> int:
     engine = _engine(args)
     model = engine.model
+    from woolly.chat_template import base_model_warning
+
+    if warning := base_model_warning(model):
+        print(f"woolly: warning: {warning}", file=sys.stderr)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("woolly chat: type a message; /clear forgets the conversation, /exit or Ctrl-D quits.", file=sys.stderr)
     while True:
@@ -211,8 +221,9 @@ def cmd_serve(args) -> int:
 
     import uvicorn
 
-    from woolly.config import load_config
-    from woolly.engine import CacheConfig, Engine, EngineConfig
+    from woolly.config import load_config, parse_keep_alive
+    from woolly.engine import CacheConfig, EngineConfig
+    from woolly.engine.pool import ModelPool
     from woolly.http.app import create_app
     from woolly.http.connections import connection_cap, protocol_class
     from woolly.http.logs import setup_logging
@@ -229,22 +240,28 @@ def cmd_serve(args) -> int:
     setup_logging(cfg.logging)
     _check_port_free(cfg.server.host, cfg.server.port)   # before the model load, not after it
     inf = cfg.inference
-    engine = Engine(EngineConfig(max_batch_size=inf.max_batch_size, max_sequence_length=inf.max_sequence_length,
-                                 enable_gpu=inf.gpu.enabled, num_threads=inf.cpu.threads, residency=inf.residency,
-                                 tensor_parallel=inf.tensor_parallel, data_parallel=inf.data_parallel,
-                                 max_queue=cfg.server.max_queue,
-                                 max_embedding_tokens=cfg.server.max_embedding_tokens,
-                                 embedding_chunk_tokens=cfg.server.embedding_chunk_tokens,
-                                 cache_config=CacheConfig(cfg.cache.enabled, cfg.cache.size, cfg.cache.ttl)))
-    model = args.model or (cfg.models.preload[0] if cfg.models.preload else cfg.models.default)
-    engine.load_model(_pulled(model))
-    app = create_app(cfg, engine)
-    srv = cfg.server
-    protocol = protocol_class(srv.header_timeout, srv.body_timeout, connection_cap(srv.max_connections))
-    logging.getLogger("woolly").info("serving %s on http://%s:%d", model, srv.host, srv.port)
-    uvicorn.run(app, host=srv.host, port=srv.port, log_config=None, access_log=False, timeout_graceful_shutdown=5,
-                http=protocol, timeout_keep_alive=srv.keep_alive_timeout,
-                ws_max_size=srv.max_body_bytes)
+    pool = ModelPool(EngineConfig(max_batch_size=inf.max_batch_size, max_sequence_length=inf.max_sequence_length,
+                                  enable_gpu=inf.gpu.enabled, num_threads=inf.cpu.threads, residency=inf.residency,
+                                  tensor_parallel=inf.tensor_parallel, data_parallel=inf.data_parallel,
+                                  max_queue=cfg.server.max_queue,
+                                  max_embedding_tokens=cfg.server.max_embedding_tokens,
+                                  embedding_chunk_tokens=cfg.server.embedding_chunk_tokens,
+                                  cache_config=CacheConfig(cfg.cache.enabled, cfg.cache.size, cfg.cache.ttl)),
+                     max_loaded=cfg.models.max_loaded, keep_alive=parse_keep_alive(cfg.models.keep_alive))
+    try:
+        # the models it starts with stay loaded (until unloaded or evicted); the first serves requests naming none
+        models = [args.model] if args.model else (cfg.models.preload[:cfg.models.max_loaded] or [cfg.models.default])
+        for model in reversed(models):
+            pool.load(_pulled(model))
+        app = create_app(cfg, pool)
+        srv = cfg.server
+        protocol = protocol_class(srv.header_timeout, srv.body_timeout, connection_cap(srv.max_connections))
+        logging.getLogger("woolly").info("serving %s on http://%s:%d", models[0], srv.host, srv.port)
+        uvicorn.run(app, host=srv.host, port=srv.port, log_config=None, access_log=False, timeout_graceful_shutdown=5,
+                    http=protocol, timeout_keep_alive=srv.keep_alive_timeout,
+                    ws_max_size=srv.max_body_bytes)
+    finally:
+        pool.close()
     return 0
 
 
@@ -271,14 +288,19 @@ def cmd_bench(args) -> int:
     return bench_main(args)
 
 
+RESIDENCY_HELP = "quantized weights (the default, fast) or dense f32 weights (the exact mode)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="woolly", description="Run GGUF language models on JAX.")
     from woolly import __version__
     p.add_argument("--version", action="version", version=f"woolly {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("pull", help="fetch a known model into the models directory")
-    s.add_argument("name")
+    s = sub.add_parser("pull", help="bring a model into the models directory: a known name, a .gguf path, "
+                                    "or hf.co/owner/repo[:QUANT]")
+    s.add_argument("model", help="smollm2-135m-instruct, ./file.gguf, or hf.co/owner/repo:Q4_K_M (HF_ENDPOINT honoured)")
+    s.add_argument("--name", default=None, help="register a file or Hugging Face download under this name")
     s.set_defaults(func=cmd_pull)
 
     s = sub.add_parser("list", help="list pulled and available models")
@@ -302,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--seed", type=int, default=None)
         s.add_argument("--stop", action="append", help="a stop string (repeatable)")
         s.add_argument("--ctx", type=int, default=ctx, help="context length")
-        s.add_argument("--residency", choices=("dense", "quantized"), default="dense")
+        s.add_argument("--residency", choices=("dense", "quantized"), default="quantized", help=RESIDENCY_HELP)
 
     def distributed_flags(s):
         g = s.add_argument_group("multi-process (jax.distributed; also WOOLLY_COORDINATOR_ADDRESS, ...)")
@@ -334,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("file")
     s.add_argument("--n-ctx", type=int, default=512)
     s.add_argument("--ctx", type=int, default=512)
-    s.add_argument("--residency", choices=("dense", "quantized"), default="dense")
+    s.add_argument("--residency", choices=("dense", "quantized"), default="quantized", help=RESIDENCY_HELP)
     s.set_defaults(func=cmd_perplexity)
 
     s = sub.add_parser("serve", help="serve the HTTP API (default 127.0.0.1:11434)")
@@ -342,7 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", default=None, help="a woolly.config.yaml")
     s.add_argument("--host", default=None)
     s.add_argument("--port", type=int, default=None)
-    s.add_argument("--residency", choices=("dense", "quantized"), default=None)
+    s.add_argument("--residency", choices=("dense", "quantized"), default=None,
+                   help=RESIDENCY_HELP + "; config inference.residency")
     s.add_argument("--tensor-parallel", type=int, default=None, metavar="N",
                    help="split heads and MLP over N of this process's devices (docs/sharding.md)")
     s.add_argument("--data-parallel", type=int, default=None, metavar="N", help="split the slots over N devices")
@@ -356,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print the report as JSON")
     s.add_argument("--plot", default=None, metavar="FILE.png", help="draw the figures (needs matplotlib)")
     s.add_argument("--output", "-o", default=None, metavar="FILE.json", help="also write the JSON report here")
-    s.add_argument("--residency", choices=("dense", "quantized"), default="dense")
+    s.add_argument("--residency", choices=("dense", "quantized"), default="quantized", help=RESIDENCY_HELP)
     s.add_argument("--threads", type=int, default=2, help="CPU threads for both engines (default 2)")
     s.add_argument("--repeats", type=int, default=None, help="timed repeats per figure (default 3; medians)")
     s.add_argument("--quick", action="store_true", help="every figure at reduced sizes (tests), not for numbers")

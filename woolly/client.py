@@ -119,8 +119,9 @@ class WoollyClient:
     def load_model(self, name: str, gpu_layers: int | None = None) -> S.LoadModelResponse:
         return self._post("/api/models/load", S.LoadModelResponse, _body({"name": name, "gpu_layers": gpu_layers}, {}))
 
-    def unload_model(self) -> S.LoadModelResponse:
-        return self._post("/api/models/unload", S.LoadModelResponse)
+    def unload_model(self, name: str | None = None) -> S.LoadModelResponse:
+        """Unload `name`, or every loaded model."""
+        return self._post("/api/models/unload", S.LoadModelResponse, _body({"name": name}, {}))
 
     def generate(self, prompt: str, **options) -> S.GenerateResponse:
         return self._post("/api/generate", S.GenerateResponse, _body({"prompt": prompt, "stream": False}, options))
@@ -187,8 +188,9 @@ class AsyncWoollyClient:
         return await self._post("/api/models/load", S.LoadModelResponse,
                                 _body({"name": name, "gpu_layers": gpu_layers}, {}))
 
-    async def unload_model(self) -> S.LoadModelResponse:
-        return await self._post("/api/models/unload", S.LoadModelResponse)
+    async def unload_model(self, name: str | None = None) -> S.LoadModelResponse:
+        """Unload `name`, or every loaded model."""
+        return await self._post("/api/models/unload", S.LoadModelResponse, _body({"name": name}, {}))
 
     async def generate(self, prompt: str, **options) -> S.GenerateResponse:
         return await self._post("/api/generate", S.GenerateResponse,

@@ -6,7 +6,9 @@ validated by msgspec; a bad file is one clear `InvalidRequest`.
 """
 from __future__ import annotations
 
+import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,6 +49,8 @@ class ModelsSection(msgspec.Struct, forbid_unknown_fields=True):
     directory: str | None = None  # default: ~/.cache/woolly/models (WOOLLY_MODELS_DIR)
     preload: list[str] = msgspec.field(default_factory=list)
     default: str = "smollm2-135m-instruct"
+    max_loaded: int = 3           # models resident at once (Ollama's default); least recently used idle one goes
+    keep_alive: str | float = "5m"  # idle time before a model loaded on demand is unloaded (-1: never, 0: at once)
 
 
 class Gpu(msgspec.Struct, forbid_unknown_fields=True):
@@ -61,7 +65,7 @@ class Cpu(msgspec.Struct, forbid_unknown_fields=True):
 class InferenceSection(msgspec.Struct, forbid_unknown_fields=True):
     max_batch_size: int = 4
     max_sequence_length: int = 2048
-    residency: Literal["dense", "quantized"] = "dense"
+    residency: Literal["dense", "quantized"] = "quantized"   # dense: the exact mode, f32 weights
     tensor_parallel: int = 1   # devices the heads and MLP are split over (docs/sharding.md)
     data_parallel: int = 1     # devices the slots are split over
     gpu: Gpu = msgspec.field(default_factory=Gpu)
@@ -131,6 +135,8 @@ ENV_VARS: dict[str, tuple[tuple[str, ...], type]] = {
     "WOOLLY_HEADER_TIMEOUT": (("server", "header_timeout"), int),
     "WOOLLY_BODY_TIMEOUT": (("server", "body_timeout"), int),
     "WOOLLY_MODELS_DIR": (("models", "directory"), str),
+    "WOOLLY_MAX_LOADED_MODELS": (("models", "max_loaded"), int),
+    "WOOLLY_KEEP_ALIVE": (("models", "keep_alive"), str),
     "WOOLLY_GPU_ENABLED": (("inference", "gpu", "enabled"), bool),
     "WOOLLY_GPU_LAYERS": (("inference", "gpu", "layers"), int),
     "WOOLLY_CPU_THREADS": (("inference", "cpu", "threads"), int),
@@ -224,8 +230,42 @@ def load_config(path: str | os.PathLike | None = None, env: dict[str, str] | Non
                              "template_timeout, template_memory_bytes and template_workers must be positive")
     if cfg.inference.tensor_parallel < 1 or cfg.inference.data_parallel < 1:
         raise InvalidRequest("inference.tensor_parallel and data_parallel must be >= 1")
+    if cfg.models.max_loaded < 1:
+        raise InvalidRequest(f"models.max_loaded must be >= 1, got {cfg.models.max_loaded}")
+    parse_keep_alive(cfg.models.keep_alive, "models.keep_alive")
     check_distributed(cfg.distributed)
     return cfg
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_UNIT = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+MAX_KEEP_ALIVE = 10 * 365 * 86400.0   # longer than this reads as "forever"
+
+
+def parse_keep_alive(value: str | float, what: str = "keep_alive") -> float | None:
+    """Ollama's keep_alive -> seconds, or None for "keep until unloaded".
+
+    A number is seconds; a string is a number or a Go duration ("5m", "1h30m", "-1s");
+    negative keeps the model loaded, 0 unloads it as soon as the request ends.
+    """
+    hint = f"{what} must be a duration (\"5m\", \"1h30m\", \"30s\") or seconds; -1 keeps the model, 0 unloads it"
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise InvalidRequest(hint, details={"field": what})
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            seconds = float(text)
+        except ValueError:
+            sign, body = (-1.0, text[1:]) if text[:1] == "-" else (1.0, text)
+            parts = _DURATION.findall(body)
+            if not parts or "".join(n + u for n, u in parts) != body:
+                raise InvalidRequest(f"{hint}; got {text[:40]!r}", details={"field": what}) from None
+            seconds = sign * sum(float(n) * _UNIT[u] for n, u in parts)
+    else:
+        seconds = float(value)
+    if math.isnan(seconds):
+        raise InvalidRequest(hint, details={"field": what})
+    return None if seconds < 0 or seconds > MAX_KEEP_ALIVE else seconds
 
 
 def split_address(address: str) -> tuple[str, int]:

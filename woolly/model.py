@@ -165,7 +165,7 @@ class Model:
     @classmethod
     def from_file(cls, path: str | os.PathLike, name: str | None = None) -> "Model":
         """Open a GGUF file (or a pulled model's name) memory-mapped; raises WoollyError."""
-        from woolly.registry import resolve_model_path
+        from woolly.model_store import resolve_model_path
 
         p = resolve_model_path(path)
         return cls(GGUFFile(p), name=name or (str(path) if not str(path).endswith(".gguf") else None))

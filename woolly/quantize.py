@@ -74,7 +74,7 @@ def quantize_model(
     exactly 1.0 once the output is in place. Raises InvalidRequest (unknown or unsupported
     target type, unusable output path), ModelNotFound (no such input) or ModelLoadFailed.
     """
-    from woolly.registry import resolve_model_path
+    from woolly.model_store import resolve_model_path
 
     target = _parse_target(quantization)
     report = progress_callback or (lambda fraction: None)

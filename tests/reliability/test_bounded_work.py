@@ -175,8 +175,11 @@ def test_sixty_embedding_inputs_under_the_cap_run_in_chunks_in_bounded_memory(bs
     np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-4)
     assert body["usage"]["prompt_tokens"] <= EMBED_TOKENS
     for i in (0, 31, 59):   # sorted into chunks and back: each row is its own input's
-        alone = bhttp.post("/api/embeddings", json={"input": texts[i]}).json()["embeddings"][0]
-        np.testing.assert_allclose(vecs[i], alone, atol=2e-4)
+        alone = np.array(bhttp.post("/api/embeddings", json={"input": texts[i]}).json()["embeddings"][0])
+        # quantized residency (the default) takes other kernel paths at other batch shapes, as llama.cpp
+        # does: the same vector to ~1e-3 per element, far from any other input's
+        assert float(vecs[i] @ alone) > 0.9995, (i, float(vecs[i] @ alone))
+        assert max(float(vecs[j] @ alone) for j in range(60) if j != i) < 0.999
     assert peak_rss(bserver) - before < 300 << 20
     health.check()
 

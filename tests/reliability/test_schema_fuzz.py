@@ -33,7 +33,7 @@ pytestmark = pytest.mark.real
 EXAMPLES = int(os.environ.get("WOOLLY_FUZZ_EXAMPLES", "3"))
 OPERATIONS = ["GET /health", "GET /api/models", "POST /api/generate", "POST /api/chat", "POST /api/tokenize",
               "POST /api/detokenize", "POST /api/embeddings", "GET /v1/models", "POST /v1/completions",
-              "POST /v1/chat/completions", "POST /v1/embeddings",
+              "POST /v1/chat/completions", "POST /v1/embeddings", "GET /v1/models/{model_id}",
               "POST /api/models/unload", "POST /api/models/load"]   # these two last, in this order
 POSITIVE, NEGATIVE = schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE
 HAS_BODY = [op for op in OPERATIONS if op.startswith("POST") and op != "POST /api/models/unload"]

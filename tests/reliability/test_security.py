@@ -88,7 +88,7 @@ def middleware():
     from woolly.http.app import AccessLogAndAuth
     from woolly.http.metrics import Metrics
 
-    return AccessLogAndAuth(None, KEYS, True, Metrics(engine=type("E", (), {"_scheduler": None})()))
+    return AccessLogAndAuth(None, KEYS, True, Metrics(pool=type("P", (), {"loaded": lambda self: []})()))
 
 
 @pytest.mark.parametrize("auth", [None, b"", b"Bearer", b"Bearer ", b"Bearer wrong", b"Basic " + KEYS[0].encode(),

@@ -29,7 +29,7 @@ class EngineConfig:
     num_threads: int | None = None    # XLA:CPU sizes its own pool; used for the llama.cpp peer in bench
     mmap_enabled: bool = True
     cache_config: CacheConfig = field(default_factory=CacheConfig)
-    residency: str = "dense"          # "dense" or "quantized" weights (woolly.ops.qmatmul)
+    residency: str = "quantized"      # "quantized" (fast) or "dense" (exact f32) weights (woolly.ops.qmatmul)
     max_queue: int = 64               # requests waiting for a slot before `busy`
     max_embedding_tokens: int = 32768     # tokens in one `embed` call, all inputs together
     embedding_chunk_tokens: int = 4096    # padded tokens per embedding pass (bounds its memory)

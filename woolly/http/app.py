@@ -10,8 +10,10 @@ import asyncio
 import hashlib
 import hmac
 import logging
+import os
 import re
 import time
+from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
 import msgspec
@@ -24,9 +26,10 @@ from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.types import ASGIApp, Receive, Scope, Send
 
 import woolly
-from woolly.config import WoollyConfig
+from woolly.config import WoollyConfig, parse_keep_alive
 from woolly.engine import Engine
-from woolly.errors import HTTP_STATUS, ContextLengthExceeded, InvalidRequest, ModelNotLoaded, WoollyError
+from woolly.engine.pool import KEEP, ModelPool
+from woolly.errors import HTTP_STATUS, ContextLengthExceeded, InvalidRequest, ModelNotFound, ModelNotLoaded, WoollyError
 from woolly.http import schemas as S
 from woolly.http.chat import chat_prompt_ids, check_prompt_bytes
 from woolly.http.guard import RequestGuard
@@ -204,31 +207,39 @@ class AccessLogAndAuth:
 
 
 class Server:
-    """The app's state: the engine, config, metrics, start time."""
+    """The app's state: the model pool, config, metrics, start time."""
 
-    def __init__(self, config: WoollyConfig, engine: Engine):
-        self.config, self.engine = config, engine
+    def __init__(self, config: WoollyConfig, pool: ModelPool):
+        self.config, self.pool = config, pool
         self.started = time.time()
-        self.metrics = Metrics(engine)
+        self.metrics = Metrics(pool)
         self.embedding_passes = asyncio.Semaphore(1)   # one at a time: the others wait without a thread
         self.limiter: ClientLimiter | None = None   # the rate limit, when enabled
 
+    @property
+    def engine(self) -> Engine:
+        """The default model's engine (the one a request naming no model uses), when loaded."""
+        engine = self.pool.current()
+        if engine is None:
+            raise ModelNotLoaded("no model is loaded; POST /api/models/load first")
+        return engine
+
     # -- CPU work, off the event loop ---------------------------------------------------------------
-    async def prompt_ids(self, text: str, **options) -> list[int]:
+    async def prompt_ids(self, engine: Engine, text: str, **options) -> list[int]:
         """A prompt's ids (at most server.max_prompt_bytes), tokenized in a thread."""
         check_prompt_bytes([text], self.config.server.max_prompt_bytes)
-        return await asyncio.to_thread(self.engine.tokenize, text, **options)
+        return await asyncio.to_thread(engine.tokenize, text, **options)
 
-    async def chat_ids(self, messages) -> list[int]:
+    async def chat_ids(self, engine: Engine, messages) -> list[int]:
         """A chat's prompt ids: rendered in a template worker and tokenized, from a thread."""
-        return await asyncio.to_thread(chat_prompt_ids, self.engine.model, messages,
+        return await asyncio.to_thread(chat_prompt_ids, engine.model, messages,
                                        self.config.server.max_prompt_bytes)
 
-    async def embed(self, texts: list[str]):
+    async def embed(self, engine: Engine, texts: list[str]):
         """(vectors f32 [N, D], tokens) for `texts`, one embedding request at a time, in a thread."""
         check_prompt_bytes(texts, self.config.server.max_prompt_bytes)
         async with self.embedding_passes:
-            return await asyncio.to_thread(self.engine.embed_counted, texts)
+            return await asyncio.to_thread(engine.embed_counted, texts)
 
     async def rate_limited(self, scope: Scope) -> dict[str, str] | None:
         """Count one request (a WebSocket message) against the connection's client; 429 headers when over."""
@@ -238,18 +249,58 @@ class Server:
         return await self.limiter.hit(scope["litestar_app"], identity)
 
     # -- helpers shared by the routes -------------------------------------------------------------
-    def check_model(self, name: str | None) -> None:
-        """A request naming a model must name the loaded one (or a valid name we can load)."""
-        if self.engine.current_model_name is None:
-            raise ModelNotLoaded("no model is loaded; POST /api/models/load first")
-        if name:
-            from woolly.registry import check_name, is_path
-            if is_path(name):
-                raise InvalidRequest("model must be a model name, not a path")
-            check_name(name)
+    @staticmethod
+    def model_name(name: str | None) -> str | None:
+        """A request's `model`: a model's name (never a path), or None for the default model."""
+        from woolly.model_store import check_name, is_path
 
-    def max_tokens(self, requested: int | None, prompt_len: int, num_ctx: int | None = None) -> int:
-        context = self.engine.scheduler().runner.cache_length
+        if not name:
+            return None
+        if is_path(name):
+            raise InvalidRequest("model must be a model name, not a path", details={"field": "model"})
+        return check_name(name)
+
+    @asynccontextmanager
+    async def use(self, name: str | None, keep_alive: str | float | None = None) -> AsyncIterator[Engine]:
+        """The engine of the request's model (loaded on demand, off the event loop), held while the block runs.
+
+        Unknown name: 404 MODEL_NOT_FOUND; every loaded model busy and no room: 503 SERVER_BUSY.
+        """
+        name = self.model_name(name)
+        keep = KEEP if keep_alive is None else parse_keep_alive(keep_alive)
+        engine = self.pool.try_acquire(name, keep)
+        if engine is None:   # a load (seconds): in a thread; a client gone meanwhile still releases it
+            task = asyncio.ensure_future(asyncio.to_thread(self.pool.acquire, name, keep))
+            try:
+                engine = await asyncio.shield(task)
+            except asyncio.CancelledError:
+                task.add_done_callback(lambda t: t.cancelled() or t.exception() or self.pool.release(t.result()))
+                raise
+        try:
+            yield engine
+        finally:
+            self.pool.release(engine)
+
+    def load_spec(self, name: str) -> str:
+        """/api/models/load's `name`: a model's name, or a `.gguf` path inside the models directory (else 400)."""
+        from woolly.model_store import check_name, is_path, models_dir
+
+        if not is_path(name):
+            return check_name(name)
+        if any(ord(c) < 32 for c in name):
+            raise InvalidRequest("a model path may not hold control characters", details={"field": "name"})
+        root = os.path.abspath(models_dir())
+        path = os.path.normpath(os.path.join(root, name))   # an absolute name replaces root
+        if os.path.commonpath([root, path]) != root:
+            raise InvalidRequest("a model path must be inside the models directory (models.directory)",
+                                 details={"field": "name"})
+        if not os.path.isfile(path):
+            raise ModelNotFound(f"model file not found: {os.path.basename(path)}",
+                                details={"model": name, "available_models": self.pool.available()})
+        return path
+
+    def max_tokens(self, engine: Engine, requested: int | None, prompt_len: int, num_ctx: int | None = None) -> int:
+        context = engine.scheduler().runner.cache_length
         if num_ctx is not None:   # Ollama's options.num_ctx: a smaller context for this request, never a larger one
             if num_ctx > context:
                 raise InvalidRequest(f"options.num_ctx={num_ctx} exceeds the server's context of {context} "
@@ -270,72 +321,76 @@ class Server:
                 f"{room + prompt_len}", details={"max_tokens": requested, "prompt_tokens": prompt_len})
         return requested
 
-    async def events(self, ids: list[int], options: dict) -> AsyncIterator[tuple[str, Any]]:
-        session = self.engine.create_session()
+    async def events(self, engine: Engine, ids: list[int], options: dict) -> AsyncIterator[tuple[str, Any]]:
+        session = engine.create_session()
         options = dict(options)
-        options["max_tokens"] = self.max_tokens(options.get("max_tokens"), len(ids), options.pop("num_ctx", None))
+        options["max_tokens"] = self.max_tokens(engine, options.get("max_tokens"), len(ids),
+                                                options.pop("num_ctx", None))
         async for kind, payload in session.generate_events(ids, **options):
             yield kind, payload
 
 
-def create_app(config: WoollyConfig, engine: Engine) -> Litestar:
-    server = Server(config, engine)
+def create_app(config: WoollyConfig, pool: ModelPool) -> Litestar:
+    server = Server(config, pool)
     sec = config.security
 
     @get("/health", summary="Liveness, version and uptime", responses=ERROR_RESPONSES)
     async def health() -> S.Health:
         return S.Health(status="ok", version=woolly.__version__, uptime=int(time.time() - server.started),
-                        model=engine.current_model_name)
+                        model=server.pool.default)
 
     @get("/api/models", summary="Pulled and loaded models", responses=ERROR_RESPONSES)
     async def models() -> list[S.ModelInfo]:
-        return await asyncio.to_thread(list_model_infos, engine)
+        return await asyncio.to_thread(list_model_infos, server.pool)
 
     @post("/api/models/load", status_code=200,
-          summary="Load a model (a pulled model's name)", responses=ERROR_RESPONSES)
+          summary="Load a model (a pulled model's name, or a .gguf path in the models directory)",
+          responses=ERROR_RESPONSES)
     async def load_model(data: S.LoadModelRequest) -> S.LoadModelResponse:
-        from woolly.registry import check_name
-        check_name(data.name)
+        spec = server.load_spec(data.name)
+        keep = KEEP if data.keep_alive is None else parse_keep_alive(data.keep_alive)
         t0 = time.perf_counter()
-        await asyncio.to_thread(engine.load_model, data.name)
+        await asyncio.to_thread(server.pool.load, spec, keep)
         return S.LoadModelResponse(True, "Model loaded successfully", int((time.perf_counter() - t0) * 1000))
 
-    @post("/api/models/unload", status_code=200, summary="Unload the current model", responses=ERROR_RESPONSES)
-    async def unload_model() -> S.LoadModelResponse:
-        await asyncio.to_thread(engine.unload_model)
+    @post("/api/models/unload", status_code=200, summary="Unload a model (default: every loaded model)",
+          responses=ERROR_RESPONSES)
+    async def unload_model(data: S.UnloadModelRequest | None = None) -> S.LoadModelResponse:
+        name = server.model_name(data.name) if data is not None else None
+        await asyncio.to_thread(server.pool.unload, name)
         return S.LoadModelResponse(True, "Model unloaded")
 
     @post("/api/generate", status_code=200,
           summary="Complete a prompt (JSON, or SSE with stream=true)", responses=ERROR_RESPONSES)
     async def generate(data: S.GenerateRequest, request: Request) -> Any:
-        server.check_model(data.model)
-        ids = await server.prompt_ids(data.prompt)
-        return await _answer(request, server.events(ids, data.options()), data.stream, _generate_json)
+        async with server.use(data.model, data.keep_alive) as engine:
+            ids = await server.prompt_ids(engine, data.prompt)
+            return await _answer(request, server.events(engine, ids, data.options()), data.stream, _generate_json)
 
     @post("/api/chat", status_code=200,
           summary="Chat with the model's template applied (JSON, or SSE with stream=true)", responses=ERROR_RESPONSES)
     async def chat(data: S.ChatRequest, request: Request) -> Any:
-        server.check_model(data.model)
-        ids = await server.chat_ids(data.messages)
-        return await _answer(request, server.events(ids, data.options()), data.stream, _chat_json)
+        async with server.use(data.model, data.keep_alive) as engine:
+            ids = await server.chat_ids(engine, data.messages)
+            return await _answer(request, server.events(engine, ids, data.options()), data.stream, _chat_json)
 
     @post("/api/tokenize", status_code=200, summary="Text to token ids", responses=ERROR_RESPONSES)
     async def tokenize(data: S.TokenizeRequest) -> S.TokenizeResponse:
-        server.check_model(None)
-        ids = await server.prompt_ids(data.text, add_bos=data.add_bos, parse_special=data.parse_special)
+        async with server.use(None) as engine:
+            ids = await server.prompt_ids(engine, data.text, add_bos=data.add_bos, parse_special=data.parse_special)
         return S.TokenizeResponse(ids, len(ids))
 
     @post("/api/detokenize", status_code=200, summary="Token ids to text", responses=ERROR_RESPONSES)
     async def detokenize(data: S.DetokenizeRequest) -> S.DetokenizeResponse:
-        server.check_model(None)
-        return S.DetokenizeResponse(await asyncio.to_thread(engine.detokenize, data.tokens))
+        async with server.use(None) as engine:
+            return S.DetokenizeResponse(await asyncio.to_thread(engine.detokenize, data.tokens))
 
     @post("/api/embeddings", status_code=200,
           summary="Mean-pooled, L2-normalized embeddings", responses=ERROR_RESPONSES)
     async def embeddings(data: S.EmbeddingsRequest) -> S.EmbeddingsResponse:
-        server.check_model(data.model)
         texts = [data.input] if isinstance(data.input, str) else data.input
-        vecs, _ = await server.embed(texts)
+        async with server.use(data.model, data.keep_alive) as engine:
+            vecs, _ = await server.embed(engine, texts)
         return S.EmbeddingsResponse(vecs.tolist(), int(vecs.shape[1]), engine.current_model_name or "")
 
     @get("/metrics", summary="Prometheus metrics", include_in_schema=False)

@@ -1,6 +1,8 @@
 """Chat messages from a request -> prompt token ids, control tokens only from the template."""
 from __future__ import annotations
 
+import logging
+
 from woolly.errors import InvalidRequest
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
@@ -39,8 +41,10 @@ def check_prompt_bytes(texts, limit: int | None) -> None:
 
 def chat_prompt_ids(model, messages, max_bytes: int | None = None) -> list[int]:
     """Blocks (template worker, tokenizer): call it off the event loop."""
-    from woolly.chat_template import tokenize_chat
+    from woolly.chat_template import base_model_warning, tokenize_chat
 
+    if warning := base_model_warning(model, once=True):
+        logging.getLogger("woolly").warning(warning)
     dicts = message_dicts(messages)
     check_prompt_bytes([m["content"] for m in dicts], max_bytes)
     return list(tokenize_chat(model, dicts, add_generation_prompt=True))

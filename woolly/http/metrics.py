@@ -9,8 +9,8 @@ ROUTES = ("/health", "/api/models", "/api/models/load", "/api/models/unload", "/
 
 
 class Metrics:
-    def __init__(self, engine):
-        self.engine = engine
+    def __init__(self, pool):
+        self.pool = pool   # woolly.engine.pool.ModelPool: gauges sum over its loaded models
         self.registry = CollectorRegistry()
         self.requests = Counter("woolly_requests", "HTTP requests", ["route", "status"], registry=self.registry)
         self.latency = Histogram("woolly_request_latency_seconds", "Request latency", ["route"],
@@ -24,8 +24,8 @@ class Metrics:
         slots.set_function(lambda: self._sched_value("active"))
 
     def _sched_value(self, name: str) -> float:
-        sched = self.engine._scheduler
-        return float(getattr(sched, name)) if sched is not None else 0.0
+        scheds = [e._scheduler for _, e in self.pool.loaded()]
+        return float(sum(getattr(s, name) for s in scheds if s is not None))
 
     def observe_request(self, path: str, status: int, seconds: float) -> None:
         route = path if path in ROUTES else "other"   # bounded label values

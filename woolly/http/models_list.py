@@ -32,15 +32,22 @@ def _info(name: str, path: str) -> ModelInfo | None:
     return _cache[key]
 
 
-def list_model_infos(engine) -> list[ModelInfo]:
-    from woolly.registry import list_models
+def list_model_infos(pool) -> list[ModelInfo]:
+    """The models directory's models, then loaded models from elsewhere (a path given to `woolly serve`)."""
+    from woolly.model_store import list_models
 
+    loaded = {name for name, _ in pool.loaded()}
     out = []
     for row in list_models():
         if not row["pulled"]:
             continue
         info = _info(row["name"], row["path"])
         if info is not None:
-            loaded = engine.current_model_name == row["name"]
-            out.append(ModelInfo(info.name, info.size, info.quantization, loaded, info.metadata))
+            out.append(ModelInfo(info.name, info.size, info.quantization, info.name in loaded, info.metadata))
+    listed = {m.name for m in out}
+    for name in sorted(loaded - listed):
+        path = pool.loaded_path(name)
+        info = _info(name, str(path)) if path is not None else None
+        if info is not None:
+            out.append(ModelInfo(name, info.size, info.quantization, True, info.metadata))
     return out

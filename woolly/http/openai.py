@@ -1,4 +1,4 @@
-"""OpenAI-compatible routes: /v1/models, /v1/completions, /v1/chat/completions, /v1/embeddings.
+"""OpenAI-compatible routes: /v1/models[/{id}], /v1/completions, /v1/chat/completions, /v1/embeddings.
 
 Shapes follow OpenAI's API so the official `openai` client works unchanged: streaming
 chunks end with `data: [DONE]`, `stream_options.include_usage` adds a usage chunk,
@@ -6,12 +6,15 @@ logprobs come in the completions or chat form.
 """
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
+from functools import partial
 from typing import Any, AsyncIterator
 
 import msgspec
-from litestar import Request, get, post
+from litestar import Request, Response, get, post
+from litestar.openapi.datastructures import ResponseSpec
 
 from woolly.errors import InvalidRequest, WoollyError
 from woolly.http import schemas as S
@@ -20,105 +23,118 @@ from woolly.http.streaming import EventStream, prime
 
 
 def openai_routes(server) -> list:
-    engine = server.engine
-
-    def model_name() -> str:
-        return engine.current_model_name or ""
-
-    def token_text(token_id: int) -> str:
+    def token_text(engine, token_id: int) -> str:
         return engine.tokenizer.token_bytes(token_id).decode("utf-8", errors="replace")
 
-    def token_bytes(token_id: int) -> list[int]:
+    def token_bytes(engine, token_id: int) -> list[int]:
         return list(engine.tokenizer.token_bytes(token_id))
+
+    def model_object(name: str) -> S.OpenAIModel:
+        return S.OpenAIModel(id=name, created=int(server.started))
 
     @get("/v1/models", summary="OpenAI: list models", responses=ERROR_RESPONSES)
     async def list_models() -> dict:
-        from woolly.registry import list_models as pulled
+        names = await asyncio.to_thread(server.pool.available)
+        return {"object": "list", "data": [model_object(n) for n in names]}
 
-        names = [r["name"] for r in pulled() if r["pulled"]]
-        if engine.current_model_name and engine.current_model_name not in names:
-            names.insert(0, engine.current_model_name)
-        return {"object": "list", "data": [{"id": n, "object": "model", "created": int(server.started),
-                                            "owned_by": "woolly"} for n in names]}
+    @get("/v1/models/{model_id:str}", summary="OpenAI: one model (404 in OpenAI's error shape when unknown)",
+         responses={**ERROR_RESPONSES, 404: ResponseSpec(data_container=S.OpenAIErrorResponse, generate_examples=False,
+                                                         description="No such model (model_not_found)")})
+    async def retrieve_model(model_id: str) -> Response[S.OpenAIModel]:
+        if model_id in await asyncio.to_thread(server.pool.available):
+            return Response(model_object(model_id))
+        error = S.OpenAIErrorBody(message=f"The model '{model_id[:256]}' does not exist",
+                                  type="invalid_request_error", param="model", code="model_not_found")
+        return Response(S.OpenAIErrorResponse(error), status_code=404)  # type: ignore[arg-type]
 
     @post("/v1/completions", status_code=200, summary="OpenAI: text completion", responses=ERROR_RESPONSES)
     async def completions(data: S.CompletionRequest, request: Request) -> Any:
-        server.check_model(data.model)
+        async with server.use(data.model, data.keep_alive) as engine:
+            return await _completions(data, request, engine)
+
+    async def _completions(data: S.CompletionRequest, request: Request, engine) -> Any:
+        model_name = engine.current_model_name or ""
         if isinstance(data.prompt, list):
             if data.prompt and all(isinstance(p, int) for p in data.prompt):
                 ids = list(data.prompt)
                 engine.check_token_ids(ids)
             elif len(data.prompt) == 1 and isinstance(data.prompt[0], str):
-                ids = await server.prompt_ids(data.prompt[0])
+                ids = await server.prompt_ids(engine, data.prompt[0])
             else:
                 raise InvalidRequest("one prompt per request (n and prompt arrays are not supported)")
         else:
-            ids = await server.prompt_ids(data.prompt)
+            ids = await server.prompt_ids(engine, data.prompt)
         options = data.options()
         if data.logprobs:
             options["logprobs"] = data.logprobs
         rid, created = "cmpl-" + uuid.uuid4().hex[:24], int(time.time())
-        events = server.events(ids, options)
+        events = server.events(engine, ids, options)
+        text_of = partial(token_text, engine)
         if data.stream:
             include_usage = bool(data.stream_options and data.stream_options.include_usage)
-            return EventStream(_stream(request, await prime(events), rid, created, model_name(), "text_completion",
-                                          include_usage, lambda ev: _completion_delta(ev, data.logprobs, token_text)))
+            return EventStream(_stream(request, await prime(events), rid, created, model_name, "text_completion",
+                                          include_usage, lambda ev: _completion_delta(ev, data.logprobs, text_of)))
         result, toks = await _collect(request, events)
         choice = {"index": 0, "text": (data.prompt if data.echo and isinstance(data.prompt, str) else "") + result.text,
                   "finish_reason": result.finish_reason, "logprobs": None}
         if data.logprobs:
             choice["logprobs"] = {
-                "tokens": [token_text(t.token_id) for t in toks],
+                "tokens": [text_of(t.token_id) for t in toks],
                 "token_logprobs": [t.logprob for t in toks],
-                "top_logprobs": [{token_text(i): lp for i, lp in (t.top_logprobs or [])} for t in toks],
+                "top_logprobs": [{text_of(i): lp for i, lp in (t.top_logprobs or [])} for t in toks],
                 "text_offset": _offsets(toks),
             }
-        return {"id": rid, "object": "text_completion", "created": created, "model": model_name(),
+        return {"id": rid, "object": "text_completion", "created": created, "model": model_name,
                 "choices": [choice], "usage": _usage(result)}
 
     @post("/v1/chat/completions", status_code=200, summary="OpenAI: chat completion", responses=ERROR_RESPONSES)
     async def chat_completions(data: S.ChatCompletionRequest, request: Request) -> Any:
-        server.check_model(data.model)
-        ids = await server.chat_ids(data.messages)
+        async with server.use(data.model, data.keep_alive) as engine:
+            return await _chat_completions(data, request, engine)
+
+    async def _chat_completions(data: S.ChatCompletionRequest, request: Request, engine) -> Any:
+        model_name = engine.current_model_name or ""
+        ids = await server.chat_ids(engine, data.messages)
         options = data.options()
         n_top = data.top_logprobs or 0
         if data.logprobs:
             options["logprobs"] = max(1, n_top)
         rid, created = "chatcmpl-" + uuid.uuid4().hex[:24], int(time.time())
-        events = server.events(ids, options)
+        events = server.events(engine, ids, options)
 
         def content_logprobs(toks) -> dict | None:
             if not data.logprobs:
                 return None
-            return {"content": [{"token": token_text(t.token_id), "logprob": t.logprob,
-                                 "bytes": token_bytes(t.token_id),
-                                 "top_logprobs": [{"token": token_text(i), "logprob": lp, "bytes": token_bytes(i)}
+            return {"content": [{"token": token_text(engine, t.token_id), "logprob": t.logprob,
+                                 "bytes": token_bytes(engine, t.token_id),
+                                 "top_logprobs": [{"token": token_text(engine, i), "logprob": lp,
+                                                   "bytes": token_bytes(engine, i)}
                                                   for i, lp in (t.top_logprobs or [])[:n_top]]}
                                 for t in toks if t.token_id >= 0]}
 
         if data.stream:
             include_usage = bool(data.stream_options and data.stream_options.include_usage)
-            return EventStream(_stream(request, await prime(events), rid, created, model_name(), "chat.completion.chunk",
+            return EventStream(_stream(request, await prime(events), rid, created, model_name, "chat.completion.chunk",
                                           include_usage, lambda ev: {"delta": {"content": ev.text},
                                                                      "logprobs": content_logprobs([ev])},
                                           role_first=True))
         result, toks = await _collect(request, events)
-        return {"id": rid, "object": "chat.completion", "created": created, "model": model_name(),
+        return {"id": rid, "object": "chat.completion", "created": created, "model": model_name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
                              "logprobs": content_logprobs(toks), "finish_reason": result.finish_reason}],
                 "usage": _usage(result)}
 
     @post("/v1/embeddings", status_code=200, summary="OpenAI: embeddings", responses=ERROR_RESPONSES)
     async def embeddings(data: S.OpenAIEmbeddingsRequest) -> dict:
-        server.check_model(data.model)
         texts = [data.input] if isinstance(data.input, str) else data.input
-        vecs, n_tokens = await server.embed(texts)
-        return {"object": "list", "model": model_name(),
+        async with server.use(data.model, data.keep_alive) as engine:
+            vecs, n_tokens = await server.embed(engine, texts)
+        return {"object": "list", "model": engine.current_model_name or "",
                 "data": [{"object": "embedding", "index": i, "embedding": _encode_vector(v, data.encoding_format)}
                          for i, v in enumerate(vecs)],
                 "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}}
 
-    return [list_models, completions, chat_completions, embeddings]
+    return [list_models, retrieve_model, completions, chat_completions, embeddings]
 
 
 def _encode_vector(v, encoding: str):

@@ -20,7 +20,7 @@ _ERRORS = {
     429: "Rate limited (RATE_LIMITED), with Retry-After",
     431: "Too many or too large request headers",
     500: "Internal or model-load error (INTERNAL_ERROR, MODEL_LOAD_FAILED, ...)",
-    503: "Every slot busy and the queue full (SERVER_BUSY)",
+    503: "Every slot busy and the queue full, or every loaded model busy (SERVER_BUSY)",
 }
 
 ERROR_RESPONSES: dict[int, ResponseSpec] = {

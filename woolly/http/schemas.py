@@ -28,6 +28,8 @@ def _check_seed(seed: int | None) -> None:
 Stop = Annotated[list[Annotated[str, Meta(min_length=1, max_length=512)]], Meta(max_length=16)]
 TokenId = Annotated[int, Meta(ge=0, le=2**31 - 1)]
 ModelName = Annotated[str, Meta(min_length=1, max_length=256)]
+# Ollama's keep_alive: seconds, or a duration ("5m"); -1 keeps the model loaded, 0 unloads it after the request
+KeepAlive = Annotated[str, Meta(max_length=32)] | float
 
 
 class SamplingFields(msgspec.Struct, kw_only=True):
@@ -111,8 +113,13 @@ class ModelInfo(msgspec.Struct):
 
 
 class LoadModelRequest(msgspec.Struct, kw_only=True):
-    name: ModelName
+    name: ModelName               # a pulled model's name, or a .gguf path inside the models directory
     gpu_layers: Annotated[int, Meta(ge=0, le=100000)] | None = None
+    keep_alive: KeepAlive | None = None   # default: kept until unloaded (or evicted)
+
+
+class UnloadModelRequest(msgspec.Struct, kw_only=True):
+    name: ModelName | None = None   # default: every loaded model
 
 
 class LoadModelResponse(msgspec.Struct, omit_defaults=True):   # unload's answer has no load_time_ms
@@ -130,6 +137,7 @@ class GenerateRequest(OllamaFields, kw_only=True):
     prompt: str
     stream: bool = False
     model: ModelName | None = None
+    keep_alive: KeepAlive | None = None
     template: NoTemplate = None   # Ollama's per-request template override: refused, not silently ignored
 
 
@@ -153,6 +161,7 @@ class ChatRequest(OllamaFields, kw_only=True):
     stream: bool = False
     model: ModelName | None = None
     chat_template: NoTemplate = None
+    keep_alive: KeepAlive | None = None
     template: NoTemplate = None   # Ollama's name for it
 
 
@@ -187,6 +196,7 @@ class DetokenizeResponse(msgspec.Struct):
 class EmbeddingsRequest(msgspec.Struct, kw_only=True):
     input: str | Annotated[list[str], Meta(min_length=1, max_length=256)]
     model: ModelName | None = None
+    keep_alive: KeepAlive | None = None
 
 
 class EmbeddingsResponse(msgspec.Struct):
@@ -212,6 +222,7 @@ class StreamOptions(msgspec.Struct, kw_only=True):
 
 class OpenAIFields(msgspec.Struct, kw_only=True):
     model: str | None = None
+    keep_alive: KeepAlive | None = None
     max_tokens: MaxTokens | None = None
     max_completion_tokens: MaxTokens | None = None
     temperature: Annotated[float, Meta(ge=0.0, le=2.0)] | None = None
@@ -270,7 +281,26 @@ class ChatCompletionRequest(OpenAIFields, kw_only=True):
     chat_template: NoTemplate = None
 
 
+class OpenAIModel(msgspec.Struct):
+    id: str
+    created: int
+    object: str = "model"
+    owned_by: str = "woolly"
+
+
+class OpenAIErrorBody(msgspec.Struct):
+    message: str
+    type: str
+    param: str | None
+    code: str
+
+
+class OpenAIErrorResponse(msgspec.Struct):   # OpenAI's own error shape (GET /v1/models/{id} for an unknown id)
+    error: OpenAIErrorBody
+
+
 class OpenAIEmbeddingsRequest(msgspec.Struct, kw_only=True):
     input: str | Annotated[list[str], Meta(min_length=1, max_length=256)]
     model: str | None = None
+    keep_alive: KeepAlive | None = None
     encoding_format: Literal["float", "base64"] = "float"   # base64: little-endian float32 bytes

@@ -1,6 +1,7 @@
 """WebSocket `/ws`: many generate/chat requests in flight on one socket, each cancellable by id.
 
-Client messages: generate {id, prompt, config}, chat {id, messages, config}, cancel {id},
+Client messages: generate {id, prompt, config, model?, keep_alive?}, chat {id, messages, config, model?,
+keep_alive?}, cancel {id},
 status {}. Server events: token, complete, error, status (the reference's shapes).
 """
 from __future__ import annotations
@@ -25,6 +26,8 @@ class ClientMessage(msgspec.Struct, kw_only=True):
     prompt: str | None = None
     messages: list[S.ChatMessage] | None = None
     config: S.SamplingFields | None = None
+    model: S.ModelName | None = None            # default: the default model, as the HTTP routes
+    keep_alive: S.KeepAlive | None = None
 
 
 async def serve_socket(socket: WebSocket, server) -> None:
@@ -45,30 +48,30 @@ async def serve_socket(socket: WebSocket, server) -> None:
         rid = msg.id
         progress = sent[rid] = {"text": [], "tokens": 0, "start": time.perf_counter()}
         try:
-            server.check_model(None)
             options = msg.config.options() if msg.config else {}
-            if msg.type == "generate":
-                if msg.prompt is None:
-                    raise InvalidRequest("a generate message needs a prompt")
-                ids = await server.prompt_ids(msg.prompt)
-            else:
-                if not msg.messages:
-                    raise InvalidRequest("a chat message needs messages")
-                ids = await server.chat_ids(msg.messages)
-            index = 0
-            async for kind, payload in server.events(ids, options):
-                if kind == "token" and payload.text:
-                    await send({"type": "token", "request_id": rid, "token": payload.text, "index": index,
-                                "timestamp": int(time.time() * 1000)})
-                    index += 1
-                    progress["text"].append(payload.text)
-                if kind == "token":
-                    progress["tokens"] = payload.index + 1
-                elif kind == "done":
-                    await send({"type": "complete", "request_id": rid, "text": payload.text,
-                                "tokens_generated": payload.generated_tokens,
-                                "generation_time_ms": int(payload.generation_time * 1000),
-                                "finish_reason": payload.finish_reason})
+            if msg.type == "generate" and msg.prompt is None:
+                raise InvalidRequest("a generate message needs a prompt")
+            if msg.type == "chat" and not msg.messages:
+                raise InvalidRequest("a chat message needs messages")
+            async with server.use(msg.model, msg.keep_alive) as engine:
+                if msg.type == "generate":
+                    ids = await server.prompt_ids(engine, msg.prompt)
+                else:
+                    ids = await server.chat_ids(engine, msg.messages)
+                index = 0
+                async for kind, payload in server.events(engine, ids, options):
+                    if kind == "token" and payload.text:
+                        await send({"type": "token", "request_id": rid, "token": payload.text, "index": index,
+                                    "timestamp": int(time.time() * 1000)})
+                        index += 1
+                        progress["text"].append(payload.text)
+                    if kind == "token":
+                        progress["tokens"] = payload.index + 1
+                    elif kind == "done":
+                        await send({"type": "complete", "request_id": rid, "text": payload.text,
+                                    "tokens_generated": payload.generated_tokens,
+                                    "generation_time_ms": int(payload.generation_time * 1000),
+                                    "finish_reason": payload.finish_reason})
         except WoollyError as e:
             await send_error(rid, e)
         finally:
@@ -126,9 +129,13 @@ def cancelled_event(rid: str, progress: dict | None) -> dict:
 
 
 def status_event(server) -> dict:
-    st = server.engine.stats()
-    return {"type": "status", "model": st.model, "active_sessions": st.active_sessions,
-            "memory_used": st.host_memory, "gpu_memory_used": st.device_memory if server.engine.config.enable_gpu else 0}
+    """The default model's name; sessions and memory over every loaded model."""
+    from woolly.engine.engine import rss_anon_bytes
+
+    stats = [e.stats() for _, e in server.pool.loaded()]
+    gpu = server.pool.config.enable_gpu and stats
+    return {"type": "status", "model": server.pool.default, "active_sessions": sum(s.active_sessions for s in stats),
+            "memory_used": rss_anon_bytes(), "gpu_memory_used": stats[0].device_memory if gpu else 0}
 
 
 def _request_id(raw: str) -> str | None:
