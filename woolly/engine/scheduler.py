@@ -29,6 +29,7 @@ from woolly.engine.prefix_cache import PrefixCache
 from woolly.engine.samplers import GenerationParams, seed32
 from woolly.engine.stops import StopMatcher
 from woolly.errors import ContextLengthExceeded, GenerationFailed, InvalidRequest, ServerBusy, WoollyError
+from woolly.tokenizers.streaming import IncrementalDecoder
 
 log = logging.getLogger("woolly.engine")
 
@@ -61,35 +62,6 @@ class GenerationResult:
         return self.generated_tokens / self.generation_time if self.generation_time > 0 else 0.0
 
 
-class TextStream:
-    """Incremental detokenization that never splits a UTF-8 character.
-
-    Decodes a short window and emits only the new suffix once it does not end in an
-    incomplete character (U+FFFD), so multi-token characters come out whole.
-    """
-
-    def __init__(self, tokenizer, context_id: int | None):
-        self.tok = tokenizer
-        self.ids = [] if context_id is None else [context_id]
-        self.prefix = 0
-        self.read = len(self.ids)
-
-    def push(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        before = self.tok.decode(self.ids[self.prefix:self.read])
-        after = self.tok.decode(self.ids[self.prefix:])
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            self.prefix, self.read = self.read, len(self.ids)
-            return after[len(before):]
-        return ""
-
-    def flush(self) -> str:
-        before = self.tok.decode(self.ids[self.prefix:self.read])
-        after = self.tok.decode(self.ids[self.prefix:])
-        self.prefix = self.read = len(self.ids)
-        return after[len(before):]
-
-
 @dataclass
 class Request:
     id: int
@@ -118,7 +90,7 @@ class _Slot:
     req: Request
     pos: int                  # where the next input token goes
     next_input: int
-    stream: TextStream
+    stream: IncrementalDecoder
     stops: StopMatcher
     seed: int
     recent: list[int]
@@ -280,9 +252,14 @@ class Scheduler:
                 self.runner.write_slot(rows, slot)
         p = req.params
         seed = seed32(p.seed) if p.seed is not None else int(np.random.default_rng().integers(0, 2**31 - 1))
-        return _Slot(req=req, pos=n - 1, next_input=ids[-1], stream=TextStream(self.tok, ids[-1]),
+        return _Slot(req=req, pos=n - 1, next_input=ids[-1], stream=self._decoder(ids[-1]),
                      stops=StopMatcher(p.stop), seed=seed, recent=ids[-min(p.repeat_last_n, RECENT_WINDOW):]
                      if p.repeat_last_n else [], cached=cached)
+
+    def _decoder(self, context_id: int) -> IncrementalDecoder:
+        """The text of a slot's new tokens. They continue the prompt, so a SentencePiece space
+        before the first is kept, unless the prompt is only BOS (then they begin the text)."""
+        return IncrementalDecoder(self.tok, at_start=context_id == self.tok.special_tokens.bos)
 
     def _step(self) -> None:
         """One decode step for every active slot. Where it can, the step after it is queued on the
@@ -380,7 +357,7 @@ class Scheduler:
             return self._finish(i, "stop")
         s.generated.append(tok)
         self.tokens_generated += 1
-        piece = s.stops.feed(s.stream.push(tok))
+        piece = s.stops.feed(s.stream.feed(tok))
         if piece or lp is not None:
             s.text.append(piece)
             req.send("token", TokenEvent(piece, tok, len(s.generated) - 1, lp, top))
