@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from oracle import llama_cpp_model
-from woolly.engine import MirostatSampler
+from woolly.engine import GenerationResult, MirostatSampler
 from woolly.errors import InvalidRequest
 
 from support.engine import SLOTS, run_events
@@ -194,10 +194,10 @@ def test_eight_sessions_progress_together_and_match_their_solo_text(engine, alon
     log: list[tuple[int, str]] = []
 
     async def one(i, session):
-        async for kind, payload in session.generate_events(PROMPTS[i], max_tokens=16, temperature=0):
-            log.append((i, kind))
-            if kind == "done":
-                return payload
+        async for event in session.generate_events(PROMPTS[i], max_tokens=16, temperature=0):
+            log.append((i, "done" if isinstance(event, GenerationResult) else "token"))
+            if isinstance(event, GenerationResult):
+                return event
 
     async def all_of_them():
         sessions = [engine.create_session() for _ in PROMPTS]
@@ -219,12 +219,12 @@ def test_requests_beyond_the_slots_queue_and_complete(engine):
     seen_queued = []
 
     async def one(i):
-        async for kind, payload in engine.create_session().generate_events(
+        async for event in engine.create_session().generate_events(
                 f"Count from {i}:", max_tokens=6, temperature=0):
-            log.append((i, kind))
+            log.append((i, "done" if isinstance(event, GenerationResult) else "token"))
             seen_queued.append(engine.stats().queued_requests)
-            if kind == "done":
-                return payload
+            if isinstance(event, GenerationResult):
+                return event
 
     async def all_of_them():
         return await asyncio.gather(*(one(i) for i in range(n)))

@@ -208,13 +208,13 @@ class Engine:
         pending = len(prompts)
         try:
             for i, p in enumerate(prompts):
-                reqs.append(sched.submit(self.tokenize(p), params, lambda k, pl, i=i: q.put((i, k, pl))))
+                reqs.append(sched.submit(self.tokenize(p), params, lambda e, i=i: q.put((i, e))))
             while pending:
-                i, kind, payload = q.get()
-                if kind == "error":
-                    raise payload
-                if kind == "done":
-                    results[i] = payload
+                i, event = q.get()
+                if isinstance(event, WoollyError):
+                    raise event
+                if isinstance(event, GenerationResult):
+                    results[i] = event
                     pending -= 1
         finally:
             if pending:   # a refused prompt, an error or an interrupt: the others stop at the next step

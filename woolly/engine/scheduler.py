@@ -5,8 +5,8 @@ then joins the batched decode step; it never waits for another request to finish
 no slot is free it queues; past `max_queue` it is refused as busy. Each step every
 active slot gets one token; cancellation takes effect at the next step.
 
-Events go to each request's `emit(kind, payload)`, called on the scheduler thread:
-("token", TokenEvent), ("done", GenerationResult), ("error", WoollyError). An `emit` that
+Events go to each request's `emit(event)`, called on the scheduler thread: `TokenEvent`s,
+then one `GenerationResult` or one `WoollyError` (an `Event` each). An `emit` that
 raises (its consumer's event loop has closed) cancels its own request and touches no other.
 Live schedulers are closed at interpreter exit, so no thread is left inside XLA then.
 """
@@ -62,22 +62,26 @@ class GenerationResult:
         return self.generated_tokens / self.generation_time if self.generation_time > 0 else 0.0
 
 
+# What a request's `emit` receives: tokens as they come, then a result or an error.
+Event = TokenEvent | GenerationResult | WoollyError
+
+
 @dataclass
 class Request:
     id: int
     prompt_ids: list[int]
     params: GenerationParams
-    emit: Callable[[str, object], None]
+    emit: Callable[[Event], None]
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
 
     def cancel(self) -> None:
         self.cancelled.set()
 
-    def send(self, kind: str, payload) -> None:
-        """emit(kind, payload); if it raises, this request is cancelled (it ends at the next step)."""
+    def send(self, event: Event) -> None:
+        """emit(event); if it raises, this request is cancelled (it ends at the next step)."""
         try:
-            self.emit(kind, payload)
+            self.emit(event)
         except Exception as e:   # e.g. "Event loop is closed": that consumer is gone
             if not self.cancelled.is_set():
                 log.warning("request %d: its consumer cannot take events (%s: %s); cancelled",
@@ -184,7 +188,7 @@ class Scheduler:
                 for i, s in enumerate(self.slots):
                     if s is not None:
                         self.slots[i] = None
-                        s.req.send("error", err)
+                        s.req.send(err)
                 self._ahead = None
                 self.runner.reset_cache()
 
@@ -192,9 +196,9 @@ class Scheduler:
         for i, s in enumerate(self.slots):
             if s is not None:
                 self.slots[i] = None
-                s.req.send("error", error)
+                s.req.send(error)
         while self.queue:
-            self.queue.popleft().send("error", error)
+            self.queue.popleft().send(error)
 
     def _admit(self) -> None:
         """Fill free slots from the queue, then prefill the new prompts in one pass."""
@@ -236,7 +240,7 @@ class Scheduler:
     def _fail_start(self, slot: int, req: Request, e: Exception) -> None:
         log.exception("prefill failed")
         self.slots[slot] = None
-        req.send("error", e if isinstance(e, WoollyError) else GenerationFailed(f"prefill failed: {type(e).__name__}"))
+        req.send(e if isinstance(e, WoollyError) else GenerationFailed(f"prefill failed: {type(e).__name__}"))
         if self.runner.cache.k[0].is_deleted():  # donated and lost: the others' KV went with it
             raise e
 
@@ -360,7 +364,7 @@ class Scheduler:
         piece = s.stops.feed(s.stream.feed(tok))
         if piece or lp is not None:
             s.text.append(piece)
-            req.send("token", TokenEvent(piece, tok, len(s.generated) - 1, lp, top))
+            req.send(TokenEvent(piece, tok, len(s.generated) - 1, lp, top))
         if s.stops.stopped:
             return self._finish(i, "stop")
         s.pos += 1
@@ -377,20 +381,20 @@ class Scheduler:
             tail = s.stops.feed(s.stream.flush()) + s.stops.flush()
             if tail:
                 s.text.append(tail)
-                s.req.send("token", TokenEvent(tail, -1, len(s.generated) - 1))
+                s.req.send(TokenEvent(tail, -1, len(s.generated) - 1))
         if self.prefix_cache.max_bytes and s.pos > 0:
             known = (s.req.prompt_ids + s.generated)[:s.pos]   # tokens whose KV is in the slot
             self.prefix_cache.store(tuple(known), self.runner.read_slot(i), self.runner.slot_nbytes)
         now = time.perf_counter()
         start = s.req.submitted
-        s.req.send("done", GenerationResult(
+        s.req.send(GenerationResult(
             text="".join(s.text), token_ids=list(s.generated), prompt_tokens=len(s.req.prompt_ids),
             generated_tokens=len(s.generated), finish_reason=reason,
             time_to_first_token=None if s.first_token_at is None else s.first_token_at - start,
             generation_time=now - start, cached_prompt_tokens=s.cached))
 
     def _finish_unstarted(self, req: Request, reason: str) -> None:
-        req.send("done", GenerationResult("", [], len(req.prompt_ids), 0, reason, None,
+        req.send(GenerationResult("", [], len(req.prompt_ids), 0, reason, None,
                                           time.perf_counter() - req.submitted))
 
 
