@@ -223,12 +223,20 @@ def test_requests_beyond_the_slots_queue_and_complete(engine):
                 f"Count from {i}:", max_tokens=6, temperature=0):
             log.append((i, "done" if isinstance(event, GenerationResult) else "token"))
             seen_queued.append(engine.stats().queued_requests)
+            seen_load.append(engine.load())
             if isinstance(event, GenerationResult):
                 return event
 
     async def all_of_them():
         return await asyncio.gather(*(one(i) for i in range(n)))
+    seen_load = []
+    tokens_before = engine.load().tokens_generated
     results = asyncio.run(all_of_them())
+    # the public counters /metrics reads: slots in use and the queue while busy, idle after
+    assert max(x.waiting for x in seen_load) >= 1 and max(x.active for x in seen_load) == SLOTS
+    after = engine.load()
+    assert (after.active, after.waiting) == (0, 0)
+    assert after.tokens_generated - tokens_before == sum(r.generated_tokens for r in results)
     assert all(r.finish_reason in ("length", "stop") and r.generated_tokens > 0 for r in results)
     # at most SLOTS had begun when the first finished; the rest waited for a slot
     first_done = next(k for k, (_, kind) in enumerate(log) if kind == "done")

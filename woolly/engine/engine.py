@@ -28,6 +28,14 @@ class EngineStats:
     compiles: int                    # XLA compilations in this process
 
 
+@dataclass(frozen=True)
+class SchedulerLoad:
+    """The scheduler's counters, cheap to read (for /metrics); zeros while no model is loaded."""
+    active: int = 0             # slots decoding now
+    waiting: int = 0            # requests queued for a slot
+    tokens_generated: int = 0   # tokens this model's scheduler has produced
+
+
 class _CompileCounter:
     """Counts XLA backend compiles through jax.monitoring (cache hits don't count)."""
 
@@ -159,6 +167,10 @@ class Engine:
         if s is None:
             raise ModelNotLoaded("no model is loaded")
         return s
+
+    def load(self) -> SchedulerLoad:
+        s = self._scheduler
+        return SchedulerLoad(s.active, s.waiting, s.tokens_generated) if s is not None else SchedulerLoad()
 
     # -- sessions ----------------------------------------------------------------------------
     def create_session(self) -> Session:
