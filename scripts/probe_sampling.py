@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from woolly.runtime import sampling
+from woolly.runtime import device_sampling as sampling
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--vocab", type=int, default=262144)

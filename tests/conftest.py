@@ -1,7 +1,9 @@
-"""Shared fixtures: the two real models (pulled by `make test`) and llama.cpp as the oracle."""
+"""Shared fixtures: the two real models (pulled by `make test`), llama.cpp as the oracle, an empty
+models directory. Helper modules are in `support` (tests/support)."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +14,15 @@ REAL_MODELS = ("smollm2-135m-instruct", "gemma3-270m")
 
 # Tests share one persistent compile cache so repeated runs don't recompile.
 os.environ.setdefault("WOOLLY_COMPILE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "woolly", "jax-test"))
+
+
+@pytest.fixture
+def models(tmp_path, monkeypatch) -> Path:
+    """An empty models directory, via WOOLLY_MODELS_DIR."""
+    d = tmp_path / "models"
+    d.mkdir()
+    monkeypatch.setenv("WOOLLY_MODELS_DIR", str(d))
+    return d
 
 
 @pytest.fixture(scope="session")

@@ -19,14 +19,6 @@ from woolly.model_file import Model
 WOOLLY = [sys.executable, "-m", "woolly.cli"]
 
 
-@pytest.fixture
-def models(tmp_path, monkeypatch) -> Path:
-    d = tmp_path / "models"
-    d.mkdir()
-    monkeypatch.setenv("WOOLLY_MODELS_DIR", str(d))
-    return d
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     return write_tiny_model(tmp_path_factory.mktemp("cli") / "tiny.gguf", arch="gemma3", qtype=Q.Q8_0)

@@ -19,15 +19,6 @@ INVALID_NAMES = ["../x", "/etc/passwd", "a b", "", "..", "x/../y", ".hidden", "-
 
 
 @pytest.fixture
-def models(tmp_path, monkeypatch) -> Path:
-    """An empty models directory, via WOOLLY_MODELS_DIR."""
-    d = tmp_path / "models"
-    d.mkdir()
-    monkeypatch.setenv("WOOLLY_MODELS_DIR", str(d))
-    return d
-
-
-@pytest.fixture
 def no_downloads(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("nothing should be downloaded")

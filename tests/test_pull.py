@@ -91,14 +91,6 @@ class FakeHub:
 
 
 @pytest.fixture
-def models(tmp_path, monkeypatch) -> Path:
-    d = tmp_path / "models"
-    d.mkdir()
-    monkeypatch.setenv("WOOLLY_MODELS_DIR", str(d))
-    return d
-
-
-@pytest.fixture
 def tiny_bytes(tmp_path) -> bytes:
     return write_tiny_model(tmp_path / "t.gguf").read_bytes()
 

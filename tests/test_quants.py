@@ -116,3 +116,12 @@ def test_every_tensor_of_both_real_models_bit_exact(real_model_path):
         seen.add(info.qtype)
     # the two files between them hold F32, Q8_0, Q4_1 (SmolLM2) and Q5_0, Q4_K, Q6_K (Gemma)
     assert QuantizationType.F32 in seen and QuantizationType.Q8_0 in seen and len(seen) >= 3
+
+
+def test_file_type_names_follow_llama_cpp():
+    """general.file_type ids name llama.cpp's ftypes; the writer's ftype for `T` names `T`'s mix."""
+    from woolly.formats.quants import FILE_TYPE_NAMES
+    from woolly.quantize import FILE_TYPE
+    assert FILE_TYPE_NAMES[15] == "Q4_K_M" and FILE_TYPE_NAMES[7] == "Q8_0" and FILE_TYPE_NAMES[32] == "BF16"
+    for qtype, ftype in FILE_TYPE.items():
+        assert FILE_TYPE_NAMES[ftype].startswith(qtype.name), (qtype, ftype)

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from woolly.runtime.sampling import SamplingParams, apply_penalties, sample
+from woolly.runtime.device_sampling import SamplingParams, apply_penalties, sample
 
 V = 12
 LOGITS = jnp.asarray(np.random.default_rng(0).normal(0, 2, (1, V)), jnp.float32)   # [1, V]
@@ -78,7 +78,7 @@ def test_slots_sample_independently():
 def test_blocked_argmax_and_top_k_equal_xla_with_ties():
     """The blocked search over a large vocabulary gives lax.top_k's and argmax's exact answers,
     ties (lower id first) included."""
-    from woolly.runtime import sampling as S
+    from woolly.runtime import device_sampling as S
 
     rng = np.random.default_rng(3)
     for V in (49152, 262144 // 4, 1000, 4096 * 3):

@@ -5,7 +5,6 @@ import os
 from collections import Counter
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,15 +12,8 @@ import numpy as np
 from woolly.arch import ModelConfig
 from woolly.errors import ModelLoadFailed
 from woolly.formats.gguf_file import GGUFFile, TensorInfo
-from woolly.formats.quants import QuantizationType, dequantize
+from woolly.formats.quants import FILE_TYPE_NAMES, dequantize
 from woolly.formats.vocab import Vocabulary, read_vocabulary
-
-# llama.cpp's llama_ftype names for general.file_type.
-FILE_TYPE_NAMES = {
-    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
-    11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S",
-    17: "Q5_K_M", 18: "Q6_K", 32: "BF16",
-}
 
 
 @dataclass(frozen=True)

@@ -32,11 +32,9 @@ from woolly.formats.quants import BLOCK_SIZE, QuantizationType, dequantize, row_
 T = QuantizationType
 
 # llama.cpp's llama_ftype for a file whose matrices are `T` (K-quants: the "_S"/"_M" mix
-# closest to all-`T`).
-FILE_TYPE = {
-    T.F32: 0, T.F16: 1, T.Q4_0: 2, T.Q4_1: 3, T.Q8_0: 7, T.Q5_0: 8, T.Q5_1: 9, T.Q2_K: 10,
-    T.Q3_K: 12, T.Q4_K: 14, T.Q5_K: 16, T.Q6_K: 18, T.BF16: 32,
-}
+# closest to all-`T`), as gguf-py's `LlamaFileType`.
+_FTYPE_NAME = {T.F32: "ALL_F32", T.Q3_K: "MOSTLY_Q3_K_M", T.Q4_K: "MOSTLY_Q4_K_S", T.Q5_K: "MOSTLY_Q5_K_S"}
+FILE_TYPE = {t: int(gguf.LlamaFileType[_FTYPE_NAME.get(t, f"MOSTLY_{t.name}")]) for t in QuantizationType}
 TARGETS = tuple(t for t in QuantizationType if can_encode(t))
 
 # llama.cpp's fallback for K-quant targets when a row does not divide into 256-weight blocks.

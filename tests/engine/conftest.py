@@ -1,7 +1,7 @@
 """One Engine per test module on the real SmolLM2 (shapes in support.py)."""
 import pytest
 
-from .support import make_engine
+from support.engine import make_engine
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import pytest
 
 from tiny_models import write_tiny_model
 
-from .support import SEQ, SLOTS
+from support.engine import SEQ, SLOTS
 
 RUNS = 5
 

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from oracle import llama_cpp_model
-from woolly.engine import MirostatSampler
+from woolly.engine import GenerationResult, MirostatSampler
 from woolly.errors import InvalidRequest
 
-from .support import SLOTS, run_events
+from support.engine import SLOTS, run_events
 
 pytestmark = pytest.mark.real
 
@@ -194,10 +194,10 @@ def test_eight_sessions_progress_together_and_match_their_solo_text(engine, alon
     log: list[tuple[int, str]] = []
 
     async def one(i, session):
-        async for kind, payload in session.generate_events(PROMPTS[i], max_tokens=16, temperature=0):
-            log.append((i, kind))
-            if kind == "done":
-                return payload
+        async for event in session.generate_events(PROMPTS[i], max_tokens=16, temperature=0):
+            log.append((i, "done" if isinstance(event, GenerationResult) else "token"))
+            if isinstance(event, GenerationResult):
+                return event
 
     async def all_of_them():
         sessions = [engine.create_session() for _ in PROMPTS]
@@ -219,16 +219,24 @@ def test_requests_beyond_the_slots_queue_and_complete(engine):
     seen_queued = []
 
     async def one(i):
-        async for kind, payload in engine.create_session().generate_events(
+        async for event in engine.create_session().generate_events(
                 f"Count from {i}:", max_tokens=6, temperature=0):
-            log.append((i, kind))
+            log.append((i, "done" if isinstance(event, GenerationResult) else "token"))
             seen_queued.append(engine.stats().queued_requests)
-            if kind == "done":
-                return payload
+            seen_load.append(engine.load())
+            if isinstance(event, GenerationResult):
+                return event
 
     async def all_of_them():
         return await asyncio.gather(*(one(i) for i in range(n)))
+    seen_load = []
+    tokens_before = engine.load().tokens_generated
     results = asyncio.run(all_of_them())
+    # the public counters /metrics reads: slots in use and the queue while busy, idle after
+    assert max(x.waiting for x in seen_load) >= 1 and max(x.active for x in seen_load) == SLOTS
+    after = engine.load()
+    assert (after.active, after.waiting) == (0, 0)
+    assert after.tokens_generated - tokens_before == sum(r.generated_tokens for r in results)
     assert all(r.finish_reason in ("length", "stop") and r.generated_tokens > 0 for r in results)
     # at most SLOTS had begun when the first finished; the rest waited for a slot
     first_done = next(k for k, (_, kind) in enumerate(log) if kind == "done")

@@ -9,7 +9,7 @@ import pytest
 
 from woolly.engine import Engine, EngineConfig
 
-from .support import SEQ, SLOTS
+from support.engine import SEQ, SLOTS
 
 pytestmark = pytest.mark.real
 

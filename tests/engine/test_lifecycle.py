@@ -7,7 +7,7 @@ import pytest
 
 from woolly.errors import ModelNotFound, ModelNotLoaded, WoollyError
 
-from .support import make_engine
+from support.engine import make_engine
 
 pytestmark = pytest.mark.real
 
@@ -18,19 +18,24 @@ def greedy(engine, n=8):
     return engine.create_session().generate_sync(PROMPT, max_tokens=n, temperature=0)
 
 
-def test_unload_while_generating_ends_the_request_and_a_reload_serves_again(engine, smollm2_path):
-    before = greedy(engine)
-    session = engine.create_session()
-
+def interrupted_stream(session, interrupt):
+    """Stream a long greedy generation and call `interrupt()` after its second piece: the pieces,
+    and the ModelNotLoaded the stream must end with."""
     async def consume():
         pieces = []
         with pytest.raises(ModelNotLoaded) as info:
             async for piece in session.generate_stream(PROMPT, max_tokens=200, temperature=0):
                 pieces.append(piece)
                 if len(pieces) == 2:
-                    engine.unload_model()
+                    interrupt()
         return pieces, info.value
-    pieces, err = asyncio.run(consume())
+    return asyncio.run(consume())
+
+
+def test_unload_while_generating_ends_the_request_and_a_reload_serves_again(engine, smollm2_path):
+    before = greedy(engine)
+    session = engine.create_session()
+    pieces, err = interrupted_stream(session, engine.unload_model)
     assert err.code == "MODEL_NOT_LOADED" and 2 <= len(pieces) < 200
     assert engine.current_model_name is None and engine.stats().model is None
     with pytest.raises(ModelNotLoaded):
@@ -68,17 +73,7 @@ def test_close_ends_requests_frees_the_model_and_is_idempotent(smollm2_path):
         greedy(engine)   # leaves an entry in the prefix cache
         sched = engine.scheduler()
         assert sched.prefix_cache.entries
-        session = engine.create_session()
-
-        async def consume():
-            pieces = []
-            with pytest.raises(ModelNotLoaded) as info:
-                async for piece in session.generate_stream(PROMPT, max_tokens=200, temperature=0):
-                    pieces.append(piece)
-                    if len(pieces) == 2:
-                        engine.close()
-            return pieces, info.value
-        pieces, err = asyncio.run(consume())
+        pieces, err = interrupted_stream(engine.create_session(), engine.close)
         assert "closed" in err.message and 2 <= len(pieces) < 200
         assert not sched._thread.is_alive() and not sched.prefix_cache.entries
         assert engine.current_model_name is None

@@ -1,7 +1,7 @@
 """PrefixCache alone: longest shared prefix, the lookup limit, LRU within bytes, TTL."""
 import time
 
-from woolly.engine.scheduler import PrefixCache
+from woolly.engine.prefix_cache import PrefixCache
 
 
 def test_the_longest_shared_prefix_wins_even_when_no_entry_is_a_whole_prefix():

@@ -9,8 +9,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from live_server import (ALLOWED_ORIGIN, KEYS, MODEL, RATE_PER_MINUTE, RunningServer, base_config, free_port,
-                         models_directory, start_server, stop_server)
+from support.live_server import (ALLOWED_ORIGIN, KEYS, MODEL, RATE_PER_MINUTE, RunningServer, base_config,
+                                 free_port, models_directory, serving)
 
 
 @pytest.fixture(scope="session")
@@ -21,13 +21,8 @@ def server(tmp_path_factory, smollm2_path) -> RunningServer:
     """
     config = base_config()
     config["models"] = {"preload": [MODEL]}
-    srv = start_server(tmp_path_factory.mktemp("server"), config, model=None)
-    try:
-        warm = httpx.post(srv.url + "/api/generate", json={"prompt": "Hi", "max_tokens": 2}, timeout=300)
-        assert warm.status_code == 200, warm.text
+    with serving(tmp_path_factory.mktemp("server"), config, model=None, warm_timeout=300) as srv:
         yield srv
-    finally:
-        stop_server(srv)
 
 
 @pytest.fixture(scope="session")
@@ -49,11 +44,8 @@ def secure_server(tmp_path_factory, smollm2_path) -> RunningServer:
     config["models"] = {"directory": str(models_directory(workdir / "models", smollm2_path))}
     config["logging"] = {"level": "info", "format": "text", "output": str(workdir / "woolly.log")}
     env = {"WOOLLY_RATE_LIMIT": str(RATE_PER_MINUTE), "WOOLLY_PORT": str(free_port())}
-    srv = start_server(workdir, config, env)
-    try:
+    with serving(workdir, config, env) as srv:
         yield srv
-    finally:
-        stop_server(srv)
 
 
 @pytest.fixture(scope="session")

@@ -3,22 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from live_server import BODY_LIMIT, CONTEXT
+from support.errors import assert_error
+from support.live_server import BODY_LIMIT, CONTEXT
 
 pytestmark = pytest.mark.real
-
-
-def assert_error(response, status: int, code: str, *words: str) -> dict:
-    """`{"error": {"message", "code", "details"}}` with this status and code; words in the message."""
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/json")
-    body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"message", "code", "details"}
-    err = body["error"]
-    assert err["code"] == code and isinstance(err["details"], dict) and err["message"]
-    for w in words:
-        assert w.lower() in err["message"].lower(), (w, err["message"])
-    return err
 
 
 @pytest.mark.parametrize("field,value", [

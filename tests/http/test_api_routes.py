@@ -7,7 +7,7 @@ import math
 import httpx
 import pytest
 
-from live_server import MODEL
+from support.live_server import MODEL
 
 pytestmark = pytest.mark.real
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from live_server import MODEL
+from support.live_server import MODEL
 from woolly.client import AsyncWoollyClient, WoollyClient
 from woolly.errors import InvalidRequest, ModelNotFound, WoollyError
 

@@ -9,28 +9,12 @@ import httpx
 import pytest
 import websockets
 
-from live_server import MAX_QUEUE
+from support.live_server import MAX_QUEUE
+from support.metrics import metric, wait_for_idle
 
 pytestmark = pytest.mark.real
 
 STREAMS = 8
-
-
-def metric(http: httpx.Client, name: str) -> float:
-    for line in http.get("/metrics").text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"{name} is not in /metrics")
-
-
-def wait_for_idle(http: httpx.Client, timeout: float = 20.0) -> float:
-    """Seconds until no slot decodes and nothing waits (fails after `timeout`)."""
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if metric(http, "woolly_slots_in_use") == 0 and metric(http, "woolly_queue_depth") == 0:
-            return time.monotonic() - start
-        time.sleep(0.1)
-    raise AssertionError(f"slots still in use after {timeout}s")
 
 
 async def timed_stream(client: httpx.AsyncClient, prompt: str, max_tokens: int) -> dict:

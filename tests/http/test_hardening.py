@@ -20,8 +20,8 @@ import httpx
 import pytest
 import websockets
 
-from live_server import ALLOWED_ORIGIN, RunningServer, start_server, stop_server
-from test_api_errors import assert_error
+from support.live_server import ALLOWED_ORIGIN, RunningServer, serving
+from support.errors import assert_error
 from tiny_models import write_tiny_model
 from woolly.config import ServerSection
 from woolly.http.guard import RequestGuard
@@ -56,9 +56,8 @@ def open_server(tmp_path_factory, models_dir) -> RunningServer:
                          max_connections=MAX_CONNECTIONS, allowed_hosts=["woolly.lan"],
                          cors={"enabled": True, "origins": [ALLOWED_ORIGIN]})
     config["security"] = {"rate_limiting": {"enabled": True, "requests_per_minute": OPEN_RATE}}
-    srv = start_server(tmp_path_factory.mktemp("open_hardened"), config, model=TINY)
-    yield srv
-    stop_server(srv)
+    with serving(tmp_path_factory.mktemp("open_hardened"), config, model=TINY) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +65,8 @@ def keyed_server(tmp_path_factory, models_dir) -> RunningServer:
     config = tiny_config(models_dir)
     config["security"] = {"api_key_required": True, "api_keys": list(KEYS),
                           "rate_limiting": {"enabled": True, "requests_per_minute": KEYED_RATE}}
-    srv = start_server(tmp_path_factory.mktemp("keyed_hardened"), config, model=TINY)
-    yield srv
-    stop_server(srv)
+    with serving(tmp_path_factory.mktemp("keyed_hardened"), config, model=TINY) as srv:
+        yield srv
 
 
 def client_from(server: RunningServer, address: str, **kw) -> httpx.Client:

@@ -18,8 +18,8 @@ import openai
 import pytest
 import websockets
 
-from live_server import base_config, start_server, stop_server
-from test_api_errors import assert_error
+from support.errors import assert_error
+from support.live_server import base_config, serving
 
 pytestmark = pytest.mark.real
 
@@ -62,12 +62,9 @@ def pool_server(tmp_path_factory, smollm2_path, gemma_path):
     (root / "elsewhere" / "evil.gguf").write_bytes(b"GGUF" + b"\xff" * 60)   # would be a 500 if it were opened
     config = base_config(max_batch_size=2, max_sequence_length=64)
     config["models"] = {"directory": str(models_dir(root, {SMOL: smollm2_path, GEMMA: gemma_path})), "max_loaded": 2}
-    srv = start_server(root, config, model=str(served))
-    srv.root = root
-    try:
+    with serving(root, config, model=str(served)) as srv:
+        srv.root = root
         yield srv
-    finally:
-        stop_server(srv)
 
 
 @pytest.fixture(scope="module")
@@ -83,11 +80,8 @@ def single_server(tmp_path_factory, smollm2_path):
     alias.symlink_to(smollm2_path)
     config = base_config(max_batch_size=2, max_sequence_length=512)
     config["models"] = {"directory": str(models_dir(root, {SMOL: smollm2_path})), "max_loaded": 1, "keep_alive": "3s"}
-    srv = start_server(root, config, model=str(alias))
-    try:
+    with serving(root, config, model=str(alias)) as srv:
         yield srv
-    finally:
-        stop_server(srv)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import math
 import openai
 import pytest
 
-from live_server import MODEL
+from support.live_server import MODEL
 
 pytestmark = pytest.mark.real
 

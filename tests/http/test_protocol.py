@@ -15,9 +15,9 @@ import time
 import httpx
 import pytest
 
-from live_server import CONTEXT, MODEL, base_config, start_server, stop_server
-from test_api_errors import assert_error
-from test_websocket import Socket, run_socket
+from support.live_server import CONTEXT, MODEL, base_config, serving
+from support.errors import assert_error
+from support.websocket import Socket, run_socket
 
 pytestmark = pytest.mark.real
 
@@ -236,8 +236,7 @@ def test_access_log_records_429s(tmp_path_factory, smollm2_path):
     """A server allowing 2 requests a minute: the third is a 429, and its log line says 429 (before: 0)."""
     config = base_config(max_batch_size=1, max_sequence_length=64)
     config["security"] = {"rate_limiting": {"enabled": True, "requests_per_minute": 2}}
-    srv = start_server(tmp_path_factory.mktemp("rate_log"), config)
-    try:
+    with serving(tmp_path_factory.mktemp("rate_log"), config) as srv:
         statuses = [httpx.post(srv.url + "/api/tokenize", json={"text": "x"}, timeout=60).status_code
                     for _ in range(3)]
         assert statuses == [200, 200, 429], statuses
@@ -249,5 +248,3 @@ def test_access_log_records_429s(tmp_path_factory, smollm2_path):
                 break
             time.sleep(0.2)
         assert [a["status"] for a in access if a["path"] == "/api/tokenize"] == [200, 200, 429], access
-    finally:
-        stop_server(srv)

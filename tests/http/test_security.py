@@ -13,8 +13,8 @@ import httpx
 import pytest
 import websockets
 
-from live_server import ALLOWED_ORIGIN, BROKEN_MODEL, KEYS, MODEL, RATE_PER_MINUTE
-from test_api_errors import assert_error
+from support.live_server import ALLOWED_ORIGIN, BROKEN_MODEL, KEYS, MODEL, RATE_PER_MINUTE
+from support.errors import assert_error
 from woolly.client import WoollyClient
 from woolly.errors import ModelNotLoaded, RateLimited, Unauthorized
 

@@ -2,26 +2,21 @@
 
 The server is small on purpose (2 slots, a queue of 4, a 256-token context, an 8 MiB
 prefix cache) so that "slots + 1", "more than the queue admits" and "memory flat after
-warm-up" are cheap to reach. It is started like `tests/http`'s servers (their helpers are
-imported from tests/http/live_server.py), without --host, so it also shows the default bind.
+warm-up" are cheap to reach. It is started like `tests/http`'s servers (by
+`support.live_server`), without --host, so it also shows the default bind.
 """
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "http"))   # live_server, test_api_errors
-
-from live_server import MODEL, RunningServer, base_config, models_directory, start_server, stop_server  # noqa: E402
-
-import leak_recorder  # noqa: E402
-
-from rel_shapes import CACHE_BYTES, CONTEXT, QUEUE, SLOTS  # noqa: E402
+from support import leak_recorder
+from support.live_server import MODEL, RunningServer, base_config, models_directory, serving
+from support.rel_shapes import CACHE_BYTES, CONTEXT, QUEUE, SLOTS
 
 leak_recorder.install()
 
@@ -62,13 +57,8 @@ def rserver(tmp_path_factory, smollm2_path) -> RunningServer:
     config["cache"] = {"size": CACHE_BYTES}
     workdir = tmp_path_factory.mktemp("reliability_server")
     config["models"] = {"directory": str(models_directory(workdir / "models", smollm2_path))}
-    srv = start_server(workdir, config, model=MODEL)
-    try:
-        warm = httpx.post(srv.url + "/api/generate", json={"prompt": "Hi", "max_tokens": 2}, timeout=600)
-        assert warm.status_code == 200, warm.text
+    with serving(workdir, config, model=MODEL, warm_timeout=600) as srv:
         yield srv
-    finally:
-        stop_server(srv)
 
 
 @pytest.fixture(scope="session")

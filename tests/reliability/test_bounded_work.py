@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import websockets
 
-from live_server import start_server, stop_server
+from support.live_server import serving
 from tiny_models import write_tiny_model
 
 HEALTH_LATENCY = 0.5            # seconds /health may take while the server works
@@ -59,13 +59,8 @@ def bserver(tmp_path_factory):
         "models": {"directory": str(models)},
         "logging": {"level": "info", "format": "json", "output": "stdout"},
     }
-    srv = start_server(workdir, config, model="tiny")
-    try:
-        warm = httpx.post(srv.url + "/api/generate", json={"prompt": "Hi", "max_tokens": 2}, timeout=600)
-        assert warm.status_code == 200, warm.text
+    with serving(workdir, config, model="tiny", warm_timeout=600) as srv:
         yield srv
-    finally:
-        stop_server(srv)
 
 
 @pytest.fixture(scope="module")

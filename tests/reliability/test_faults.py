@@ -11,10 +11,10 @@ import asyncio
 import httpx
 import pytest
 
-from live_server import BROKEN_MODEL, MODEL
-from rel_shapes import QUEUE, SLOTS
-from rel_support import metric, stream_text, wait_for_idle, wait_for_settled
-from test_api_errors import assert_error
+from support.live_server import BROKEN_MODEL, MODEL
+from support.rel_shapes import QUEUE, SLOTS
+from support.metrics import metric, stream_text, wait_for_idle, wait_for_settled
+from support.errors import assert_error
 
 pytestmark = pytest.mark.real
 

@@ -15,8 +15,8 @@ import time
 import httpx
 import pytest
 
-from rel_shapes import QUEUE, SLOTS
-from rel_support import metric, rss_anon_kib, stream_text, wait_for_idle
+from support.rel_shapes import QUEUE, SLOTS
+from support.metrics import metric, rss_anon_kib, stream_text, wait_for_idle
 
 pytestmark = pytest.mark.real
 

@@ -15,8 +15,8 @@ import time
 import httpx
 import pytest
 
-from live_server import MODEL, base_config, start_server, stop_server
-from rel_support import rss_anon_kib, wait_for_idle
+from support.live_server import MODEL, base_config, start_server, stop_server
+from support.metrics import rss_anon_kib, wait_for_idle
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 

@@ -10,9 +10,9 @@ import shutil
 
 import pytest
 
-from live_server import MODEL
-from rel_support import wait_for_idle
-from test_api_errors import assert_error
+from support.live_server import MODEL
+from support.metrics import wait_for_idle
+from support.errors import assert_error
 
 pytestmark = pytest.mark.real
 

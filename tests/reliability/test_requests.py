@@ -14,8 +14,8 @@ import socket
 
 import pytest
 
-from rel_shapes import CONTEXT
-from test_api_errors import assert_error
+from support.rel_shapes import CONTEXT
+from support.errors import assert_error
 
 pytestmark = pytest.mark.real
 

@@ -25,8 +25,8 @@ from hypothesis import HealthCheck, given, settings
 
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-import leak_recorder
-from live_server import MODEL
+from support import leak_recorder
+from support.live_server import MODEL
 
 pytestmark = pytest.mark.real
 

@@ -15,7 +15,7 @@ import textwrap
 
 import pytest
 
-import leak_recorder
+from support import leak_recorder
 from woolly.config import load_config
 
 KEYS = ["first-key-0123456789", "second-key-abcdefghij"]

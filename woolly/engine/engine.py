@@ -28,6 +28,14 @@ class EngineStats:
     compiles: int                    # XLA compilations in this process
 
 
+@dataclass(frozen=True)
+class SchedulerLoad:
+    """The scheduler's counters, cheap to read (for /metrics); zeros while no model is loaded."""
+    active: int = 0             # slots decoding now
+    waiting: int = 0            # requests queued for a slot
+    tokens_generated: int = 0   # tokens this model's scheduler has produced
+
+
 class _CompileCounter:
     """Counts XLA backend compiles through jax.monitoring (cache hits don't count)."""
 
@@ -160,6 +168,10 @@ class Engine:
             raise ModelNotLoaded("no model is loaded")
         return s
 
+    def load(self) -> SchedulerLoad:
+        s = self._scheduler
+        return SchedulerLoad(s.active, s.waiting, s.tokens_generated) if s is not None else SchedulerLoad()
+
     # -- sessions ----------------------------------------------------------------------------
     def create_session(self) -> Session:
         self.model  # raises ModelNotLoaded
@@ -208,13 +220,13 @@ class Engine:
         pending = len(prompts)
         try:
             for i, p in enumerate(prompts):
-                reqs.append(sched.submit(self.tokenize(p), params, lambda k, pl, i=i: q.put((i, k, pl))))
+                reqs.append(sched.submit(self.tokenize(p), params, lambda e, i=i: q.put((i, e))))
             while pending:
-                i, kind, payload = q.get()
-                if kind == "error":
-                    raise payload
-                if kind == "done":
-                    results[i] = payload
+                i, event = q.get()
+                if isinstance(event, WoollyError):
+                    raise event
+                if isinstance(event, GenerationResult):
+                    results[i] = event
                     pending -= 1
         finally:
             if pending:   # a refused prompt, an error or an interrupt: the others stop at the next step

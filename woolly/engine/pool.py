@@ -37,8 +37,8 @@ class _Entry:
     idle_since: float = field(default_factory=time.monotonic)
 
     def busy(self) -> bool:
-        sched = self.engine._scheduler
-        return self.leases > 0 or (sched is not None and (sched.active > 0 or sched.waiting > 0))
+        load = self.engine.load()
+        return self.leases > 0 or load.active > 0 or load.waiting > 0
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Generation parameters, and the `Sampler` protocol for samplers that run on the host.
 
-`DefaultSampler` is what on-device sampling does (woolly.runtime.sampling): its settings
+`DefaultSampler` is what on-device sampling does (woolly.runtime.device_sampling): its settings
 travel to the batched step as per-slot arrays. A sampler with state across steps
 (`MirostatSampler`) runs on the host, over that slot's logits.
 """

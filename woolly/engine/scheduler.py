@@ -5,8 +5,8 @@ then joins the batched decode step; it never waits for another request to finish
 no slot is free it queues; past `max_queue` it is refused as busy. Each step every
 active slot gets one token; cancellation takes effect at the next step.
 
-Events go to each request's `emit(kind, payload)`, called on the scheduler thread:
-("token", TokenEvent), ("done", GenerationResult), ("error", WoollyError). An `emit` that
+Events go to each request's `emit(event)`, called on the scheduler thread: `TokenEvent`s,
+then one `GenerationResult` or one `WoollyError` (an `Event` each). An `emit` that
 raises (its consumer's event loop has closed) cancels its own request and touches no other.
 Live schedulers are closed at interpreter exit, so no thread is left inside XLA then.
 """
@@ -25,15 +25,15 @@ from typing import Callable
 import numpy as np
 
 from woolly.runtime import Runner
-from woolly.runtime.params import trim_heap
+from woolly.engine.prefix_cache import PrefixCache
 from woolly.engine.samplers import GenerationParams, seed32
 from woolly.engine.stops import StopMatcher
 from woolly.errors import ContextLengthExceeded, GenerationFailed, InvalidRequest, ServerBusy, WoollyError
+from woolly.tokenizers.streaming import IncrementalDecoder
 
 log = logging.getLogger("woolly.engine")
 
 RECENT_WINDOW = 256   # W: penalty window kept per slot (repeat_last_n <= W)
-TRIM_AFTER = 64 << 20  # bytes the prefix cache evicts before the freed heap is returned to the OS
 CLOSE_TIMEOUT = 30.0   # seconds `Scheduler.close` waits for the thread to finish its step
 
 
@@ -62,33 +62,8 @@ class GenerationResult:
         return self.generated_tokens / self.generation_time if self.generation_time > 0 else 0.0
 
 
-class TextStream:
-    """Incremental detokenization that never splits a UTF-8 character.
-
-    Decodes a short window and emits only the new suffix once it does not end in an
-    incomplete character (U+FFFD), so multi-token characters come out whole.
-    """
-
-    def __init__(self, tokenizer, context_id: int | None):
-        self.tok = tokenizer
-        self.ids = [] if context_id is None else [context_id]
-        self.prefix = 0
-        self.read = len(self.ids)
-
-    def push(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        before = self.tok.decode(self.ids[self.prefix:self.read])
-        after = self.tok.decode(self.ids[self.prefix:])
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            self.prefix, self.read = self.read, len(self.ids)
-            return after[len(before):]
-        return ""
-
-    def flush(self) -> str:
-        before = self.tok.decode(self.ids[self.prefix:self.read])
-        after = self.tok.decode(self.ids[self.prefix:])
-        self.prefix = self.read = len(self.ids)
-        return after[len(before):]
+# What a request's `emit` receives: tokens as they come, then a result or an error.
+Event = TokenEvent | GenerationResult | WoollyError
 
 
 @dataclass
@@ -96,17 +71,17 @@ class Request:
     id: int
     prompt_ids: list[int]
     params: GenerationParams
-    emit: Callable[[str, object], None]
+    emit: Callable[[Event], None]
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
 
     def cancel(self) -> None:
         self.cancelled.set()
 
-    def send(self, kind: str, payload) -> None:
-        """emit(kind, payload); if it raises, this request is cancelled (it ends at the next step)."""
+    def send(self, event: Event) -> None:
+        """emit(event); if it raises, this request is cancelled (it ends at the next step)."""
         try:
-            self.emit(kind, payload)
+            self.emit(event)
         except Exception as e:   # e.g. "Event loop is closed": that consumer is gone
             if not self.cancelled.is_set():
                 log.warning("request %d: its consumer cannot take events (%s: %s); cancelled",
@@ -119,7 +94,7 @@ class _Slot:
     req: Request
     pos: int                  # where the next input token goes
     next_input: int
-    stream: TextStream
+    stream: IncrementalDecoder
     stops: StopMatcher
     seed: int
     recent: list[int]
@@ -127,76 +102,6 @@ class _Slot:
     text: list[str] = field(default_factory=list)
     first_token_at: float | None = None
     cached: int = 0
-
-
-class PrefixCache:
-    """KV snapshots of finished sequences, keyed by their tokens; LRU within bytes and a TTL.
-
-    A new prompt reuses the longest prefix it shares with any snapshot (not only a whole
-    snapshot): two requests with one system prompt share its KV. Rows past the shared prefix
-    are stale but harmless: prefill overwrites them before any query position reaches them.
-
-    The bound holds for the process, not only for `bytes`: an entry is a slot's worth of large
-    buffers, and glibc keeps the ones it frees in its heap arenas (after the first large free it
-    raises its mmap threshold), so under a churn of stores and evictions (clients starting
-    streams and leaving) the process grew ~1 GB past a 1 GiB cache. Once `trim_after` bytes have
-    been evicted, the freed heap goes back to the OS (`malloc_trim`, a few ms).
-    """
-
-    def __init__(self, max_bytes: int, ttl: float, trim_after: int = TRIM_AFTER):
-        self.max_bytes, self.ttl, self.trim_after = max_bytes, ttl, trim_after
-        self.entries: collections.OrderedDict[tuple[int, ...], tuple[object, int, float]] = collections.OrderedDict()
-        self.bytes = 0
-        self.hits = 0
-        self.evicted = 0   # bytes dropped since the heap was last trimmed
-
-    def lookup(self, ids: list[int], limit: int) -> tuple[int, object | None]:
-        """Longest prefix of ids[:limit] shared with a cached sequence -> (its length, that entry's rows)."""
-        now = time.monotonic()
-        want = np.asarray(ids[:limit], np.int64)
-        best, best_key = 0, None
-        for key, (_, _, t) in list(self.entries.items()):
-            if now - t > self.ttl:
-                self._drop(key)
-                continue
-            n = min(len(key), len(want))
-            same = np.asarray(key[:n], np.int64) == want[:n]
-            shared = n if same.all() else int(np.argmin(same))
-            if shared > best:
-                best, best_key = shared, key
-        self._trim()
-        if best_key is None:
-            return 0, None
-        rows, size, _ = self.entries.pop(best_key)
-        self.entries[best_key] = (rows, size, now)
-        self.hits += 1
-        return best, rows
-
-    def store(self, ids: tuple[int, ...], rows, size: int) -> None:
-        if size > self.max_bytes or not ids:
-            return
-        if ids in self.entries:
-            self._drop(ids)
-        while self.bytes + size > self.max_bytes and self.entries:
-            self._drop(next(iter(self.entries)))
-        self.entries[ids] = (rows, size, time.monotonic())
-        self.bytes += size
-        self._trim()
-
-    def _drop(self, key) -> None:
-        _, size, _ = self.entries.pop(key)   # the rows are freed here (nothing else holds them)
-        self.bytes -= size
-        self.evicted += size
-
-    def _trim(self) -> None:
-        if self.evicted and self.evicted >= self.trim_after:
-            self.evicted = 0
-            trim_heap()
-
-    def clear(self) -> None:
-        self.entries.clear()
-        self.bytes = self.evicted = 0
-        trim_heap()
 
 
 class Scheduler:
@@ -283,7 +188,7 @@ class Scheduler:
                 for i, s in enumerate(self.slots):
                     if s is not None:
                         self.slots[i] = None
-                        s.req.send("error", err)
+                        s.req.send(err)
                 self._ahead = None
                 self.runner.reset_cache()
 
@@ -291,9 +196,9 @@ class Scheduler:
         for i, s in enumerate(self.slots):
             if s is not None:
                 self.slots[i] = None
-                s.req.send("error", error)
+                s.req.send(error)
         while self.queue:
-            self.queue.popleft().send("error", error)
+            self.queue.popleft().send(error)
 
     def _admit(self) -> None:
         """Fill free slots from the queue, then prefill the new prompts in one pass."""
@@ -335,7 +240,7 @@ class Scheduler:
     def _fail_start(self, slot: int, req: Request, e: Exception) -> None:
         log.exception("prefill failed")
         self.slots[slot] = None
-        req.send("error", e if isinstance(e, WoollyError) else GenerationFailed(f"prefill failed: {type(e).__name__}"))
+        req.send(e if isinstance(e, WoollyError) else GenerationFailed(f"prefill failed: {type(e).__name__}"))
         if self.runner.cache.k[0].is_deleted():  # donated and lost: the others' KV went with it
             raise e
 
@@ -351,9 +256,14 @@ class Scheduler:
                 self.runner.write_slot(rows, slot)
         p = req.params
         seed = seed32(p.seed) if p.seed is not None else int(np.random.default_rng().integers(0, 2**31 - 1))
-        return _Slot(req=req, pos=n - 1, next_input=ids[-1], stream=TextStream(self.tok, ids[-1]),
+        return _Slot(req=req, pos=n - 1, next_input=ids[-1], stream=self._decoder(ids[-1]),
                      stops=StopMatcher(p.stop), seed=seed, recent=ids[-min(p.repeat_last_n, RECENT_WINDOW):]
                      if p.repeat_last_n else [], cached=cached)
+
+    def _decoder(self, context_id: int) -> IncrementalDecoder:
+        """The text of a slot's new tokens. They continue the prompt, so a SentencePiece space
+        before the first is kept, unless the prompt is only BOS (then they begin the text)."""
+        return IncrementalDecoder(self.tok, at_start=context_id == self.tok.special_tokens.bos)
 
     def _step(self) -> None:
         """One decode step for every active slot. Where it can, the step after it is queued on the
@@ -451,10 +361,10 @@ class Scheduler:
             return self._finish(i, "stop")
         s.generated.append(tok)
         self.tokens_generated += 1
-        piece = s.stops.feed(s.stream.push(tok))
+        piece = s.stops.feed(s.stream.feed(tok))
         if piece or lp is not None:
             s.text.append(piece)
-            req.send("token", TokenEvent(piece, tok, len(s.generated) - 1, lp, top))
+            req.send(TokenEvent(piece, tok, len(s.generated) - 1, lp, top))
         if s.stops.stopped:
             return self._finish(i, "stop")
         s.pos += 1
@@ -471,20 +381,20 @@ class Scheduler:
             tail = s.stops.feed(s.stream.flush()) + s.stops.flush()
             if tail:
                 s.text.append(tail)
-                s.req.send("token", TokenEvent(tail, -1, len(s.generated) - 1))
+                s.req.send(TokenEvent(tail, -1, len(s.generated) - 1))
         if self.prefix_cache.max_bytes and s.pos > 0:
             known = (s.req.prompt_ids + s.generated)[:s.pos]   # tokens whose KV is in the slot
             self.prefix_cache.store(tuple(known), self.runner.read_slot(i), self.runner.slot_nbytes)
         now = time.perf_counter()
         start = s.req.submitted
-        s.req.send("done", GenerationResult(
+        s.req.send(GenerationResult(
             text="".join(s.text), token_ids=list(s.generated), prompt_tokens=len(s.req.prompt_ids),
             generated_tokens=len(s.generated), finish_reason=reason,
             time_to_first_token=None if s.first_token_at is None else s.first_token_at - start,
             generation_time=now - start, cached_prompt_tokens=s.cached))
 
     def _finish_unstarted(self, req: Request, reason: str) -> None:
-        req.send("done", GenerationResult("", [], len(req.prompt_ids), 0, reason, None,
+        req.send(GenerationResult("", [], len(req.prompt_ids), 0, reason, None,
                                           time.perf_counter() - req.submitted))
 
 

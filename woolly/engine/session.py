@@ -70,44 +70,42 @@ class Session:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
-        def emit(kind, payload):
-            loop.call_soon_threadsafe(events.put_nowait, (kind, payload))
-
-        req = self._submit(prompt, emit, max_tokens=max_tokens, temperature=temperature, top_p=top_p, **options)
+        req = self._submit(prompt, lambda e: loop.call_soon_threadsafe(events.put_nowait, e), max_tokens=max_tokens,
+                           temperature=temperature, top_p=top_p, **options)
         done = False
         try:
             while True:
-                kind, payload = await events.get()
-                if kind == "token":
-                    if payload.text:
-                        yield payload.text
-                elif kind == "done":
+                event = await events.get()
+                if isinstance(event, TokenEvent):
+                    if event.text:
+                        yield event.text
+                elif isinstance(event, GenerationResult):
                     done = True
-                    self._record(req, payload)
+                    self._record(req, event)
                     break
                 else:
                     done = True
-                    raise payload
+                    raise event
         finally:
             if not done:       # the consumer went away: stop generating at the next step
                 req.cancel()
 
-    async def generate_events(self, prompt: str | list[int], **options) -> AsyncIterator[tuple[str, object]]:
-        """("token", TokenEvent) ... then ("done", GenerationResult): for servers needing ids and counts."""
+    async def generate_events(self, prompt: str | list[int], **options) -> AsyncIterator[TokenEvent | GenerationResult]:
+        """TokenEvent ... then one GenerationResult (an error is raised): for servers needing ids and counts."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        req = self._submit(prompt, lambda k, p: loop.call_soon_threadsafe(events.put_nowait, (k, p)), **options)
+        req = self._submit(prompt, lambda e: loop.call_soon_threadsafe(events.put_nowait, e), **options)
         done = False
         try:
             while True:
-                kind, payload = await events.get()
-                if kind == "error":
+                event = await events.get()
+                if isinstance(event, WoollyError):
                     done = True
-                    raise payload
-                if kind == "done":
+                    raise event
+                if isinstance(event, GenerationResult):
                     done = True
-                    self._record(req, payload)
-                yield kind, payload
+                    self._record(req, event)
+                yield event
                 if done:
                     return
         finally:
@@ -133,22 +131,21 @@ class Session:
     def stream_sync(self, prompt: str, max_tokens: int = 128, temperature: float = 0.8, top_p: float = 0.95,
                     **options) -> Iterator[str]:
         q: queue.Queue = queue.Queue()
-        req = self._submit(prompt, lambda k, p: q.put((k, p)), max_tokens=max_tokens, temperature=temperature,
-                           top_p=top_p, **options)
+        req = self._submit(prompt, q.put, max_tokens=max_tokens, temperature=temperature, top_p=top_p, **options)
         done = False
         try:
             while True:
-                kind, payload = q.get()
-                if kind == "token":
-                    if payload.text:
-                        yield payload.text
-                elif kind == "done":
+                event = q.get()
+                if isinstance(event, TokenEvent):
+                    if event.text:
+                        yield event.text
+                elif isinstance(event, GenerationResult):
                     done = True
-                    self._record(req, payload)
+                    self._record(req, event)
                     return
                 else:
                     done = True
-                    raise payload
+                    raise event
         finally:
             if not done:
                 req.cancel()

@@ -13,27 +13,28 @@ from __future__ import annotations
 import enum
 from typing import NamedTuple
 
+import gguf
 import numpy as np
 
-QK_K = 256
+QK_K = gguf.QK_K  # weights per K-quant super-block
 
 
 class QuantizationType(enum.IntEnum):
-    """The tensor types Woolly reads and writes; values are ggml's type ids."""
+    """The tensor types Woolly reads and writes; values are gguf-py's `GGMLQuantizationType` ids."""
 
-    F32 = 0
-    F16 = 1
-    Q4_0 = 2
-    Q4_1 = 3
-    Q5_0 = 6
-    Q5_1 = 7
-    Q8_0 = 8
-    Q2_K = 10
-    Q3_K = 11
-    Q4_K = 12
-    Q5_K = 13
-    Q6_K = 14
-    BF16 = 30
+    F32 = gguf.GGMLQuantizationType.F32
+    F16 = gguf.GGMLQuantizationType.F16
+    Q4_0 = gguf.GGMLQuantizationType.Q4_0
+    Q4_1 = gguf.GGMLQuantizationType.Q4_1
+    Q5_0 = gguf.GGMLQuantizationType.Q5_0
+    Q5_1 = gguf.GGMLQuantizationType.Q5_1
+    Q8_0 = gguf.GGMLQuantizationType.Q8_0
+    Q2_K = gguf.GGMLQuantizationType.Q2_K
+    Q3_K = gguf.GGMLQuantizationType.Q3_K
+    Q4_K = gguf.GGMLQuantizationType.Q4_K
+    Q5_K = gguf.GGMLQuantizationType.Q5_K
+    Q6_K = gguf.GGMLQuantizationType.Q6_K
+    BF16 = gguf.GGMLQuantizationType.BF16
 
     @classmethod
     def parse(cls, name: str | int | "QuantizationType") -> "QuantizationType":
@@ -60,29 +61,18 @@ class QuantizationType(enum.IntEnum):
         return self not in (QuantizationType.F32, QuantizationType.F16, QuantizationType.BF16)
 
 
-# (weights per block, bytes per block), as in ggml's type traits.
+# (weights per block, bytes per block): gguf-py's copy of ggml's type traits.
 BLOCK_SIZE: dict[QuantizationType, tuple[int, int]] = {
-    QuantizationType.F32: (1, 4),
-    QuantizationType.F16: (1, 2),
-    QuantizationType.BF16: (1, 2),
-    QuantizationType.Q4_0: (32, 18),
-    QuantizationType.Q4_1: (32, 20),
-    QuantizationType.Q5_0: (32, 22),
-    QuantizationType.Q5_1: (32, 24),
-    QuantizationType.Q8_0: (32, 34),
-    QuantizationType.Q2_K: (QK_K, 84),
-    QuantizationType.Q3_K: (QK_K, 110),
-    QuantizationType.Q4_K: (QK_K, 144),
-    QuantizationType.Q5_K: (QK_K, 176),
-    QuantizationType.Q6_K: (QK_K, 210),
-}
+    t: gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(t)] for t in QuantizationType}
 
 # ggml type ids that exist but Woolly cannot decode: named in errors instead of "unknown".
-OTHER_GGML_TYPES = {
-    9: "Q8_1", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL",
-    21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64",
-    29: "IQ1_M", 34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4", 40: "NVFP4",
-}
+OTHER_GGML_TYPES = {t.value: t.name for t in gguf.GGMLQuantizationType
+                    if t.value not in QuantizationType._value2member_map_}
+
+
+# llama.cpp's llama_ftype names for general.file_type ("Q4_K_M", "F16", ...), from gguf-py.
+FILE_TYPE_NAMES = {t.value: t.name.removeprefix("ALL_").removeprefix("MOSTLY_")
+                   for t in gguf.LlamaFileType if t is not gguf.LlamaFileType.GUESSED}
 
 
 def row_nbytes(qtype: QuantizationType, n: int) -> int:

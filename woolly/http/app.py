@@ -27,7 +27,7 @@ from litestar.types import ASGIApp, Receive, Scope, Send
 
 import woolly
 from woolly.config import WoollyConfig, parse_keep_alive
-from woolly.engine import Engine
+from woolly.engine import Engine, GenerationResult, TokenEvent
 from woolly.engine.pool import KEEP, ModelPool
 from woolly.errors import HTTP_STATUS, ContextLengthExceeded, InvalidRequest, ModelNotFound, ModelNotLoaded, WoollyError
 from woolly.http import schemas as S
@@ -321,13 +321,13 @@ class Server:
                 f"{room + prompt_len}", details={"max_tokens": requested, "prompt_tokens": prompt_len})
         return requested
 
-    async def events(self, engine: Engine, ids: list[int], options: dict) -> AsyncIterator[tuple[str, Any]]:
+    async def events(self, engine: Engine, ids: list[int], options: dict) -> AsyncIterator[TokenEvent | GenerationResult]:
         session = engine.create_session()
         options = dict(options)
         options["max_tokens"] = self.max_tokens(engine, options.get("max_tokens"), len(ids),
                                                 options.pop("num_ctx", None))
-        async for kind, payload in session.generate_events(ids, **options):
-            yield kind, payload
+        async for event in session.generate_events(ids, **options):
+            yield event
 
 
 def create_app(config: WoollyConfig, pool: ModelPool) -> Litestar:
@@ -437,12 +437,12 @@ def create_app(config: WoollyConfig, pool: ModelPool) -> Litestar:
 
 
 # -- answering: one JSON body, or an SSE stream ------------------------------------------------------
-async def _answer(request: Request, events: AsyncIterator[tuple[str, Any]], stream: bool, to_json):
+async def _answer(request: Request, events: AsyncIterator[TokenEvent | GenerationResult], stream: bool, to_json):
     if not stream:
         result = None
-        async for kind, payload in events:
-            if kind == "done":
-                result = payload
+        async for event in events:
+            if isinstance(event, GenerationResult):
+                result = event
         request.scope["state"]["tokens"] = result.generated_tokens
         return to_json(result)
     return EventStream(_sse_tokens(request, await prime(events)))
@@ -451,12 +451,13 @@ async def _answer(request: Request, events: AsyncIterator[tuple[str, Any]], stre
 async def _sse_tokens(request: Request, events: Primed) -> AsyncIterator[str]:
     index = 0
     try:
-        async for kind, payload in events:
-            if kind == "token" and payload.text:
-                yield msgspec.json.encode({"token": payload.text, "id": index}).decode()
-                index += 1
-            elif kind == "done":
-                request.scope["state"]["tokens"] = payload.generated_tokens
+        async for event in events:
+            if isinstance(event, TokenEvent):
+                if event.text:
+                    yield msgspec.json.encode({"token": event.text, "id": index}).decode()
+                    index += 1
+            else:
+                request.scope["state"]["tokens"] = event.generated_tokens
     except WoollyError as e:
         yield msgspec.json.encode({"error": {"message": e.message, "code": e.code, "details": e.details}}).decode()
     finally:

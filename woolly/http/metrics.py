@@ -24,8 +24,7 @@ class Metrics:
         slots.set_function(lambda: self._sched_value("active"))
 
     def _sched_value(self, name: str) -> float:
-        scheds = [e._scheduler for _, e in self.pool.loaded()]
-        return float(sum(getattr(s, name) for s in scheds if s is not None))
+        return float(sum(getattr(e.load(), name) for _, e in self.pool.loaded()))
 
     def observe_request(self, path: str, status: int, seconds: float) -> None:
         route = path if path in ROUTES else "other"   # bounded label values

@@ -16,6 +16,7 @@ import msgspec
 from litestar import Request, Response, get, post
 from litestar.openapi.datastructures import ResponseSpec
 
+from woolly.engine import TokenEvent
 from woolly.errors import InvalidRequest, WoollyError
 from woolly.http import schemas as S
 from woolly.http.responses import ERROR_RESPONSES
@@ -170,11 +171,11 @@ def _completion_delta(ev, logprobs: int | None, token_text) -> dict:
 
 async def _collect(request: Request, events: AsyncIterator) -> tuple[Any, list]:
     toks, result = [], None
-    async for kind, payload in events:
-        if kind == "token":
-            toks.append(payload)
+    async for event in events:
+        if isinstance(event, TokenEvent):
+            toks.append(event)
         else:
-            result = payload
+            result = event
     request.scope["state"]["tokens"] = result.generated_tokens
     return result, toks
 
@@ -191,16 +192,16 @@ async def _stream(request: Request, events: AsyncIterator, rid: str, created: in
     try:
         if role_first:
             yield chunk({"delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None})
-        async for kind, payload in events:
-            if kind == "token":
-                if payload.text or payload.logprob is not None:
-                    yield chunk({**delta_of(payload), "finish_reason": None})
-            else:
-                request.scope["state"]["tokens"] = payload.generated_tokens
+        async for event in events:
+            if isinstance(event, TokenEvent):
+                if event.text or event.logprob is not None:
+                    yield chunk({**delta_of(event), "finish_reason": None})
+            else:   # the GenerationResult
+                request.scope["state"]["tokens"] = event.generated_tokens
                 last = {"delta": {}, "logprobs": None} if role_first else {"text": "", "logprobs": None}
-                yield chunk({**last, "finish_reason": payload.finish_reason})
+                yield chunk({**last, "finish_reason": event.finish_reason})
                 if include_usage:
-                    yield chunk({}, usage=_usage(payload), with_choice=False)
+                    yield chunk({}, usage=_usage(event), with_choice=False)
     except WoollyError as e:
         yield msgspec.json.encode({"error": {"message": e.message, "code": e.code, "type": e.code}}).decode()
     finally:

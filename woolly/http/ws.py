@@ -13,6 +13,7 @@ import msgspec
 from litestar.connection import WebSocket
 from litestar.exceptions import WebSocketDisconnect
 
+from woolly.engine import TokenEvent
 from woolly.errors import InvalidRequest, RateLimited, WoollyError
 from woolly.http import schemas as S
 from woolly.http.request_body import check_depth
@@ -59,19 +60,19 @@ async def serve_socket(socket: WebSocket, server) -> None:
                 else:
                     ids = await server.chat_ids(engine, msg.messages)
                 index = 0
-                async for kind, payload in server.events(engine, ids, options):
-                    if kind == "token" and payload.text:
-                        await send({"type": "token", "request_id": rid, "token": payload.text, "index": index,
-                                    "timestamp": int(time.time() * 1000)})
-                        index += 1
-                        progress["text"].append(payload.text)
-                    if kind == "token":
-                        progress["tokens"] = payload.index + 1
-                    elif kind == "done":
-                        await send({"type": "complete", "request_id": rid, "text": payload.text,
-                                    "tokens_generated": payload.generated_tokens,
-                                    "generation_time_ms": int(payload.generation_time * 1000),
-                                    "finish_reason": payload.finish_reason})
+                async for event in server.events(engine, ids, options):
+                    if isinstance(event, TokenEvent):
+                        if event.text:
+                            await send({"type": "token", "request_id": rid, "token": event.text, "index": index,
+                                        "timestamp": int(time.time() * 1000)})
+                            index += 1
+                            progress["text"].append(event.text)
+                        progress["tokens"] = event.index + 1
+                    else:
+                        await send({"type": "complete", "request_id": rid, "text": event.text,
+                                    "tokens_generated": event.generated_tokens,
+                                    "generation_time_ms": int(event.generation_time * 1000),
+                                    "finish_reason": event.finish_reason})
         except WoollyError as e:
             await send_error(rid, e)
         finally:

@@ -9,7 +9,7 @@ from woolly.runtime.entry import (all_logits, decode_and_sample, decode_step, em
                                   token_logprobs)
 from woolly.runtime.params import load_params
 from woolly.runtime.runner import Runner
-from woolly.runtime.sampling import SamplingParams, sample
+from woolly.runtime.device_sampling import SamplingParams, sample
 
 __all__ = ["Runner", "SamplingParams", "all_logits", "bucket", "compile_cache_dir", "decode_and_sample",
            "decode_step", "embed", "enable_compile_cache", "generate", "load_params", "new_cache", "prefill",

@@ -27,7 +27,7 @@ import jax
 from woolly.models.base import KVCache
 from woolly.ops import attention, cpu_kernels, qmatmul
 from woolly.runtime.compile_cache import compile_cache_dir
-from woolly.runtime.sampling import SamplingParams
+from woolly.runtime.device_sampling import SamplingParams
 
 _lock = threading.Lock()
 _source_hash: str | None = None

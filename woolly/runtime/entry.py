@@ -16,7 +16,7 @@ import numpy as np
 from woolly.models import KVCache, forward_hidden, output_logits
 from woolly.runtime.aot import Exported
 from woolly.runtime.cache import new_cache
-from woolly.runtime.sampling import SamplingParams, push_recent, sample, slot_keys
+from woolly.runtime.device_sampling import SamplingParams, push_recent, sample, slot_keys
 
 
 def _slot_rows(cache: KVCache, slot: jax.Array, length: int | None = None) -> KVCache:

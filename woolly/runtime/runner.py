@@ -16,7 +16,7 @@ from woolly.runtime import entry
 from woolly.runtime.cache import bucket, new_cache
 from woolly.runtime.compile_cache import enable_compile_cache
 from woolly.runtime.params import load_params
-from woolly.runtime.sampling import SamplingParams
+from woolly.runtime.device_sampling import SamplingParams
 
 MAX_PREFILL_BUCKET = 512   # longer prompts are prefilled in chunks of this many tokens
 PENALTY_WINDOW = 64        # llama.cpp's default repeat_last_n

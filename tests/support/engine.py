@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import asyncio
 
-from woolly.engine import Engine, EngineConfig
+from woolly.engine import Engine, EngineConfig, TokenEvent
 
 SLOTS = 8     # every engine test (and the notebooks) uses these shapes, so compiled code is shared
 SEQ = 256
@@ -19,10 +19,10 @@ def run_events(session, prompt, **options):
     """All of one generation's events -> (token events in order, GenerationResult)."""
     async def go():
         tokens, result = [], None
-        async for kind, payload in session.generate_events(prompt, **options):
-            if kind == "token":
-                tokens.append(payload)
+        async for event in session.generate_events(prompt, **options):
+            if isinstance(event, TokenEvent):
+                tokens.append(event)
             else:
-                result = payload
+                result = event
         return tokens, result
     return asyncio.run(go())

@@ -7,6 +7,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,6 +96,22 @@ def stop_server(server: RunningServer) -> None:
             server.process.wait(timeout=15)
 
 
+@contextmanager
+def serving(workdir: Path, config: dict, env: dict[str, str] | None = None, model: str | None = MODEL,
+            warm_timeout: float | None = None) -> Iterator[RunningServer]:
+    """A started server for the block, stopped after it; `warm_timeout` set: one short generation
+    first, so its compiles are done before the tests time anything."""
+    server = start_server(workdir, config, env, model)
+    try:
+        if warm_timeout is not None:
+            warm = httpx.post(server.url + "/api/generate", json={"prompt": "Hi", "max_tokens": 2},
+                              timeout=warm_timeout)
+            assert warm.status_code == 200, warm.text
+        yield server
+    finally:
+        stop_server(server)
+
+
 BROKEN_MODEL = "broken-model"
 
 
@@ -111,5 +129,3 @@ def base_config(**inference) -> dict:
         "server": {"max_body_bytes": BODY_LIMIT, "max_queue": MAX_QUEUE},
         "logging": {"level": "info", "format": "json", "output": "stdout"},
     }
-
-
