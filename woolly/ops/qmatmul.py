@@ -10,7 +10,8 @@ the figures behind each choice come from `scripts/probe_qmatmul.py`):
 
 - Decode, batches and prefill chunks on CPU (quantized: rows <= KERNEL_MAX_ROWS = 512;
   dense f32: rows <= KERNEL_MAX_ROWS_DENSE = 8):
-  an XLA custom call (`jax.ffi`) into a small AVX-512 C++ kernel that splits the weight
+  an XLA custom call (`jax.ffi`) into a small C++ kernel (AVX-512; AVX2, NEON through SIMDe:
+  see cpu_kernels.isa) that splits the weight
   rows over XLA's intra-op thread pool. Quantized weights, by default: x is rounded to int8
   per block of 32 (as llama.cpp does) and multiplied with VNNI integer dot products on the
   grouped layout (see QuantizedWeight), where each int32 lane is one weight row, so the
@@ -23,7 +24,7 @@ the figures behind each choice come from `scripts/probe_qmatmul.py`):
   then XLA's GEMM; dense: XLA's GEMM directly. Prefill is compute-bound; the GEMM dominates.
 - Quantized weights on a GPU: the Pallas (Triton) kernel in `pallas_qmatmul.py`, which forms
   weights tile by tile in registers and never writes the f32 matrix to HBM.
-- No kernel (not CPU, no g++ or AVX-512, WOOLLY_QMATMUL_KERNEL=0): dequantize in XLA, then
+- No kernel (not CPU, no g++, WOOLLY_QMATMUL_KERNEL=0): dequantize in XLA, then
   `x @ W.T`. Correct everywhere, but quantized decode is then several times slower than dense.
 
 The kernel's source is `kernels/qmatvec.cc`; `woolly.ops.cpu_kernels` compiles it with the
@@ -86,7 +87,7 @@ _NIBBLE_OFFSET = {
 
 def kernel_groups_weights() -> bool:
     """Whether quantized weights prepared now should take the grouped layout: the CPU kernel
-    multiplies them with int8 activations (ACTIVATIONS "q8", AVX512-VNNI)."""
+    multiplies them with int8 activations (ACTIVATIONS "q8", AVX512-VNNI or its SIMDe form)."""
     return (ACTIVATIONS == "q8" and jax.default_backend() == "cpu" and cpu_kernels.in_use()
             and kernel_available() and _cpu_has_vnni())
 
@@ -208,7 +209,7 @@ def kernel_error() -> str | None:
 
 
 def _cpu_has_vnni() -> bool:
-    return "avx512_vnni" in cpu_kernels.cpu_tag()
+    return cpu_kernels.has_int8_dot()
 
 
 def uses_q8_activations(w, rows: int, I: int) -> bool:
