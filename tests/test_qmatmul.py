@@ -308,3 +308,79 @@ def test_rows_of_different_formats_or_layouts_are_not_fused():
     c = qm.prepare_weight(random_raw(Q.Q4_K, (32, 512)), Q.Q4_K, (32, 512), "quantized", grouped=False)
     assert qm.fuse_rows([a, c]) is None                                   # another width
     assert qm.fuse_rows([a, jnp.zeros((32, 256))]) is None                # not quantized
+
+
+# The CPU kernels built for another instruction set (cpu_kernels.isa): a child process per
+# build (the choice is made once per process), each computing the same products.
+_ISA_CHILD = r"""
+import sys, numpy as np, jax, jax.numpy as jnp
+from test_qmatmul import random_raw
+from woolly.formats.quants import QuantizationType as Q
+from woolly.ops import cpu_kernels, qmatmul as qm
+out = {"isa": np.array(cpu_kernels.isa()), "ok": np.array(qm.kernel_available())}
+rng = np.random.default_rng(1)
+for act in ("q8", "f32"):
+    qm.ACTIVATIONS = act
+    jax.clear_caches()
+    for qt in (Q.Q4_0, Q.Q4_K, Q.Q6_K, Q.Q8_0):
+        w = qm.prepare_weight(random_raw(qt, (64, 256)), qt, (64, 256), "quantized")
+        for rows in (1, 5, 600):   # decode, a batch, a prefill past KERNEL_MAX_ROWS (dequantize)
+            x = jnp.asarray(rng.standard_normal((rows, 256)), jnp.float32)
+            out[f"{act}-{qt.name}-{rows}"] = np.asarray(qm.linear(x, w))
+w = jnp.asarray(rng.standard_normal((48, 128)), jnp.float32)
+out["dense"] = np.asarray(qm.linear(jnp.asarray(rng.standard_normal((4, 128)), jnp.float32), w))
+np.savez(sys.argv[1], **out)
+"""
+
+
+def _isa_products(tmp_path, isa: str) -> dict:
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, WOOLLY_CPU_ISA=isa)
+    path = tmp_path / f"{isa}.npz"
+    r = subprocess.run([sys.executable, "-c", _ISA_CHILD, str(path)], env=env, capture_output=True, text=True,
+                       timeout=600, cwd=os.path.dirname(__file__))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return dict(np.load(path))
+
+
+@pytest.mark.parametrize("isa", ["avx2", pytest.param("portable", marks=pytest.mark.slow)])
+def test_kernel_builds_for_other_isas_give_the_default_s_results(tmp_path, isa):
+    """AVX-512 switched off (AVX2 through SIMDe) or no vector ISA at all: the kernels still
+    build and run, and every product equals the default build's bit for bit."""
+    import platform
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("the AVX2 build is an x86-64 one")
+    if not qm.kernel_available():
+        pytest.skip(f"CPU kernel unavailable: {qm.kernel_error()}")
+    base, other = _isa_products(tmp_path, "auto"), _isa_products(tmp_path, isa)
+    assert str(other.pop("isa")) == isa and bool(other.pop("ok")), "the kernel did not build for " + isa
+    base.pop("isa"), base.pop("ok")
+    assert base.keys() == other.keys()
+    for k in base:
+        np.testing.assert_array_equal(other[k], base[k], err_msg=k)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["qmatvec", "attention"])
+def test_kernels_cross_compile_for_arm64_neon(tmp_path, name):
+    """The portable build compiles for ARM64 (NEON) where a cross compiler is installed
+    (Debian: g++-aarch64-linux-gnu); running it needs an ARM machine."""
+    import os
+    import shutil
+    import subprocess
+
+    import simde_py
+
+    from woolly.ops import cpu_kernels
+    cxx = shutil.which("aarch64-linux-gnu-g++")
+    if cxx is None:
+        pytest.skip("no aarch64-linux-gnu-g++")
+    out = tmp_path / f"{name}.so"
+    r = subprocess.run([cxx, *cpu_kernels.FLAGS, "-march=armv8.2-a+dotprod", "-DWOOLLY_PORTABLE",
+                        f"-I{simde_py.get_include()}", f"-I{jax.ffi.include_dir()}", f"-I{cpu_kernels.KERNEL_DIR}",
+                        os.path.join(cpu_kernels.KERNEL_DIR, f"{name}.cc"), "-o", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert out.read_bytes()[18] == 183   # ELF e_machine EM_AARCH64

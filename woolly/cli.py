@@ -242,6 +242,7 @@ def cmd_serve(args) -> int:
     inf = cfg.inference
     pool = ModelPool(EngineConfig(max_batch_size=inf.max_batch_size, max_sequence_length=inf.max_sequence_length,
                                   enable_gpu=inf.gpu.enabled, num_threads=inf.cpu.threads, residency=inf.residency,
+                                  kv_cache_type=inf.kv_cache_type,
                                   tensor_parallel=inf.tensor_parallel, data_parallel=inf.data_parallel,
                                   max_queue=cfg.server.max_queue,
                                   max_embedding_tokens=cfg.server.max_embedding_tokens,

@@ -66,6 +66,7 @@ class InferenceSection(msgspec.Struct, forbid_unknown_fields=True):
     max_batch_size: int = 4
     max_sequence_length: int = 2048
     residency: Literal["dense", "quantized"] = "quantized"   # dense: the exact mode, f32 weights
+    kv_cache_type: Literal["f32", "f16", "bf16"] = "f32"   # KV cache element (llama.cpp --cache-type-k/v)
     tensor_parallel: int = 1   # devices the heads and MLP are split over (docs/sharding.md)
     data_parallel: int = 1     # devices the slots are split over
     gpu: Gpu = msgspec.field(default_factory=Gpu)
@@ -140,6 +141,7 @@ ENV_VARS: dict[str, tuple[tuple[str, ...], type]] = {
     "WOOLLY_GPU_ENABLED": (("inference", "gpu", "enabled"), bool),
     "WOOLLY_GPU_LAYERS": (("inference", "gpu", "layers"), int),
     "WOOLLY_CPU_THREADS": (("inference", "cpu", "threads"), int),
+    "WOOLLY_KV_CACHE_TYPE": (("inference", "kv_cache_type"), str),
     "WOOLLY_TENSOR_PARALLEL": (("inference", "tensor_parallel"), int),
     "WOOLLY_DATA_PARALLEL": (("inference", "data_parallel"), int),
     "WOOLLY_LOG_LEVEL": (("logging", "level"), str),

@@ -30,6 +30,7 @@ class EngineConfig:
     mmap_enabled: bool = True
     cache_config: CacheConfig = field(default_factory=CacheConfig)
     residency: str = "quantized"      # "quantized" (fast) or "dense" (exact f32) weights (woolly.ops.qmatmul)
+    kv_cache_type: str = "f32"        # KV cache element: "f32", "f16" or "bf16" (woolly.runtime.cache)
     max_queue: int = 64               # requests waiting for a slot before `busy`
     max_embedding_tokens: int = 32768     # tokens in one `embed` call, all inputs together
     embedding_chunk_tokens: int = 4096    # padded tokens per embedding pass (bounds its memory)
@@ -47,6 +48,8 @@ class EngineConfig:
             raise ValueError("max_sequence_length must be between 16 and 1048576")
         if self.residency not in ("dense", "quantized"):
             raise ValueError("residency must be 'dense' or 'quantized'")
+        if self.kv_cache_type not in ("f32", "f16", "bf16"):   # woolly.runtime.cache.KV_CACHE_TYPES
+            raise ValueError("kv_cache_type must be 'f32', 'f16' or 'bf16'")
         if self.max_embedding_tokens < 1 or self.embedding_chunk_tokens < 1:
             raise ValueError("max_embedding_tokens and embedding_chunk_tokens must be >= 1")
         if self.num_threads is not None and self.num_threads < 1:
@@ -118,6 +121,10 @@ class EngineConfigBuilder:
 
     def residency(self, mode: str):
         self._kw["residency"] = mode
+        return self
+
+    def kv_cache_type(self, kind: str):
+        self._kw["kv_cache_type"] = kind
         return self
 
     def tensor_parallel(self, devices: int):

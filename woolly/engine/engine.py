@@ -98,7 +98,8 @@ class Engine:
             if mesh is not None:   # whole slots per data-parallel device
                 dp = int(mesh.shape["data"])
                 slots = -(-slots // dp) * dp
-            runner = Runner(model, residency=cfg.residency, slots=slots, cache_length=length, mesh=mesh)
+            runner = Runner(model, residency=cfg.residency, slots=slots, cache_length=length, mesh=mesh,
+                            kv_cache_type=cfg.kv_cache_type)
         except WoollyError:
             model.close()
             raise

@@ -5,7 +5,7 @@
 whole-sequence passes: T per slot): on CPU it calls the C++ kernel `kernels/attention.cc`
 from inside jit through `jax.ffi`, which reads only each query's live rows (s <= p, within
 the window) instead of the whole cache bucket, one query at a time, so a row's result does
-not depend on the others in its batch; elsewhere (another backend, no g++/AVX-512,
+not depend on the others in its batch; elsewhere (another backend, no g++,
 `cpu_kernels.xla_only()`) it is `attend` with the mask.
 """
 from __future__ import annotations

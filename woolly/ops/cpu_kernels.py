@@ -2,11 +2,17 @@
 
 Each kernel is one source file in `woolly/ops/kernels/` exporting XLA FFI handlers
 (`XLA_FFI_DEFINE_HANDLER_SYMBOL`). `load_kernel(name, {target: symbol})` compiles
-`kernels/{name}.cc` (-O3 -march=native) into `~/.cache/woolly/kernels` (or
-`WOOLLY_KERNEL_CACHE`), keyed by source, jax version, compiler flags and CPU, so later
-processes only load the cached .so; it then registers each handler as an FFI target for
-the CPU platform. Any failure (no g++, no AVX-512, not x86-64, `WOOLLY_QMATMUL_KERNEL=0`)
-is reported once as a warning and the caller falls back to pure XLA.
+`kernels/{name}.cc` into `~/.cache/woolly/kernels` (or `WOOLLY_KERNEL_CACHE`), keyed by
+source, jax version, compiler flags and CPU, so later processes only load the cached .so; it
+then registers each handler as an FFI target for the CPU platform. Any failure (no g++,
+`WOOLLY_QMATMUL_KERNEL=0`) is reported once as a warning and the caller falls back to pure XLA.
+
+The kernels are written in AVX-512 intrinsics (kernels/simd.h). `isa()` picks the build from
+the CPU's flags, or `WOOLLY_CPU_ISA` (auto | avx512 | avx2 | neon | portable): "avx512"
+compiles them natively (-march=native); every other target defines WOOLLY_PORTABLE and takes
+the same intrinsics from SIMDe (pip simde-py), which maps them onto AVX2 (-march=native
+-mno-avx512f: AVX-512 switched off even where the CPU has it), NEON (-mcpu=native) or
+scalar code, with the same results.
 """
 from __future__ import annotations
 
@@ -26,7 +32,10 @@ from pathlib import Path
 import jax
 
 KERNEL_DIR = os.path.join(os.path.dirname(__file__), "kernels")
-FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC", "-w"]
+FLAGS = ["-O3", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC", "-w"]
+ISAS = ("avx512", "avx2", "neon", "portable")
+_ISA_FLAGS = {"avx512": ["-march=native"], "avx2": ["-march=native", "-mno-avx512f", "-mavx2", "-mfma", "-mf16c"],
+              "neon": ["-mcpu=native"], "portable": []}
 
 _xla_only = contextvars.ContextVar("woolly_xla_only", default=False)
 _lock = threading.Lock()
@@ -54,12 +63,55 @@ def in_use() -> bool:
     return not _xla_only.get()
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (/proc/cpuinfo "flags" on x86, "Features" on ARM)."""
+    for ln in cpu_tag().splitlines():
+        if ln.startswith(("flags", "Features")):
+            return set(ln.split(":", 1)[1].split())
+    return set()
+
+
+def isa() -> str:
+    """The instruction set the kernels are built for: WOOLLY_CPU_ISA, else by the CPU's flags."""
+    want = os.environ.get("WOOLLY_CPU_ISA", "auto").lower()
+    if want != "auto":
+        if want not in ISAS:
+            raise ValueError(f"WOOLLY_CPU_ISA must be auto or one of {ISAS}, got {want!r}")
+        return want
+    machine, flags = platform.machine().lower(), cpu_flags()
+    if machine in ("x86_64", "amd64"):
+        if {"avx512f", "avx512bw"} <= flags:
+            return "avx512"
+        if {"avx2", "fma", "f16c"} <= flags:
+            return "avx2"
+    elif machine in ("aarch64", "arm64"):
+        return "neon"
+    return "portable"
+
+
+def has_int8_dot() -> bool:
+    """Whether the kernels multiply int8 activations (WOOLLY_Q8 in qmatvec.cc): AVX512-VNNI
+    natively, or SIMDe's VNNI on every portable build."""
+    return isa() != "avx512" or "avx512_vnni" in cpu_flags()
+
+
+def compile_flags() -> list[str]:
+    """g++ flags for this process's `isa()` (SIMDe's headers on the portable builds)."""
+    target = isa()
+    flags = [*FLAGS, *_ISA_FLAGS[target]]
+    if target != "avx512":
+        import simde_py   # the AVX-512 intrinsics on AVX2 / NEON / scalar
+
+        flags += ["-DWOOLLY_PORTABLE", f"-I{simde_py.get_include()}"]
+    return flags
+
+
 def cpu_tag() -> str:
     """What -march=native depends on: the CPU's model and feature flags."""
     try:
         with open("/proc/cpuinfo") as f:
             info = f.read()
-        lines = [ln for ln in info.splitlines() if ln.startswith(("model name", "flags"))][:2]
+        lines = [ln for ln in info.splitlines() if ln.startswith(("model name", "flags", "Features", "CPU part"))][:3]
         return "\n".join(lines)
     except OSError:
         return platform.processor()
@@ -73,7 +125,8 @@ def build(name: str) -> str:
                       if h.endswith(".h"))
     cxx = os.environ.get("CXX", "g++")
     inc = jax.ffi.include_dir()
-    key = hashlib.sha256("\0".join([source, headers, jax.__version__, inc, cxx, " ".join(FLAGS), cpu_tag(),
+    flags = compile_flags()
+    key = hashlib.sha256("\0".join([source, headers, jax.__version__, inc, cxx, " ".join(flags), cpu_tag(),
                                     sys.platform, platform.machine()]).encode()).hexdigest()[:16]
     root = os.environ.get("WOOLLY_KERNEL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "woolly", "kernels")
     so = os.path.join(root, f"{name}-{key}.so")
@@ -92,7 +145,7 @@ def build(name: str) -> str:
         with open(src, "w") as f:
             f.write(source)
         out = os.path.join(tmp, f"{name}.so")
-        r = subprocess.run([cxx, *FLAGS, f"-I{inc}", f"-I{KERNEL_DIR}", src, "-o", out], capture_output=True, text=True,
+        r = subprocess.run([cxx, *flags, f"-I{inc}", f"-I{KERNEL_DIR}", src, "-o", out], capture_output=True, text=True,
                            timeout=300)
         if r.returncode != 0:
             raise RuntimeError(f"{cxx} failed: {r.stderr.strip()[-2000:]}")
@@ -113,8 +166,6 @@ def load_kernel(name: str, targets: dict[str, str]) -> bool:
         st = {"ok": False}
         if disabled():
             st["error"] = "disabled by WOOLLY_QMATMUL_KERNEL"
-        elif platform.machine().lower() not in ("x86_64", "amd64"):
-            st["error"] = f"no kernel for {platform.machine()}"
         else:
             try:
                 lib = ctypes.cdll.LoadLibrary(build(name))
@@ -122,7 +173,7 @@ def load_kernel(name: str, targets: dict[str, str]) -> bool:
                     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
                 st["lib"] = lib
                 st["ok"] = True
-            except Exception as e:  # no compiler, no AVX-512, ...: the XLA path still works
+            except Exception as e:  # no compiler, no simde-py, ...: the XLA path still works
                 st["error"] = f"{type(e).__name__}: {e}"
                 warnings.warn(f"woolly: CPU kernel {name!r} unavailable, using XLA only ({st['error']})",
                               RuntimeWarning, stacklevel=3)

@@ -49,7 +49,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from woolly.ops.qmatmul import QuantizedWeight
+from woolly.ops.quantized_weight import QuantizedWeight
 
 GEMV_MAX_ROWS = 8        # rows of x up to which one program holds every row (decode)
 GEMV_MIN_PROGRAMS = 128  # GEMV output tiles shrink (to 16 rows) until there are this many

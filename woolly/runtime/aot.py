@@ -73,6 +73,7 @@ def _kernels() -> dict:
     deserialized module needs before it compiles."""
     return {"qmatvec": qmatmul.kernel_available(), "attention": attention.kernel_available(),
             "attention_on": attention.USE_KERNEL, "activations": qmatmul.ACTIVATIONS, "in_use": cpu_kernels.in_use(),
+            "isa": cpu_kernels.isa(),
             "max_rows": (qmatmul.KERNEL_MAX_ROWS, qmatmul.KERNEL_MAX_ROWS_DENSE)}
 
 

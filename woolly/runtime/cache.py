@@ -7,6 +7,10 @@ from woolly.arch import ModelConfig
 from woolly.models.base import KVCache
 
 MIN_BUCKET = 16
+# KV cache element types (llama.cpp's --cache-type-k/v f32/f16/bf16): a 16-bit cache halves the
+# cache's memory; attention reads it in f32 (ops.attention), writes round to nearest even.
+# q8_0 is not offered: it needs attention that dequantizes blocks of 32 as it reads.
+KV_CACHE_TYPES = {"f32": jnp.float32, "f16": jnp.float16, "bf16": jnp.bfloat16}
 
 
 def bucket(n: int, minimum: int = MIN_BUCKET) -> int:

@@ -13,7 +13,7 @@ import numpy as np
 
 from woolly.model_file import Model
 from woolly.runtime import entry
-from woolly.runtime.cache import bucket, new_cache
+from woolly.runtime.cache import KV_CACHE_TYPES, bucket, new_cache
 from woolly.runtime.compile_cache import enable_compile_cache
 from woolly.runtime.params import load_params
 from woolly.runtime.device_sampling import SamplingParams
@@ -40,10 +40,11 @@ class Runner:
     """A loaded model with `slots` concurrent sequences of up to `cache_length` positions."""
 
     def __init__(self, model: Model, residency: str = "dense", slots: int = 1, cache_length: int = 512,
-                 compile_cache: bool = True, params: dict | None = None, mesh=None):
+                 compile_cache: bool = True, params: dict | None = None, mesh=None, kv_cache_type: str = "f32"):
         """`params`: an already loaded pytree of `model` (shared between runners), else loaded here.
         `mesh`: a ("data", "model") `jax.sharding.Mesh` (`sharding.make_mesh`): params and cache
-        are placed on it and every computation is partitioned by XLA; None: one device, as ever."""
+        are placed on it and every computation is partitioned by XLA; None: one device, as ever.
+        `kv_cache_type`: the cache's element, one of cache.KV_CACHE_TYPES."""
         if compile_cache:
             enable_compile_cache()
         self.model = model
@@ -64,13 +65,14 @@ class Runner:
         self.params = params
         self.slots = slots
         self.cache_length = bucket(cache_length)
+        self.cache_dtype = KV_CACHE_TYPES[kv_cache_type]
         self.cache = self._new_cache()
 
     def _new_cache(self):
         if self.mesh is None:
-            return new_cache(self.cfg, self.slots, self.cache_length)
+            return new_cache(self.cfg, self.slots, self.cache_length, self.cache_dtype)
         from woolly.runtime import sharding
-        return sharding.new_cache(self.cfg, self.mesh, self.slots, self.cache_length)
+        return sharding.new_cache(self.cfg, self.mesh, self.slots, self.cache_length, self.cache_dtype)
 
     @property
     def data_parallel(self) -> int:

@@ -40,7 +40,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from woolly.arch import ModelConfig
 from woolly.models.base import KVCache
 from woolly.ops import cpu_kernels
-from woolly.ops.qmatmul import QuantizedWeight, unpair_rows
+from woolly.ops.quantized_weight import QuantizedWeight, unpair_rows
 from woolly.runtime.params import unfuse_layer
 
 DATA, MODEL = "data", "model"

@@ -9,9 +9,6 @@
 // Also the cache write for f16/bf16 caches (XLA:CPU has no 16-bit float scatter and would
 // convert the whole cache to f32 and back every step): new f32 [B, T, K, H] rounded to
 // nearest even into rows positions [B, T] of the cache, in place (the result aliases it).
-#if !defined(__AVX512F__)
-#error "woolly attention kernel needs AVX-512F"
-#endif
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -19,7 +16,7 @@
 #include <memory>
 #include <thread>
 #include <vector>
-#include <immintrin.h>
+#include "simd.h"
 
 #include "xla/ffi/api/ffi.h"
 #include "parallel.h"

@@ -3,7 +3,7 @@
 // kernel in this directory; woolly/ops/cpu_kernels.py compiles them with -I here).
 #pragma once
 
-#include <immintrin.h>
+#include "simd.h"
 
 #include <atomic>
 #include <chrono>

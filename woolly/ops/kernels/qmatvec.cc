@@ -5,9 +5,6 @@
 // act 0: f32 activations (exact: weights formed in f32); act 1 (codes, I % 64 == 0, AVX512-VNNI):
 // int8 activations, as llama.cpp multiplies its quantized weights (see "int8 activations" below).
 // grouped: codes, scales and biases in the grouped layout (see "The grouped layout" below).
-#if !defined(__AVX512F__) || !defined(__AVX512BW__)
-#error "woolly qmatvec kernel needs AVX-512 (F, BW)"
-#endif
 #include <algorithm>
 #include <cstring>
 #include <atomic>
@@ -16,7 +13,7 @@
 #include <thread>
 #include <type_traits>
 #include <vector>
-#include <immintrin.h>
+#include "simd.h"
 
 #include "xla/ffi/api/ffi.h"
 #include "parallel.h"
@@ -168,7 +165,7 @@ static inline void deq_row(const Job& J, const uint8_t* q, int64_t o) {
   const __m512 offv = _mm512_set1_ps((float)J.off);
   float* y = J.y + o * I;
   for (int64_t e = 0; e < I; e += 16) {
-    const __m512 c = _mm512_sub_ps(codes16<KIND, HALF>(q, e), offv);  // small integers: exact
+    const __m512 c = _mm512_sub_ps((codes16<KIND, HALF>(q, e)), offv);  // small integers: exact
     __m512 w = _mm512_mul_ps(_mm512_set1_ps(J.s[o * nsub + e / SUB]), c);
     if (BIAS) w = _mm512_add_ps(w, _mm512_set1_ps(J.b[o * nsub + e / SUB]));
     _mm512_storeu_ps(y + e, w);
@@ -297,7 +294,7 @@ static void each_plain_group(ffi::ThreadPool& pool, const uint8_t* q, const floa
 // quantized x: y = sum_sb scale * d * dot(code, xq) + (bias - K * scale) * d * sum(xq),
 // K = off (nibbles) or off + 128 (int8 codes, made unsigned by flipping the sign bit).
 // The result is W times the Q8-rounded x, in f32.
-#if defined(__AVX512VNNI__)
+#if defined(__AVX512VNNI__) || defined(WOOLLY_PORTABLE)   // SIMDe: VNNI from AVX2/NEON integer dots
 #define WOOLLY_Q8 1
 
 struct Q8Job {
