@@ -43,7 +43,8 @@ from woolly.bench.report import format_text, markdown, plot, rows  # noqa: F401
 
 def main(args) -> int:
     """`woolly bench` (argparse namespace from woolly.cli)."""
-    kw = dict(model=args.model, residency=args.residency, threads=args.threads, compare=args.compare)
+    kw = dict(model=args.model, residency=args.residency, threads=args.threads, compare=args.compare,
+              kernels=getattr(args, "kernels", "native"), peer_lib=getattr(args, "peer_lib", None))
     cfg = BenchConfig.quick_config(**kw) if args.quick else BenchConfig(**kw)
     if args.repeats:
         cfg.repeats = args.repeats

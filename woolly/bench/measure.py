@@ -20,6 +20,10 @@ TARGETS = {
     "prefill_512_ratio": 2.0,       # prefill 512, x llama.cpp
     "aggregate_8_vs_peer_decode": 4.0,  # Woolly aggregate with 8 sessions, x llama.cpp batch-1 decode
     "memory_file_ratio": 2.0,       # quantized-resident RSS delta, x file size
+    # issue 17, against llama.cpp's own batching (LlamaNative) rather than llama-cpp-python's loop
+    "native_decode_ratio": 1.0,         # decode batch 1
+    "native_prefill_512_ratio": 2.0,    # prefill 512 (one llama_decode of 512 tokens)
+    "native_aggregate_8_ratio": 1.5,    # 8 sessions aggregate vs llama.cpp's 8-sequence batched decode
 }
 LOAD_LIMITS = {"smollm2-135m-instruct": (2.0, 3.0), "gemma3-270m": (3.0, 4.0)}   # (load s, warm ttft s)
 DEFAULT_LIMITS = (2.0, 3.0)
@@ -38,6 +42,8 @@ class BenchConfig:
     aggregate_tokens: int = 32
     ttft_warm_runs: int = 2
     quick: bool = False
+    kernels: str = "native"          # "native": Woolly's C++ CPU kernels; "xla": the XLA-only fallback
+    peer_lib: str | None = None      # a directory holding another libllama.so (LLAMA_CPP_LIB_PATH)
 
     @classmethod
     def quick_config(cls, **kw) -> "BenchConfig":
@@ -326,6 +332,7 @@ def run(cfg: BenchConfig) -> dict:
     if cfg.compare not in (None, *PEERS):
         from woolly.errors import InvalidRequest
         raise InvalidRequest(f"--compare takes one of {', '.join(PEERS)}")
+    _select_builds(cfg)
     _pin_threads(cfg.threads)
     path = str(resolve_model_path(cfg.model))
     file_bytes = os.path.getsize(path)
@@ -339,6 +346,7 @@ def run(cfg: BenchConfig) -> dict:
 
         sides.append(LlamaSide(cfg, path))
     got = {s.name: Collected() for s in sides}
+    native = Collected()   # llama.cpp's own batching (LlamaNative), same weights as llama_cpp
 
     # first token in a new process: cold (empty compile cache), then warm (the same, filled)
     with tempfile.TemporaryDirectory(prefix="woolly-bench-cc-") as cache_dir:
@@ -371,16 +379,25 @@ def run(cfg: BenchConfig) -> dict:
             for s in sides:
                 _settle()
                 got[s.name].prefill.setdefault(n, []).append(s.prefill(ids))
+            if cfg.compare:
+                _settle()
+                native.prefill.setdefault(n, []).append(sides[1].native_prefill(ids))
         ids = prompt_ids(sides[0].tokenizer, 16, seed=200 + r)
         for s in sides:
             _settle()
             got[s.name].decode.append(s.decode(ids, cfg.decode_tokens, seed=r))
+        if cfg.compare:
+            _settle()
+            native.decode.append(sides[1].native_decode(ids, cfg.decode_tokens, seed=r))
         if cfg.compare and cfg.threads > 1:
             _settle()
             got["llama_cpp"].decode_one_thread.append(sides[1].decode_one_thread(ids, cfg.decode_tokens // 2))
         for n in cfg.sessions:
             _settle()
             got["woolly"].aggregate.setdefault(n, []).append(sides[0].aggregate(n, cfg.aggregate_tokens, seed=r))
+            if cfg.compare:
+                _settle()
+                native.aggregate.setdefault(n, []).append(sides[1].native_aggregate(n, cfg.aggregate_tokens, seed=r))
         if cfg.compare:
             _settle()
             for n, v in sides[1].aggregate_all(cfg.sessions, cfg.aggregate_tokens, seed=r).items():
@@ -418,7 +435,8 @@ def run(cfg: BenchConfig) -> dict:
                      "aggregate_tokens": cfg.aggregate_tokens, "sampling": SAMPLING,
                      "woolly_engines": "batch-1 engine (max_sequence_length 1024) for load/prefill/decode; "
                                        f"max_batch_size {max(cfg.sessions)} engine (512) for aggregate"},
-        "machine": {"cpus": os.cpu_count(), "load_average_before": load_before, "load_average_after": load_average(),
+        "kernels": kernels_report(cfg),
+        "machine": {"cpus": os.cpu_count(), "cpu_isa": cpu_isa(), "load_average_before": load_before, "load_average_after": load_average(),
                     "read_bandwidth_bytes_per_s": bandwidth, "bandwidth_samples": bandwidths},
         "weight_bytes_per_token": bytes_per_token,
         "decode_bound_tps": bound,
@@ -433,12 +451,67 @@ def run(cfg: BenchConfig) -> dict:
         report["machine"]["peer_contention_bound"] = bool(one and engines["llama_cpp"]["decode_tps"]
                                                           and one > engines["llama_cpp"]["decode_tps"])
         report["ratios"] = ratios(engines["woolly"], engines["llama_cpp"])
+        nd = _median([d[0] for d in native.decode])
+        report["llama_cpp_native"] = {
+            "how": "llama-cpp-python's low-level API: one llama_decode per step over every sequence's token "
+                   f"(n_seq_max {max(cfg.sessions)}, unified KV cache, n_batch = n_ubatch = 512, flash attention "
+                   "auto), native sampler chains; prefill one llama_decode per 512 tokens",
+            "prefill_tps": {str(n): _median(v) for n, v in native.prefill.items()},
+            "decode_tps": nd,
+            "decode_steps_counted": min((d[1] for d in native.decode), default=0),
+            "aggregate_tps": {str(n): _median([a[0] for a in v]) for n, v in native.aggregate.items()},
+            "decode_bound_fraction": nd / bound if nd else None,
+            "samples": {"prefill_tps": {str(n): v for n, v in native.prefill.items()},
+                        "decode_tps": [d[0] for d in native.decode],
+                        "aggregate_tps": {str(n): [a[0] for a in v] for n, v in native.aggregate.items()}},
+        }
+        report["ratios_native"] = ratios_native(engines["woolly"], report["llama_cpp_native"])
     report["targets"] = targets(report)
+    if cfg.compare:
+        sides[1].close()
     for s in sides:   # free the engines before the next model or process
         for attr in ("engine1", "engine8", "llm"):
             if getattr(s, attr, None) is not None:
                 setattr(s, attr, None)
     return report
+
+
+def _select_builds(cfg: BenchConfig) -> None:
+    """--kernels xla and --peer-lib: both set through the environment, so the first-token child
+    processes get them too, and before the runtime or llama_cpp is imported."""
+    from woolly.errors import InvalidRequest
+
+    if cfg.kernels not in ("native", "xla"):
+        raise InvalidRequest("--kernels takes native or xla")
+    if cfg.kernels == "xla":
+        os.environ["WOOLLY_QMATMUL_KERNEL"] = "0"   # woolly.ops.cpu_kernels: no C++ kernel is built or used
+    if cfg.peer_lib:
+        lib = os.path.abspath(cfg.peer_lib)
+        if not os.path.isfile(os.path.join(lib, "libllama.so")):
+            raise InvalidRequest(f"--peer-lib {cfg.peer_lib}: no libllama.so there")
+        if "llama_cpp" in sys.modules and os.environ.get("LLAMA_CPP_LIB_PATH") != lib:
+            raise InvalidRequest("--peer-lib must be chosen before llama_cpp is imported (a new process)")
+        os.environ["LLAMA_CPP_LIB_PATH"] = lib
+
+
+def cpu_isa() -> list[str]:
+    """The CPU's vector features that decide which kernels and llama.cpp paths can run."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith(("flags", "Features"))), [])
+    except OSError:
+        return []
+    wanted = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "asimd", "asimddp")
+    return [x for x in wanted if x in flags]
+
+
+def kernels_report(cfg: BenchConfig) -> dict:
+    """Which of Woolly's CPU kernels this run used, and how they were compiled."""
+    from woolly.ops import attention, cpu_kernels, qmatmul
+
+    return {"mode": cfg.kernels, "qmatvec": bool(qmatmul.kernel_available()),
+            "attention": bool(attention.kernel_available()), "compile_flags": " ".join(cpu_kernels.FLAGS),
+            "why_not": qmatmul.kernel_error(), "peer_lib": os.environ.get("LLAMA_CPP_LIB_PATH")}
 
 
 def _pin_threads(threads: int) -> None:
@@ -467,9 +540,16 @@ def ratios(w: dict, l: dict) -> dict:
     return out
 
 
+def ratios_native(w: dict, n: dict) -> dict:
+    """Woolly / llama.cpp's own batching (`llama_cpp_native`): > 1 is Woolly faster."""
+    return {"decode_tps": _ratio(w["decode_tps"], n["decode_tps"]),
+            "prefill_tps": {k: _ratio(w["prefill_tps"][k], n["prefill_tps"].get(k)) for k in w["prefill_tps"]},
+            "aggregate_tps": {k: _ratio(w["aggregate_tps"][k], n["aggregate_tps"].get(k)) for k in w["aggregate_tps"]}}
+
+
 def targets(report: dict) -> dict:
     """The issue's targets, each with the figure and whether it is met (None: not measured here)."""
-    w, r = report["woolly"], report.get("ratios")
+    w, r, rn = report["woolly"], report.get("ratios"), report.get("ratios_native")
     load_limit, ttft_limit = LOAD_LIMITS.get(report["model"], DEFAULT_LIMITS)
     mem = w["memory"]["model_bytes"] / report["file_bytes"]
 
@@ -491,6 +571,10 @@ def targets(report: dict) -> dict:
         "decode_ratio_vs_peer_best": t(_ratio(w["decode_tps"], best), TARGETS["decode_ratio"]),
         "aggregate_8_vs_peer_best_decode": t(_ratio(w["aggregate_tps"].get(big), best),
                                              TARGETS["aggregate_8_vs_peer_decode"]),
+        # issue 17: against llama.cpp's own batching (the real peer), same run
+        "native_decode_ratio": t(rn and rn["decode_tps"], TARGETS["native_decode_ratio"]),
+        "native_prefill_512_ratio": t(rn and rn["prefill_tps"].get("512"), TARGETS["native_prefill_512_ratio"]),
+        "native_aggregate_8_ratio": t(rn and rn["aggregate_tps"].get(big), TARGETS["native_aggregate_8_ratio"]),
         "load_s": t(w["load_s"], load_limit, higher_is_better=False),
         "ttft_warm_s": t(w["ttft_warm_s"], ttft_limit, higher_is_better=False),
         "memory_file_ratio": t(mem, TARGETS["memory_file_ratio"], higher_is_better=False,

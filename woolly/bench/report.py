@@ -22,18 +22,29 @@ def rows(report: dict) -> list[tuple[str, str, str, str]]:
     for n in w["prefill_tps"]:
         out.append((f"prefill {n} tokens (tok/s)", _f(w["prefill_tps"][n]), _f(lv("prefill_tps", n)),
                     _f(_get(r, ("prefill_tps", n)), ".2f", "x")))
-    out.append(("decode batch 1 (tok/s)", _f(w["decode_tps"]), _f(lv("decode_tps")),
+    out.append(("decode batch 1 (tok/s; llama.cpp: llama-cpp-python generate loop)", _f(w["decode_tps"]), _f(lv("decode_tps")),
                 _f(r.get("decode_tps"), ".2f", "x")))
     out.append(("  as fraction of bandwidth bound", _f(w["decode_bound_fraction"], ".2f"),
                 _f(lv("decode_bound_fraction"), ".2f"), ""))
     if l and l.get("decode_tps_one_thread"):
         out.append(("  llama.cpp on 1 thread (contention check)", "", _f(l["decode_tps_one_thread"]), ""))
     for n in w["aggregate_tps"]:
-        out.append((f"aggregate decode, {n} sessions (tok/s)", _f(w["aggregate_tps"][n]),
+        out.append((f"aggregate decode, {n} sessions (tok/s; llama.cpp: sequential Python loop)", _f(w["aggregate_tps"][n]),
                     _f(lv("aggregate_tps", n)), _f(_get(r, ("aggregate_tps", n)), ".2f", "x")))
     big = str(max(int(n) for n in w["aggregate_tps"]))
     out.append((f"aggregate {big} sessions / peer batch-1 decode", "", "",
                 _f(_get(r, ("aggregate_tps_vs_peer_decode", big)), ".2f", "x")))
+    nat, rn = report.get("llama_cpp_native"), report.get("ratios_native") or {}
+    if nat:   # llama.cpp's own batching: the llama.cpp column is LlamaNative's figure
+        for n in w["prefill_tps"]:
+            out.append((f"prefill {n} tokens vs llama.cpp native llama_decode (tok/s)", _f(w["prefill_tps"][n]),
+                        _f(nat["prefill_tps"].get(n)), _f(_get(rn, ("prefill_tps", n)), ".2f", "x")))
+        out.append(("decode batch 1 vs llama.cpp native llama_decode (tok/s)", _f(w["decode_tps"]),
+                    _f(nat["decode_tps"]), _f(rn.get("decode_tps"), ".2f", "x")))
+        for n in w["aggregate_tps"]:
+            out.append((f"aggregate {n} sessions vs llama.cpp {n} sequences in one llama_batch (tok/s)",
+                        _f(w["aggregate_tps"][n]), _f(nat["aggregate_tps"].get(n)),
+                        _f(_get(rn, ("aggregate_tps", n)), ".2f", "x")))
     wm, lm = w["memory"], (l or {}).get("memory", {})
     out.append(("memory: RSS after load - before (MB)", _f(wm["rss_bytes"] / mb), _f(_div(lm.get("rss_bytes"), mb)),
                 _f(r.get("memory_rss"), ".2f", "x")))
@@ -102,6 +113,11 @@ def plot(reports: list[dict], path: str) -> None:
         if l:
             lv_ = [l["prefill_tps"].get(n) or 0 for n in w["prefill_tps"]] + [l["decode_tps"] or 0]
             ax.bar([i + 0.2 for i in x], lv_, 0.4, label="llama.cpp")
+            nat = rep.get("llama_cpp_native")
+            if nat:
+                nv = [nat["prefill_tps"].get(n) or 0 for n in w["prefill_tps"]] + [nat["decode_tps"] or 0]
+                ax.plot([i + 0.2 for i in x], nv, "kD", ms=7, ls="none",
+                        label="llama.cpp native llama_decode (no Python loop)")
             if l.get("decode_tps_one_thread"):
                 ax.plot([len(labels) - 1 + 0.2], [l["decode_tps_one_thread"]], "k*", ms=12,
                         label="llama.cpp decode, 1 thread (contention check)")
@@ -114,6 +130,10 @@ def plot(reports: list[dict], path: str) -> None:
         ax.plot(ns, [w["aggregate_tps"][str(n)] for n in ns], "o-", label="woolly (continuous batching)")
         if l:
             ax.plot(ns, [l["aggregate_tps"].get(str(n)) for n in ns], "s-", label="llama.cpp (sequential)")
+            nat = rep.get("llama_cpp_native")
+            if nat:
+                ax.plot(ns, [nat["aggregate_tps"].get(str(n)) for n in ns], "^-",
+                        label="llama.cpp (N sequences in one llama_batch)")
             ax.axhline(4 * l["decode_tps"], ls=":", c="gray", label="target: 4x llama.cpp batch-1")
             if l.get("decode_tps_one_thread"):
                 ax.axhline(4 * l["decode_tps_one_thread"], ls="-.", c="black",
