@@ -25,8 +25,16 @@ Figures (keys of the JSON report, per engine):
 - decode_bound_fraction: decode_tps / (memory read bandwidth / GGUF weight bytes read per
   token); bandwidth is a numpy read of a large array, measured in the same run.
 
-The llama.cpp peer (`llama-cpp-python`, the `peer` extra) is imported only here, only when
-asked for; the runtime never imports it.
+- llama_cpp_native (with --compare): llama.cpp's own batching, as llama-server's parallel slots
+  drive it (`peer_llama_cpp.LlamaNative`): prefill_tps is one llama_decode per 512 prompt tokens,
+  decode_tps one llama_decode per token, aggregate_tps[N] N sequences in one llama_batch per step
+  (own seq_id and native sampler chain each); ratios_native are Woolly / these. The `llama_cpp`
+  figures above are llama-cpp-python's Python loop (one sequence at a time), kept for continuity.
+- kernels: which of Woolly's C++ CPU kernels ran (`--kernels xla`: none, the XLA-only fallback),
+  their compile flags and the CPU's ISA; `--peer-lib DIR` loads llama.cpp from DIR/libllama.so.
+
+Modules: `measure` (the run, Woolly's side, the machine, ratios and targets), `peer_llama_cpp`
+(the peer, imported only when asked for; the runtime never imports it), `report` (tables, plots).
 """
 from __future__ import annotations
 
