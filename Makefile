@@ -44,5 +44,11 @@ reliability: models
 	PYTHONPATH=tests/reliability WOOLLY_FUZZ_EXAMPLES=$${WOOLLY_FUZZ_EXAMPLES:-10} $(PY) -m pytest -q -p rel_report \
 		--reliability-report=tests/reliability/README.md tests/reliability $$($(PY) tests/reliability/catalog.py)
 
+# benchmarks/README.md's figures: each model and residency against llama.cpp (both peers) in one
+# run each. REPEATS=1 for a short run; KERNELS=xla for the XLA-only fallback; PEER_LIB=DIR for
+# another libllama.so (an AVX2-only build); MODELS, RESIDENCIES to narrow it.
+bench: models
+	WOOLLY=$(WOOLLY) PY=$(PY) benchmarks/run.sh
+
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

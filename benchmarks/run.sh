@@ -1,19 +1,29 @@
 #!/bin/sh
 # The exact commands behind benchmarks/README.md: both real models, both residency modes, each
-# against llama.cpp (llama-cpp-python, same file, same 2 threads) in the same process and run.
+# against llama.cpp (llama-cpp-python, same file, same 2 threads) in the same process and run:
+# its Python generate loop and its own batching (llama_batch / llama_decode), see woolly/bench.
 # Needs the `peer` and `bench` extras: pip install -e '.[peer,bench]'
+#   OUT=benchmarks  REPEATS=3  KERNELS=native|xla  PEER_LIB=DIR (another libllama.so)  MODELS=...  RESIDENCIES=...
+# Output names carry the kernels (and -peerlib with PEER_LIB) when not the default.
 set -e
 cd "$(dirname "$0")/.."
 WOOLLY=${WOOLLY:-.venv/bin/woolly}
 PY=${PY:-.venv/bin/python}
-date -u | tee benchmarks/uptime.txt; uptime | tee -a benchmarks/uptime.txt
+KERNELS=${KERNELS:-native}
+OUT=${OUT:-benchmarks}
+mkdir -p "$OUT"
+TAG=""
+[ "$KERNELS" = native ] || TAG="-$KERNELS"
+[ -z "$PEER_LIB" ] || TAG="$TAG-peerlib"
+date -u | tee "$OUT/uptime$TAG.txt"; uptime | tee -a "$OUT/uptime$TAG.txt"
+JSONS=""
 for model in ${MODELS:-smollm2-135m-instruct gemma3-270m}; do
-  for residency in dense quantized; do
-    "$WOOLLY" bench "$model" --compare llama-cpp --residency "$residency" --threads 2 \
-      --repeats "${REPEATS:-3}" --plot "benchmarks/$model-$residency.png" --output "benchmarks/$model-$residency.json"
-    date -u | tee -a benchmarks/uptime.txt; uptime | tee -a benchmarks/uptime.txt
+  for residency in ${RESIDENCIES:-dense quantized}; do
+    out="$OUT/$model-$residency$TAG"
+    "$WOOLLY" bench "$model" --compare llama-cpp --residency "$residency" --threads 2 --kernels "$KERNELS" \
+      ${PEER_LIB:+--peer-lib "$PEER_LIB"} --repeats "${REPEATS:-3}" --plot "$out.png" --output "$out.json"
+    JSONS="$JSONS $out.json"
+    date -u | tee -a "$OUT/uptime$TAG.txt"; uptime | tee -a "$OUT/uptime$TAG.txt"
   done
 done
-"$PY" -m woolly.bench --summarize benchmarks/smollm2-135m-instruct-dense.json \
-  benchmarks/smollm2-135m-instruct-quantized.json benchmarks/gemma3-270m-dense.json \
-  benchmarks/gemma3-270m-quantized.json --plot benchmarks/summary.png > benchmarks/table.md
+"$PY" -m woolly.bench --summarize $JSONS --plot "$OUT/summary$TAG.png" > "$OUT/table$TAG.md"

@@ -14,6 +14,23 @@ SESSIONS = ("1", "2", "4", "8")
 PREFILL = ("128", "512")
 
 
+TARGET_KEYS = {"decode_ratio", "prefill_512_ratio", "aggregate_8_vs_peer_decode", "load_s",
+               "decode_ratio_vs_peer_best", "aggregate_8_vs_peer_best_decode", "ttft_warm_s", "memory_file_ratio",
+               "native_decode_ratio", "native_prefill_512_ratio", "native_aggregate_8_ratio"}
+
+
+def check_native_peer(r: dict) -> None:
+    """llama.cpp's own batching ran in the same run, and every ratio against it is there."""
+    n = r["llama_cpp_native"]
+    assert n["decode_tps"] > 0 and n["decode_steps_counted"] > 0
+    assert set(n["prefill_tps"]) == set(PREFILL) and all(v > 0 for v in n["prefill_tps"].values())
+    assert set(n["aggregate_tps"]) == set(SESSIONS) and all(v > 0 for v in n["aggregate_tps"].values())
+    rn = r["ratios_native"]
+    assert rn["decode_tps"] > 0 and set(rn["prefill_tps"]) == set(PREFILL) and set(rn["aggregate_tps"]) == set(SESSIONS)
+    for key in ("native_decode_ratio", "native_prefill_512_ratio", "native_aggregate_8_ratio"):
+        assert r["targets"][key]["met"] in (True, False), key
+
+
 def check_engine_figures(e: dict, woolly: bool) -> None:
     for key in ("load_s", "ttft_cold_s", "ttft_warm_s", "decode_tps", "decode_bound_fraction"):
         assert isinstance(e[key], float) and e[key] > 0, key
@@ -48,9 +65,8 @@ def test_bench_json_has_every_figure_and_ratio(tmp_path):
     assert set(ratios["prefill_tps"]) == set(PREFILL) and all(v > 0 for v in ratios["prefill_tps"].values())
     for key in ("aggregate_tps", "aggregate_tps_vs_peer_decode"):
         assert set(ratios[key]) == set(SESSIONS) and all(v > 0 for v in ratios[key].values())
-    assert set(r["targets"]) == {"decode_ratio", "prefill_512_ratio", "aggregate_8_vs_peer_decode", "load_s",
-                                 "decode_ratio_vs_peer_best", "aggregate_8_vs_peer_best_decode",
-                                 "ttft_warm_s", "memory_file_ratio"}
+    check_native_peer(r)
+    assert set(r["targets"]) == TARGET_KEYS
     assert all(t["met"] in (True, False) for t in r["targets"].values())
     assert plot.stat().st_size > 10_000
 
@@ -75,3 +91,77 @@ def test_read_bandwidth_is_positive():
     from woolly.bench import read_bandwidth
 
     assert read_bandwidth(threads=2, nbytes=8 << 20, repeats=2) > 1e8
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    from tiny_models import write_tiny_model
+
+    return str(write_tiny_model(tmp_path_factory.mktemp("bench") / "tiny.gguf", context_length=4096))
+
+
+@pytest.mark.oracle
+def test_native_peer_batches_sequences_in_one_llama_batch(tiny_gguf):
+    """llama.cpp's own batching (LlamaNative): 8 sequences decode together, each with its own
+    seq_id and sampler; a 512-token prompt is one llama_decode. Structure only, never speed."""
+    pytest.importorskip("llama_cpp")
+    from woolly.bench import BenchConfig, LlamaSide, prompt_text
+
+    side = LlamaSide(BenchConfig(model=tiny_gguf, compare="llama-cpp"), tiny_gguf)
+    side.load()
+    words = side.llm.tokenize(prompt_text(600, 1).encode(), add_bos=True)[:512]
+    side.ttft_warmup(words)
+    try:
+        nat = side.native
+        assert nat.n_seq_max == 8 and nat.n_batch == 512
+        calls = []
+        real_decode = nat.lib.llama_decode
+
+        def counting(ctx, batch):
+            calls.append((batch.n_tokens, sorted({batch.seq_id[i][0] for i in range(batch.n_tokens)})))
+            return real_decode(ctx, batch)
+
+        nat.lib.llama_decode = counting
+        try:
+            assert side.native_prefill(words) > 0
+            assert calls == [(512, [0])]          # the whole prompt in one llama_decode
+            calls.clear()
+            rate, tokens = side.native_aggregate(8, 6, seed=0)
+            assert rate > 0 and 8 <= tokens <= 48
+            assert calls[0][1] == list(range(8))  # every prompt prefilled in one batch, one seq_id each
+            assert calls[1][1] == list(range(8))  # then one token per live sequence per step
+            assert all(n == len(seqs) for n, seqs in calls[1:])
+            calls.clear()
+            rate, steps = side.native_decode(words[:16], 8, seed=0)
+            assert rate > 0 and 1 <= steps <= 8 and all(n == 1 for n, _ in calls[1:])
+        finally:
+            nat.lib.llama_decode = real_decode
+    finally:
+        side.close()
+
+
+@pytest.mark.oracle
+@pytest.mark.slow
+def test_bench_tiny_model_xla_kernels_against_both_peers(tiny_gguf, tmp_path):
+    """The whole `woolly bench --compare llama-cpp` on a tiny file with `--kernels xla`: Woolly ran
+    without its C++ kernels, and both llama.cpp peers (the Python loop, its own batching) ran."""
+    pytest.importorskip("llama_cpp")
+    out = tmp_path / "r.json"
+    p = subprocess.run(WOOLLY + ["bench", tiny_gguf, "--quick", "--compare", "llama-cpp", "--residency", "quantized",
+                                 "--kernels", "xla", "-o", str(out)],
+                       capture_output=True, text=True, timeout=600, env=dict(os.environ))
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["kernels"]["mode"] == "xla" and not r["kernels"]["qmatvec"] and not r["kernels"]["attention"]
+    assert "WOOLLY_QMATMUL_KERNEL" in r["kernels"]["why_not"]
+    check_engine_figures(r["woolly"], woolly=True)
+    check_engine_figures(r["llama_cpp"], woolly=False)
+    check_native_peer(r)
+    assert set(r["targets"]) == TARGET_KEYS
+    assert "llama.cpp 8 sequences in one llama_batch" in p.stdout and "sequential Python loop" in p.stdout
+
+
+def test_bench_peer_lib_must_hold_libllama(tiny_gguf, tmp_path):
+    p = subprocess.run(WOOLLY + ["bench", tiny_gguf, "--compare", "llama-cpp", "--peer-lib", str(tmp_path)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and "no libllama.so" in p.stderr and "Traceback" not in p.stderr

@@ -384,6 +384,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=2, help="CPU threads for both engines (default 2)")
     s.add_argument("--repeats", type=int, default=None, help="timed repeats per figure (default 3; medians)")
     s.add_argument("--quick", action="store_true", help="every figure at reduced sizes (tests), not for numbers")
+    s.add_argument("--kernels", choices=("native", "xla"), default="native",
+                   help="woolly's C++ CPU kernels (default) or the XLA-only fallback")
+    s.add_argument("--peer-lib", default=None, metavar="DIR",
+                   help="load llama.cpp from DIR/libllama.so (e.g. an AVX2-only build) instead of the wheel's")
     s.set_defaults(func=cmd_bench)
     return p
 

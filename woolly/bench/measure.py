@@ -1,33 +1,4 @@
-"""`woolly bench`: measure Woolly (and, with `--compare llama-cpp`, llama.cpp) on one GGUF file.
-
-One job: measure and report. Every figure of the two engines is taken in the same process
-and the same run, interleaved repeat by repeat (Woolly, then llama.cpp, then the next
-figure), and reported as the median of the repeats; ratios are Woolly / llama.cpp, so on a
-shared, noisy machine the ratio is the figure to read.
-
-Figures (keys of the JSON report, per engine):
-- load_s: constructing the engine with the model (Woolly: `Engine.load_model`, no compile;
-  llama.cpp: `Llama(...)`).
-- ttft_cold_s / ttft_warm_s: first token of a short prompt in a *new process*, from just
-  before the process is started until the child has the token; cold with an empty
-  temporary WOOLLY_COMPILE_CACHE, warm with the same directory filled by the cold run.
-  (llama.cpp has no compile cache: its cold and warm figures are both plain runs.)
-- prefill_tps: prompt tokens / time to first token for a fresh n-token prompt (n = 128, 512);
-  Woolly's includes its first decode step and sample, llama.cpp's is `eval` on a reset context.
-- decode_tps: batch-1 tokens/s over `decode_tokens` (>= 128) steps after the first token,
-  sampling included (temperature 0.8, top-k 40, top-p 0.95, min-p 0.05 on both).
-- aggregate_tps[N]: generated tokens / wall time for N concurrent sessions (Woolly: the
-  Engine's continuous batching with max_batch_size 8; llama.cpp: N sequential runs, since
-  llama-cpp-python serves one sequence at a time: the first N of 8 back-to-back runs).
-- memory: process RSS and RssAnon after load minus before (the runtime already started),
-  and the bytes JAX reports for live arrays (weights + KV cache); model_bytes is the RSS
-  delta less the KV cache the engine allocates at load (the figure for the 2x-file target).
-- decode_bound_fraction: decode_tps / (memory read bandwidth / GGUF weight bytes read per
-  token); bandwidth is a numpy read of a large array, measured in the same run.
-
-The llama.cpp peer (`llama-cpp-python`, the `peer` extra) is imported only here, only when
-asked for; the runtime never imports it.
-"""
+"""Measuring: the run, Woolly's side, the machine, first token in a new process, ratios and targets."""
 from __future__ import annotations
 
 import json
@@ -49,6 +20,10 @@ TARGETS = {
     "prefill_512_ratio": 2.0,       # prefill 512, x llama.cpp
     "aggregate_8_vs_peer_decode": 4.0,  # Woolly aggregate with 8 sessions, x llama.cpp batch-1 decode
     "memory_file_ratio": 2.0,       # quantized-resident RSS delta, x file size
+    # issue 17, against llama.cpp's own batching (LlamaNative) rather than llama-cpp-python's loop
+    "native_decode_ratio": 1.0,         # decode batch 1
+    "native_prefill_512_ratio": 2.0,    # prefill 512 (one llama_decode of 512 tokens)
+    "native_aggregate_8_ratio": 1.5,    # 8 sessions aggregate vs llama.cpp's 8-sequence batched decode
 }
 LOAD_LIMITS = {"smollm2-135m-instruct": (2.0, 3.0), "gemma3-270m": (3.0, 4.0)}   # (load s, warm ttft s)
 DEFAULT_LIMITS = (2.0, 3.0)
@@ -67,6 +42,8 @@ class BenchConfig:
     aggregate_tokens: int = 32
     ttft_warm_runs: int = 2
     quick: bool = False
+    kernels: str = "native"          # "native": Woolly's C++ CPU kernels; "xla": the XLA-only fallback
+    peer_lib: str | None = None      # a directory holding another libllama.so (LLAMA_CPP_LIB_PATH)
 
     @classmethod
     def quick_config(cls, **kw) -> "BenchConfig":
@@ -264,124 +241,6 @@ class WoollySide:
                                     **SAMPLING)
 
 
-# -- llama.cpp (llama-cpp-python) -------------------------------------------------------------------------
-def plain_cpu_buffers(llama_cpp) -> None:
-    """Load weights into plain CPU buffers (llama_model_params.use_extra_bufts = False).
-
-    This machine's CPU reports AMX, and llama.cpp's AMX/repacked weight buffers segfault
-    here on the first quantized matmul; `Llama()` has no option for it, so the default
-    params it starts from are patched once (tests/oracle.py loads llama.cpp through here too).
-    """
-    import llama_cpp.llama as llama_module
-
-    if getattr(llama_module.llama_cpp, "_woolly_plain_buffers", False):
-        return
-    default_params = llama_cpp.llama_model_default_params
-
-    def plain_buffer_params():
-        params = default_params()
-        params.use_extra_bufts = False
-        return params
-
-    llama_module.llama_cpp.llama_model_default_params = plain_buffer_params
-    llama_module.llama_cpp._woolly_plain_buffers = True
-
-
-def import_llama_cpp():
-    from woolly.errors import InvalidRequest
-
-    try:
-        import llama_cpp
-    except ImportError:
-        raise InvalidRequest("--compare llama-cpp needs llama-cpp-python: pip install 'woolly[peer]'") from None
-    plain_cpu_buffers(llama_cpp)
-    return llama_cpp
-
-
-def new_llama(path: str, threads: int, n_ctx: int = 1024):
-    llama_cpp = import_llama_cpp()
-    return llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=threads,
-                           n_threads_batch=threads, verbose=False, seed=0)
-
-
-class LlamaSide:
-    name = "llama_cpp"
-
-    def __init__(self, cfg: BenchConfig, path: str):
-        self.cfg, self.path = cfg, path
-        self.llm = None
-        self.memory: dict = {}
-
-    def load(self) -> float:
-        import_llama_cpp()
-        before = memory_snapshot()
-        t0 = time.perf_counter()
-        self.llm = new_llama(self.path, self.cfg.threads)
-        dt = time.perf_counter() - t0
-        after = memory_snapshot()
-        self.memory = {"rss_bytes": after["rss"] - before["rss"],
-                       "rss_anon_bytes": after["rss_anon"] - before["rss_anon"]}
-        return dt
-
-    def prefill(self, ids: list[int]) -> float:
-        llm = self.llm
-        llm.reset()
-        t0 = time.perf_counter()
-        llm.eval(ids)
-        return len(ids) / (time.perf_counter() - t0)
-
-    def _run(self, ids: list[int], n: int) -> tuple[float, float, int]:
-        """-> (time of the first token, time of the last, tokens after the first)."""
-        llm = self.llm
-        llm.reset()
-        t0 = time.perf_counter()
-        t_first = None
-        count = 0
-        for _ in llm.generate(ids, top_k=SAMPLING["top_k"], top_p=SAMPLING["top_p"], min_p=SAMPLING["min_p"],
-                              temp=SAMPLING["temperature"], repeat_penalty=1.0, reset=True):
-            if t_first is None:
-                t_first = time.perf_counter()
-            else:
-                count += 1
-            if count >= n:
-                break
-        return t_first - t0, time.perf_counter() - t0, count
-
-    def decode(self, ids: list[int], n: int, seed: int) -> tuple[float, int]:
-        first, last, count = self._run(ids, n)
-        return count / (last - first), count
-
-    def decode_one_thread(self, ids: list[int], n: int) -> float:
-        """Decode with 1 thread instead of `threads`: on an oversubscribed machine llama.cpp's
-        spinning thread barriers collapse, and this shows it (a contention check, not a figure)."""
-        import llama_cpp
-
-        ctx = self.llm._ctx.ctx
-        llama_cpp.llama_set_n_threads(ctx, 1, 1)
-        try:
-            first, last, count = self._run(ids, n)
-        finally:
-            llama_cpp.llama_set_n_threads(ctx, self.cfg.threads, self.cfg.threads)
-        return count / (last - first)
-
-    def aggregate_all(self, sessions: tuple[int, ...], n_tokens: int, seed: int) -> dict:
-        """N sessions one after another (llama-cpp-python serves one sequence at a time): the
-        first N of max(sessions) sequential runs are the N-session figure -> {N: (tok/s, tokens)}."""
-        total, out = 0, {}
-        t0 = time.perf_counter()
-        for i in range(max(sessions)):
-            ids = self.llm.tokenize(prompt_text(12, seed * 100 + i).encode(), add_bos=True)
-            _, _, count = self._run(ids, n_tokens - 1)
-            total += count + 1
-            if i + 1 in sessions:
-                out[i + 1] = (total / (time.perf_counter() - t0), total)
-        return out
-
-    def ttft_warmup(self, ids: list[int]) -> None:
-        self.prefill(ids[:16])
-        self._run(ids[:16], 2)
-
-
 # -- first token in a new process ---------------------------------------------------------------------------
 def _child(argv: list[str]) -> int:
     """`python -m woolly.bench --child {woolly|llama-cpp} MODEL RESIDENCY THREADS`: load, take one
@@ -416,6 +275,8 @@ def _child(argv: list[str]) -> int:
         s.generate_sync(prompt, max_tokens=1, seed=0, **SAMPLING)
         t_first = time.time()
     else:
+        from woolly.bench.peer_llama_cpp import import_llama_cpp, new_llama
+
         llama_cpp = import_llama_cpp()  # noqa: F841
         t_import = time.time()
         llm = new_llama(model, threads)
@@ -471,6 +332,7 @@ def run(cfg: BenchConfig) -> dict:
     if cfg.compare not in (None, *PEERS):
         from woolly.errors import InvalidRequest
         raise InvalidRequest(f"--compare takes one of {', '.join(PEERS)}")
+    _select_builds(cfg)
     _pin_threads(cfg.threads)
     path = str(resolve_model_path(cfg.model))
     file_bytes = os.path.getsize(path)
@@ -480,8 +342,11 @@ def run(cfg: BenchConfig) -> dict:
 
     sides = [WoollySide(cfg, path)]
     if cfg.compare:
+        from woolly.bench.peer_llama_cpp import LlamaSide
+
         sides.append(LlamaSide(cfg, path))
     got = {s.name: Collected() for s in sides}
+    native = Collected()   # llama.cpp's own batching (LlamaNative), same weights as llama_cpp
 
     # first token in a new process: cold (empty compile cache), then warm (the same, filled)
     with tempfile.TemporaryDirectory(prefix="woolly-bench-cc-") as cache_dir:
@@ -514,16 +379,25 @@ def run(cfg: BenchConfig) -> dict:
             for s in sides:
                 _settle()
                 got[s.name].prefill.setdefault(n, []).append(s.prefill(ids))
+            if cfg.compare:
+                _settle()
+                native.prefill.setdefault(n, []).append(sides[1].native_prefill(ids))
         ids = prompt_ids(sides[0].tokenizer, 16, seed=200 + r)
         for s in sides:
             _settle()
             got[s.name].decode.append(s.decode(ids, cfg.decode_tokens, seed=r))
+        if cfg.compare:
+            _settle()
+            native.decode.append(sides[1].native_decode(ids, cfg.decode_tokens, seed=r))
         if cfg.compare and cfg.threads > 1:
             _settle()
             got["llama_cpp"].decode_one_thread.append(sides[1].decode_one_thread(ids, cfg.decode_tokens // 2))
         for n in cfg.sessions:
             _settle()
             got["woolly"].aggregate.setdefault(n, []).append(sides[0].aggregate(n, cfg.aggregate_tokens, seed=r))
+            if cfg.compare:
+                _settle()
+                native.aggregate.setdefault(n, []).append(sides[1].native_aggregate(n, cfg.aggregate_tokens, seed=r))
         if cfg.compare:
             _settle()
             for n, v in sides[1].aggregate_all(cfg.sessions, cfg.aggregate_tokens, seed=r).items():
@@ -561,7 +435,8 @@ def run(cfg: BenchConfig) -> dict:
                      "aggregate_tokens": cfg.aggregate_tokens, "sampling": SAMPLING,
                      "woolly_engines": "batch-1 engine (max_sequence_length 1024) for load/prefill/decode; "
                                        f"max_batch_size {max(cfg.sessions)} engine (512) for aggregate"},
-        "machine": {"cpus": os.cpu_count(), "load_average_before": load_before, "load_average_after": load_average(),
+        "kernels": kernels_report(cfg),
+        "machine": {"cpus": os.cpu_count(), "cpu_isa": cpu_isa(), "load_average_before": load_before, "load_average_after": load_average(),
                     "read_bandwidth_bytes_per_s": bandwidth, "bandwidth_samples": bandwidths},
         "weight_bytes_per_token": bytes_per_token,
         "decode_bound_tps": bound,
@@ -576,12 +451,67 @@ def run(cfg: BenchConfig) -> dict:
         report["machine"]["peer_contention_bound"] = bool(one and engines["llama_cpp"]["decode_tps"]
                                                           and one > engines["llama_cpp"]["decode_tps"])
         report["ratios"] = ratios(engines["woolly"], engines["llama_cpp"])
+        nd = _median([d[0] for d in native.decode])
+        report["llama_cpp_native"] = {
+            "how": "llama-cpp-python's low-level API: one llama_decode per step over every sequence's token "
+                   f"(n_seq_max {max(cfg.sessions)}, unified KV cache, n_batch = n_ubatch = 512, flash attention "
+                   "auto), native sampler chains; prefill one llama_decode per 512 tokens",
+            "prefill_tps": {str(n): _median(v) for n, v in native.prefill.items()},
+            "decode_tps": nd,
+            "decode_steps_counted": min((d[1] for d in native.decode), default=0),
+            "aggregate_tps": {str(n): _median([a[0] for a in v]) for n, v in native.aggregate.items()},
+            "decode_bound_fraction": nd / bound if nd else None,
+            "samples": {"prefill_tps": {str(n): v for n, v in native.prefill.items()},
+                        "decode_tps": [d[0] for d in native.decode],
+                        "aggregate_tps": {str(n): [a[0] for a in v] for n, v in native.aggregate.items()}},
+        }
+        report["ratios_native"] = ratios_native(engines["woolly"], report["llama_cpp_native"])
     report["targets"] = targets(report)
+    if cfg.compare:
+        sides[1].close()
     for s in sides:   # free the engines before the next model or process
         for attr in ("engine1", "engine8", "llm"):
             if getattr(s, attr, None) is not None:
                 setattr(s, attr, None)
     return report
+
+
+def _select_builds(cfg: BenchConfig) -> None:
+    """--kernels xla and --peer-lib: both set through the environment, so the first-token child
+    processes get them too, and before the runtime or llama_cpp is imported."""
+    from woolly.errors import InvalidRequest
+
+    if cfg.kernels not in ("native", "xla"):
+        raise InvalidRequest("--kernels takes native or xla")
+    if cfg.kernels == "xla":
+        os.environ["WOOLLY_QMATMUL_KERNEL"] = "0"   # woolly.ops.cpu_kernels: no C++ kernel is built or used
+    if cfg.peer_lib:
+        lib = os.path.abspath(cfg.peer_lib)
+        if not os.path.isfile(os.path.join(lib, "libllama.so")):
+            raise InvalidRequest(f"--peer-lib {cfg.peer_lib}: no libllama.so there")
+        if "llama_cpp" in sys.modules and os.environ.get("LLAMA_CPP_LIB_PATH") != lib:
+            raise InvalidRequest("--peer-lib must be chosen before llama_cpp is imported (a new process)")
+        os.environ["LLAMA_CPP_LIB_PATH"] = lib
+
+
+def cpu_isa() -> list[str]:
+    """The CPU's vector features that decide which kernels and llama.cpp paths can run."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith(("flags", "Features"))), [])
+    except OSError:
+        return []
+    wanted = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "asimd", "asimddp")
+    return [x for x in wanted if x in flags]
+
+
+def kernels_report(cfg: BenchConfig) -> dict:
+    """Which of Woolly's CPU kernels this run used, and how they were compiled."""
+    from woolly.ops import attention, cpu_kernels, qmatmul
+
+    return {"mode": cfg.kernels, "qmatvec": bool(qmatmul.kernel_available()),
+            "attention": bool(attention.kernel_available()), "compile_flags": " ".join(cpu_kernels.FLAGS),
+            "why_not": qmatmul.kernel_error(), "peer_lib": os.environ.get("LLAMA_CPP_LIB_PATH")}
 
 
 def _pin_threads(threads: int) -> None:
@@ -610,9 +540,16 @@ def ratios(w: dict, l: dict) -> dict:
     return out
 
 
+def ratios_native(w: dict, n: dict) -> dict:
+    """Woolly / llama.cpp's own batching (`llama_cpp_native`): > 1 is Woolly faster."""
+    return {"decode_tps": _ratio(w["decode_tps"], n["decode_tps"]),
+            "prefill_tps": {k: _ratio(w["prefill_tps"][k], n["prefill_tps"].get(k)) for k in w["prefill_tps"]},
+            "aggregate_tps": {k: _ratio(w["aggregate_tps"][k], n["aggregate_tps"].get(k)) for k in w["aggregate_tps"]}}
+
+
 def targets(report: dict) -> dict:
     """The issue's targets, each with the figure and whether it is met (None: not measured here)."""
-    w, r = report["woolly"], report.get("ratios")
+    w, r, rn = report["woolly"], report.get("ratios"), report.get("ratios_native")
     load_limit, ttft_limit = LOAD_LIMITS.get(report["model"], DEFAULT_LIMITS)
     mem = w["memory"]["model_bytes"] / report["file_bytes"]
 
@@ -634,207 +571,12 @@ def targets(report: dict) -> dict:
         "decode_ratio_vs_peer_best": t(_ratio(w["decode_tps"], best), TARGETS["decode_ratio"]),
         "aggregate_8_vs_peer_best_decode": t(_ratio(w["aggregate_tps"].get(big), best),
                                              TARGETS["aggregate_8_vs_peer_decode"]),
+        # issue 17: against llama.cpp's own batching (the real peer), same run
+        "native_decode_ratio": t(rn and rn["decode_tps"], TARGETS["native_decode_ratio"]),
+        "native_prefill_512_ratio": t(rn and rn["prefill_tps"].get("512"), TARGETS["native_prefill_512_ratio"]),
+        "native_aggregate_8_ratio": t(rn and rn["aggregate_tps"].get(big), TARGETS["native_aggregate_8_ratio"]),
         "load_s": t(w["load_s"], load_limit, higher_is_better=False),
         "ttft_warm_s": t(w["ttft_warm_s"], ttft_limit, higher_is_better=False),
         "memory_file_ratio": t(mem, TARGETS["memory_file_ratio"], higher_is_better=False,
                                applies=report["residency"] == "quantized"),
     }
-
-
-# -- reporting -------------------------------------------------------------------------------------------
-def _f(x, spec=".1f", suffix=""):
-    return "-" if x is None else f"{x:{spec}}{suffix}"
-
-
-def rows(report: dict) -> list[tuple[str, str, str, str]]:
-    """(figure, Woolly, llama.cpp, ratio) rows for the text table."""
-    w, l, r = report["woolly"], report.get("llama_cpp"), report.get("ratios") or {}
-    lv = (lambda *keys: _get(l, keys)) if l else (lambda *keys: None)
-    mb = 1e6
-    out = [
-        ("load (s)", _f(w["load_s"], ".2f"), _f(lv("load_s"), ".2f"), _f(r.get("load_s"), ".2f", "x")),
-        ("first token, new process, cold cache (s)", _f(w["ttft_cold_s"], ".2f"), _f(lv("ttft_cold_s"), ".2f"),
-         _f(r.get("ttft_cold_s"), ".2f", "x")),
-        ("first token, new process, warm cache (s)", _f(w["ttft_warm_s"], ".2f"), _f(lv("ttft_warm_s"), ".2f"),
-         _f(r.get("ttft_warm_s"), ".2f", "x")),
-    ]
-    for n in w["prefill_tps"]:
-        out.append((f"prefill {n} tokens (tok/s)", _f(w["prefill_tps"][n]), _f(lv("prefill_tps", n)),
-                    _f(_get(r, ("prefill_tps", n)), ".2f", "x")))
-    out.append(("decode batch 1 (tok/s)", _f(w["decode_tps"]), _f(lv("decode_tps")),
-                _f(r.get("decode_tps"), ".2f", "x")))
-    out.append(("  as fraction of bandwidth bound", _f(w["decode_bound_fraction"], ".2f"),
-                _f(lv("decode_bound_fraction"), ".2f"), ""))
-    if l and l.get("decode_tps_one_thread"):
-        out.append(("  llama.cpp on 1 thread (contention check)", "", _f(l["decode_tps_one_thread"]), ""))
-    for n in w["aggregate_tps"]:
-        out.append((f"aggregate decode, {n} sessions (tok/s)", _f(w["aggregate_tps"][n]),
-                    _f(lv("aggregate_tps", n)), _f(_get(r, ("aggregate_tps", n)), ".2f", "x")))
-    big = str(max(int(n) for n in w["aggregate_tps"]))
-    out.append((f"aggregate {big} sessions / peer batch-1 decode", "", "",
-                _f(_get(r, ("aggregate_tps_vs_peer_decode", big)), ".2f", "x")))
-    wm, lm = w["memory"], (l or {}).get("memory", {})
-    out.append(("memory: RSS after load - before (MB)", _f(wm["rss_bytes"] / mb), _f(_div(lm.get("rss_bytes"), mb)),
-                _f(r.get("memory_rss"), ".2f", "x")))
-    out.append(("model memory: RSS delta - KV cache (MB)", _f(wm["model_bytes"] / mb), "", ""))
-    out.append(("  as a multiple of the file size", _f(wm["model_bytes"] / report["file_bytes"], ".2f", "x"), "", ""))
-    out.append(("memory: RssAnon after - before (MB)", _f(wm["rss_anon_bytes"] / mb),
-                _f(_div(lm.get("rss_anon_bytes"), mb)), _f(r.get("memory_rss_anon"), ".2f", "x")))
-    out.append(("memory: JAX live arrays, weights + KV (MB)",
-                f"{wm['device_bytes'] / mb:.1f} ({wm['device_weight_bytes'] / mb:.1f} + "
-                f"{wm['device_kv_cache_bytes'] / mb:.1f})", "", ""))
-    return out
-
-
-def _get(d, keys):
-    for k in keys:
-        if d is None:
-            return None
-        d = d.get(k)
-    return d
-
-
-def _div(a, b):
-    return None if a is None else a / b
-
-
-def format_text(report: dict) -> str:
-    m = report["machine"]
-    head = (f"{report['model']} ({report['file_bytes'] / 1e6:.1f} MB), residency {report['residency']}, "
-            f"{report['threads']} threads{', QUICK (reduced sizes)' if report['quick'] else ''}\n"
-            f"memory read bandwidth {m['read_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, weights read per token "
-            f"{report['weight_bytes_per_token'] / 1e6:.1f} MB -> decode bound {report['decode_bound_tps']:.0f} tok/s; "
-            f"load average {m['load_average_before']} -> {m['load_average_after']}\n")
-    table = rows(report)
-    cols = ["figure", "woolly", "llama.cpp", "woolly/llama.cpp"] if report.get("llama_cpp") else ["figure", "woolly"]
-    table = [r[:len(cols)] for r in table]
-    widths = [max(len(c), *(len(r[i]) for r in table)) for i, c in enumerate(cols)]
-    lines = ["  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(cols))]
-    for r in table:
-        lines.append("  ".join(v.ljust(widths[i]) if i == 0 else v.rjust(widths[i]) for i, v in enumerate(r)))
-    if m.get("peer_contention_bound"):
-        lines.append(f"WARNING: llama.cpp decodes faster on 1 thread ({report['llama_cpp']['decode_tps_one_thread']:.1f} "
-                     f"tok/s) than on {report['threads']}: the machine is oversubscribed and the ratios flatter Woolly")
-    tl = ["targets:"]
-    for k, v in report["targets"].items():
-        met = {True: "met", False: "NOT met", None: "n/a"}[v["met"]]
-        tl.append(f"  {k}: {_f(v['value'], '.2f')} (target {v['target']}) {met}")
-    return head + "\n".join(lines) + "\n" + "\n".join(tl) + "\n"
-
-
-def plot(reports: list[dict], path: str) -> None:
-    """One row of panels per report: throughput vs llama.cpp, aggregate vs sessions, times."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(reports), 3, figsize=(15, 3.8 * len(reports)), squeeze=False)
-    for row, rep in zip(axes, reports):
-        w, l = rep["woolly"], rep.get("llama_cpp")
-        title = f"{rep['model']} · {rep['residency']}"
-        labels = [f"prefill {n}" for n in w["prefill_tps"]] + ["decode b1"]
-        wv = [w["prefill_tps"][n] or 0 for n in w["prefill_tps"]] + [w["decode_tps"] or 0]
-        x = range(len(labels))
-        ax = row[0]
-        ax.bar([i - 0.2 for i in x], wv, 0.4, label="woolly")
-        if l:
-            lv_ = [l["prefill_tps"].get(n) or 0 for n in w["prefill_tps"]] + [l["decode_tps"] or 0]
-            ax.bar([i + 0.2 for i in x], lv_, 0.4, label="llama.cpp")
-            if l.get("decode_tps_one_thread"):
-                ax.plot([len(labels) - 1 + 0.2], [l["decode_tps_one_thread"]], "k*", ms=12,
-                        label="llama.cpp decode, 1 thread (contention check)")
-        ax.set_xticks(list(x), labels)
-        ax.set_ylabel("tokens/s")
-        ax.set_title(title)
-        ax.legend(fontsize=7)
-        ax = row[1]
-        ns = [int(n) for n in w["aggregate_tps"]]
-        ax.plot(ns, [w["aggregate_tps"][str(n)] for n in ns], "o-", label="woolly (continuous batching)")
-        if l:
-            ax.plot(ns, [l["aggregate_tps"].get(str(n)) for n in ns], "s-", label="llama.cpp (sequential)")
-            ax.axhline(4 * l["decode_tps"], ls=":", c="gray", label="target: 4x llama.cpp batch-1")
-            if l.get("decode_tps_one_thread"):
-                ax.axhline(4 * l["decode_tps_one_thread"], ls="-.", c="black",
-                           label="4x llama.cpp batch-1 on 1 thread")
-        ax.axhline(rep["decode_bound_tps"], ls="--", c="red", label="batch-1 bandwidth bound")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(ns, [str(n) for n in ns])
-        ax.set_xlabel("concurrent sessions")
-        ax.set_ylabel("aggregate tokens/s")
-        ax.set_title("aggregate decode")
-        ax.legend(fontsize=7)
-        ax = row[2]
-        tl = ["load", "1st token\ncold cache", "1st token\nwarm cache"]
-        keys = ["load_s", "ttft_cold_s", "ttft_warm_s"]
-        ax.bar([i - 0.2 for i in range(3)], [w[k] or 0 for k in keys], 0.4, label="woolly")
-        if l:
-            ax.bar([i + 0.2 for i in range(3)], [l[k] or 0 for k in keys], 0.4, label="llama.cpp")
-        ax.set_xticks(range(3), tl)
-        ax.set_ylabel("seconds (new process for 1st token)")
-        ax.set_yscale("log")
-        ax.set_title("startup")
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def markdown(reports: list[dict]) -> str:
-    """The benchmarks/README table: one column group per (model, residency)."""
-    head = "| figure | " + " | ".join(f"{r['model']} {r['residency']}: woolly / llama.cpp / ratio"
-                                      for r in reports) + " |"
-    sep = "|---|" + "---|" * len(reports)
-    table = [rows(r) for r in reports]
-    lines = [head, sep]
-    for i, first in enumerate(table[0]):
-        cells = []
-        for t in table:
-            _, wv, lv_, rv = t[i]
-            cells.append(" / ".join(x for x in (wv, lv_, rv) if x) or "")
-        lines.append(f"| {first[0].strip()} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def main(args) -> int:
-    """`woolly bench` (argparse namespace from woolly.cli)."""
-    kw = dict(model=args.model, residency=args.residency, threads=args.threads, compare=args.compare)
-    cfg = BenchConfig.quick_config(**kw) if args.quick else BenchConfig(**kw)
-    if args.repeats:
-        cfg.repeats = args.repeats
-    report = run(cfg)
-    if args.plot:
-        plot([report], args.plot)
-    if args.output:
-        with open(args.output, "w") as f:
-            json.dump(report, f, indent=1)
-    if args.json:
-        print(json.dumps(report, indent=1))
-    else:
-        print(format_text(report), end="")
-    return 0
-
-
-def _summarize(argv: list[str]) -> int:
-    """`python -m woolly.bench --summarize A.json B.json ... [--plot FILE.png]`: the README table."""
-    plot_path = None
-    if "--plot" in argv:
-        i = argv.index("--plot")
-        plot_path = argv[i + 1]
-        argv = argv[:i] + argv[i + 2:]
-    reports = [json.load(open(p)) for p in argv]
-    for r in reports:
-        r["targets"] = targets(r)
-    print(markdown(reports), end="")
-    if plot_path:
-        plot(reports, plot_path)
-    return 0
-
-
-if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        sys.exit(_child(sys.argv[2:]))
-    if len(sys.argv) > 1 and sys.argv[1] == "--summarize":
-        sys.exit(_summarize(sys.argv[2:]))
-    print("use `woolly bench`", file=sys.stderr)
-    sys.exit(2)
