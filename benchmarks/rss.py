@@ -92,7 +92,7 @@ def main() -> None:
     ap.add_argument("--slots", type=int, default=4, help="llama.cpp's sequences: woolly's max_batch_size")
     ap.add_argument("--ctx", type=int, default=2048, help="tokens per sequence: woolly's max_sequence_length")
     a = ap.parse_args()
-    from woolly.registry import resolve_model_path
+    from woolly.model_store import resolve_model_path
     path = str(resolve_model_path(a.model))
     w = woolly_rss(a.model, a.residency, a.kv_cache_type)
     ll = llama_rss(path, a.slots * a.ctx)

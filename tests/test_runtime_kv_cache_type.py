@@ -9,7 +9,7 @@ import pytest
 
 from tiny_models import write_tiny_model
 from woolly.engine.config import EngineConfig
-from woolly.model import Model
+from woolly.model_file import Model
 from woolly.runtime.runner import Runner
 
 PROMPTS = [[1, 5, 9, 13, 17, 21, 25], [2, 40, 41, 42], [3, 7, 11, 60, 61, 62, 63, 64, 65, 66]]
