@@ -35,6 +35,11 @@ def _need_library() -> None:
         raise InvalidRequest("constrained output needs the llguidance package (pip install llguidance)")
 
 
+# JSON as models write it: ", " and ": " between items, no other whitespace (llguidance's default
+# lets any run of whitespace in, and small models then loop on newlines until max_tokens).
+JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
 @dataclass(frozen=True)
 class Grammar:
     """What the output must match: `kind` is json_schema, regex or lark; `source` its text."""
@@ -76,7 +81,7 @@ class Grammar:
         _need_library()
         try:
             if self.kind == "json_schema":
-                return LLMatcher.grammar_from_json_schema(self.source)
+                return LLMatcher.grammar_from_json_schema(self.source, defaults=JSON_STYLE)
             if self.kind == "regex":
                 return LLMatcher.grammar_from_regex(self.source)
             if self.kind == "lark":
