@@ -26,15 +26,18 @@ except ImportError:   # pragma: no cover
     jsonschema = None
 
 SCHEMAS = [
-    {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20}, "age": {"type": "integer"}},
+    {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+                                      "age": {"type": "integer", "minimum": 0, "maximum": 150}},
      "required": ["name", "age"], "additionalProperties": False},
     {"type": "object", "properties": {"colors": {"type": "array", "items": {"enum": ["red", "green", "blue"]},
                                                  "minItems": 1, "maxItems": 3}},
      "required": ["colors"], "additionalProperties": False},
-    {"type": "object", "properties": {"ok": {"type": "boolean"}, "score": {"type": "number"},
+    {"type": "object", "properties": {"ok": {"type": "boolean"},
+                                      "score": {"type": "number", "minimum": 0, "maximum": 10},
                                       "tag": {"type": "string", "pattern": "^[a-z]{2,8}$"}},
      "required": ["ok", "score", "tag"], "additionalProperties": False},
 ]
+# (bounded numbers: an unbounded integer let Gemma 3 write 0s until max_tokens, as any sampler would)
 PROMPTS = ["Describe a person as JSON.", "Give me some colors.", "Rate this movie: it was fine."]
 
 
