@@ -132,7 +132,7 @@ class ToolPlan:
                     "tool_call_id": m.get("tool_call_id"), "content": m.get("content", "")}})}
             out.append(m)
         if not self.native and self.choice is not None:
-            note = ("You can call these tools:\n" + json.dumps(self.functions, indent=2)
+            note = ("You can call these tools:\n" + json.dumps(self.functions)
                     + "\n\nRespond in JSON: either {\"tool_call\": {\"name\": ..., \"arguments\": {...}}} to call "
                     "a tool, or {\"response\": \"...\"} to answer the user.")
             if out and out[0]["role"] == "system":
