@@ -16,6 +16,7 @@ import msgspec
 from litestar import Request, Response, get, post
 from litestar.openapi.datastructures import ResponseSpec
 
+from woolly.chat_template import chat_template_source
 from woolly.errors import InvalidRequest, WoollyError
 from woolly.http import schemas as S
 from woolly.http.responses import ERROR_RESPONSES
@@ -95,7 +96,6 @@ def openai_routes(server) -> list:
 
     async def _chat_completions(data: S.ChatCompletionRequest, request: Request, engine) -> Any:
         model_name = engine.current_model_name or ""
-        from woolly.chat_template import chat_template_source
         plan = T.plan(chat_template_source(engine.model), data.tools, data.tool_choice)   # None: no tools
         ids = await server.chat_ids(engine, data.messages, plan)
         options = {**data.options(), "grammar": plan.grammar() if plan else T.response_grammar(data.response_format)}

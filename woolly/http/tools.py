@@ -41,7 +41,8 @@ def check_openai(response_format, tools, tool_choice) -> None:
             raise ValueError(f"tools[{k}] must be {{\"type\": \"function\", \"function\": {{\"name\", \"parameters\"}}}}")
     if tool_choice is None or tool_choice in ("auto", "none", "required"):
         return
-    name = tool_choice.get("function", {}).get("name") if isinstance(tool_choice, dict) else None
+    fn = tool_choice.get("function") if isinstance(tool_choice, dict) else None
+    name = fn.get("name") if isinstance(fn, dict) else None
     if not isinstance(name, str):
         raise ValueError("tool_choice must be auto, none, required or {\"type\": \"function\", \"function\": {\"name\"}}")
     if name not in {t["function"]["name"] for t in tools or []}:
