@@ -21,7 +21,7 @@ from woolly.engine.grammar import Grammar, Matcher, mask_words
 
 GRAMMARS = {
     "none": None,
-    "json_schema": lambda: Grammar.json_schema({"type": "object", "properties": {"story": {"type": "string"}},
+    "json_schema": lambda: Grammar.json_schema({"type": "object", "properties": {"story": {"type": "string", "minLength": 1000}},
                                                 "required": ["story"]}),
     "regex": lambda: Grammar.regex(r"[A-Za-z ,.']{1,2000}"),
 }
