@@ -21,8 +21,8 @@ from woolly.engine.grammar import Grammar, Matcher, mask_words
 
 GRAMMARS = {
     "none": None,
-    "json_schema": lambda: Grammar.json_schema({"type": "object", "properties": {"story": {"type": "string", "minLength": 1000}},
-                                                "required": ["story"]}),
+    "json_schema": lambda: Grammar.json_schema({"type": "object", "required": ["story"],
+                                                "properties": {"story": {"type": "string", "minLength": 1000}}}),
     "regex": lambda: Grammar.regex(r"[A-Za-z ,.']{1,2000}"),
 }
 

@@ -38,13 +38,15 @@ def check_openai(response_format, tools, tool_choice) -> None:
         if not isinstance(t, dict) or t.get("type", "function") != "function" or not isinstance(fn, dict) \
                 or not isinstance(fn.get("name"), str) or not fn["name"] \
                 or not isinstance(fn.get("parameters", {}), dict):
-            raise ValueError(f"tools[{k}] must be {{\"type\": \"function\", \"function\": {{\"name\", \"parameters\"}}}}")
+            raise ValueError(f"tools[{k}] must be "
+                             '{"type": "function", "function": {"name", "parameters"}}')
     if tool_choice is None or tool_choice in ("auto", "none", "required"):
         return
     fn = tool_choice.get("function") if isinstance(tool_choice, dict) else None
     name = fn.get("name") if isinstance(fn, dict) else None
     if not isinstance(name, str):
-        raise ValueError("tool_choice must be auto, none, required or {\"type\": \"function\", \"function\": {\"name\"}}")
+        raise ValueError('tool_choice must be auto, none, required or '
+                         '{"type": "function", "function": {"name"}}')
     if name not in {t["function"]["name"] for t in tools or []}:
         raise ValueError(f"tool_choice names {name[:64]!r}, which is not among the tools")
 
@@ -155,7 +157,8 @@ class ToolPlan:
         calls = [c for c in (_loads(b, strict=False) for b in blocks) if isinstance(c, dict) and "name" in c]
         if not blocks:
             obj = _loads(text.strip(), strict=False)
-            if isinstance(obj, dict) and isinstance(obj.get("name"), str) and ("arguments" in obj or "parameters" in obj):
+            if isinstance(obj, dict) and isinstance(obj.get("name"), str) \
+                    and ("arguments" in obj or "parameters" in obj):
                 calls = [obj]
         if not calls:
             return text, []
