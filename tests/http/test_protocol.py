@@ -62,18 +62,20 @@ def test_num_ctx_over_the_context_is_refused(http):
                  400, "INVALID_REQUEST", "context")
 
 
-# -- OpenAI fields not built yet ----------------------------------------------------------------
+# -- OpenAI structured-output fields malformed, and the legacy functions API ------------------------
 CHAT = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
 
 
 @pytest.mark.parametrize("extra,word", [
-    ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format"),
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
-    ({"tool_choice": "required"}, "tool_choice"),
+    ({"response_format": {"type": "xml"}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": 3}}}, "response_format"),
+    ({"tools": [{"type": "function", "function": {"parameters": {}}}]}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": {"type": "function",
+                                                                                  "function": {"name": "g"}}},
+     "tool_choice"),
     ({"functions": [{"name": "f", "parameters": {}}]}, "functions"),
 ])
-def test_openai_unbuilt_fields_are_refused(http, extra, word):
+def test_openai_malformed_fields_are_refused(http, extra, word):
     assert_error(http.post("/v1/chat/completions", json={**CHAT, **extra}), 400, "INVALID_REQUEST", word)
 
 

@@ -133,6 +133,7 @@ class GenerationParams:
     stop: tuple[str, ...] = ()
     sampler: object | None = None    # a host-side Sampler; None: on-device DefaultSampler chain
     logprobs: int = 0                # top alternatives to report per token (0: none)
+    grammar: object | None = None    # a woolly.engine.grammar.Grammar the output must match
 
     def __post_init__(self):
         def bad(msg):
@@ -164,6 +165,8 @@ class GenerationParams:
             bad("stop must be at most 16 non-empty strings of at most 512 characters")
         if self.sampler is not None and not isinstance(self.sampler, Sampler):
             bad("sampler must have a sample(logits, temperature, top_p, top_k) method")
+        if self.grammar is not None and not hasattr(self.grammar, "compiled"):
+            bad("grammar must be a woolly.engine.grammar.Grammar")
 
     @classmethod
     def from_kwargs(cls, **kw) -> "GenerationParams":

@@ -25,6 +25,7 @@ from typing import Callable
 import numpy as np
 
 from woolly.runtime import Runner
+from woolly.engine import grammar
 from woolly.engine.prefix_cache import PrefixCache
 from woolly.engine.samplers import GenerationParams, seed32
 from woolly.engine.stops import StopMatcher
@@ -102,6 +103,7 @@ class _Slot:
     text: list[str] = field(default_factory=list)
     first_token_at: float | None = None
     cached: int = 0
+    grammar: object | None = None   # a woolly.engine.grammar.Matcher: constrained output
 
 
 class Scheduler:
@@ -258,7 +260,7 @@ class Scheduler:
         seed = seed32(p.seed) if p.seed is not None else int(np.random.default_rng().integers(0, 2**31 - 1))
         return _Slot(req=req, pos=n - 1, next_input=ids[-1], stream=self._decoder(ids[-1]),
                      stops=StopMatcher(p.stop), seed=seed, recent=ids[-min(p.repeat_last_n, RECENT_WINDOW):]
-                     if p.repeat_last_n else [], cached=cached)
+                     if p.repeat_last_n else [], cached=cached, grammar=grammar.matcher(p.grammar, self.tok))
 
     def _decoder(self, context_id: int) -> IncrementalDecoder:
         """The text of a slot's new tokens. They continue the prompt, so a SentencePiece space
@@ -274,7 +276,11 @@ class Scheduler:
             ahead = None   # a slot was filled since that step was queued: it lacks the newcomer
         host_logits = any(s is not None and (s.req.params.sampler is not None or s.req.params.logprobs > 0)
                           for s in self.slots)
-        if ahead is not None:
+        constrained = [None if s is None else s.grammar for s in self.slots]
+        if any(m is not None for m in constrained):   # masks from the host each step: woolly.engine.grammar
+            owners, ahead, pending = [None if s is None else s.req.id for s in self.slots], None, None
+            next_tokens, logits = grammar.constrained_step(self.runner, self._pack(), constrained, host_logits)
+        elif ahead is not None:
             pending, owners = ahead
             next_tokens, logits = None, pending.logits
         else:
@@ -346,6 +352,8 @@ class Scheduler:
         step would lack it), and not when every slot ends here by its budget or the cache."""
         if host_logits or not self.runner.can_chain:
             return False
+        if any(s is not None and s.grammar is not None for s in self.slots):   # the next mask needs this token
+            return False
         if self.queue and any(s is None for s in self.slots):
             return False
         return any(s is not None and len(s.generated) + 1 < s.req.params.max_tokens
@@ -366,6 +374,8 @@ class Scheduler:
             s.text.append(piece)
             req.send(TokenEvent(piece, tok, len(s.generated) - 1, lp, top))
         if s.stops.stopped:
+            return self._finish(i, "stop")
+        if s.grammar is not None and s.grammar.advance(tok):   # the grammar is complete
             return self._finish(i, "stop")
         s.pos += 1
         s.next_input = tok

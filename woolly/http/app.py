@@ -39,6 +39,7 @@ from woolly.http.models_list import list_model_infos
 from woolly.http.ratelimit import STATE_KEY, ClientLimiter, address_identity, key_identity, rate_limit_config
 from woolly.http.request_body import JsonRequest
 from woolly.http.streaming import EventStream, Primed, prime
+from woolly.http.tools import reference_grammar
 
 log = logging.getLogger("woolly.http")
 access_log = logging.getLogger("woolly.access")
@@ -230,10 +231,11 @@ class Server:
         check_prompt_bytes([text], self.config.server.max_prompt_bytes)
         return await asyncio.to_thread(engine.tokenize, text, **options)
 
-    async def chat_ids(self, engine: Engine, messages) -> list[int]:
-        """A chat's prompt ids: rendered in a template worker and tokenized, from a thread."""
+    async def chat_ids(self, engine: Engine, messages, tools=None) -> list[int]:
+        """A chat's prompt ids: rendered in a template worker and tokenized, from a thread
+        (`tools`: a woolly.http.tools.ToolPlan)."""
         return await asyncio.to_thread(chat_prompt_ids, engine.model, messages,
-                                       self.config.server.max_prompt_bytes)
+                                       self.config.server.max_prompt_bytes, tools)
 
     async def embed(self, engine: Engine, texts: list[str]):
         """(vectors f32 [N, D], tokens) for `texts`, one embedding request at a time, in a thread."""
@@ -365,14 +367,16 @@ def create_app(config: WoollyConfig, pool: ModelPool) -> Litestar:
     async def generate(data: S.GenerateRequest, request: Request) -> Any:
         async with server.use(data.model, data.keep_alive) as engine:
             ids = await server.prompt_ids(engine, data.prompt)
-            return await _answer(request, server.events(engine, ids, data.options()), data.stream, _generate_json)
+            options = {**data.options(), "grammar": reference_grammar(data.format, data.grammar)}
+            return await _answer(request, server.events(engine, ids, options), data.stream, _generate_json)
 
     @post("/api/chat", status_code=200,
           summary="Chat with the model's template applied (JSON, or SSE with stream=true)", responses=ERROR_RESPONSES)
     async def chat(data: S.ChatRequest, request: Request) -> Any:
         async with server.use(data.model, data.keep_alive) as engine:
             ids = await server.chat_ids(engine, data.messages)
-            return await _answer(request, server.events(engine, ids, data.options()), data.stream, _chat_json)
+            options = {**data.options(), "grammar": reference_grammar(data.format, data.grammar)}
+            return await _answer(request, server.events(engine, ids, options), data.stream, _chat_json)
 
     @post("/api/tokenize", status_code=200, summary="Text to token ids", responses=ERROR_RESPONSES)
     async def tokenize(data: S.TokenizeRequest) -> S.TokenizeResponse:

@@ -26,6 +26,8 @@ def message_dicts(messages) -> list[dict]:
                 texts.append(part["text"])
             content = "".join(texts)
         out.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
+        if m.tool_calls or m.tool_call_id:   # tool use (woolly.http.tools)
+            out[-1].update({k: v for k, v in (("tool_calls", m.tool_calls), ("tool_call_id", m.tool_call_id)) if v})
     return out
 
 
@@ -39,12 +41,15 @@ def check_prompt_bytes(texts, limit: int | None) -> None:
                              details={"prompt_bytes": n, "max_prompt_bytes": limit})
 
 
-def chat_prompt_ids(model, messages, max_bytes: int | None = None) -> list[int]:
-    """Blocks (template worker, tokenizer): call it off the event loop."""
+def chat_prompt_ids(model, messages, max_bytes: int | None = None, tools=None) -> list[int]:
+    """Blocks (template worker, tokenizer): call it off the event loop. `tools`: a
+    woolly.http.tools.ToolPlan, which rewrites the messages and adds template variables."""
     from woolly.chat_template import base_model_warning, tokenize_chat
 
     if warning := base_model_warning(model, once=True):
         logging.getLogger("woolly").warning(warning)
     dicts = message_dicts(messages)
     check_prompt_bytes([m["content"] for m in dicts], max_bytes)
-    return list(tokenize_chat(model, dicts, add_generation_prompt=True))
+    if tools is not None:
+        dicts = tools.messages(dicts)
+    return list(tokenize_chat(model, dicts, add_generation_prompt=True, **(tools.template_vars if tools else {})))

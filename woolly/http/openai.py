@@ -16,11 +16,13 @@ import msgspec
 from litestar import Request, Response, get, post
 from litestar.openapi.datastructures import ResponseSpec
 
+from woolly.chat_template import chat_template_source
 from woolly.engine import TokenEvent
 from woolly.errors import InvalidRequest, WoollyError
 from woolly.http import schemas as S
 from woolly.http.responses import ERROR_RESPONSES
 from woolly.http.streaming import EventStream, prime
+from woolly.http import tools as T
 
 
 def openai_routes(server) -> list:
@@ -65,7 +67,7 @@ def openai_routes(server) -> list:
                 raise InvalidRequest("one prompt per request (n and prompt arrays are not supported)")
         else:
             ids = await server.prompt_ids(engine, data.prompt)
-        options = data.options()
+        options = {**data.options(), "grammar": T.response_grammar(data.response_format)}
         if data.logprobs:
             options["logprobs"] = data.logprobs
         rid, created = "cmpl-" + uuid.uuid4().hex[:24], int(time.time())
@@ -95,8 +97,9 @@ def openai_routes(server) -> list:
 
     async def _chat_completions(data: S.ChatCompletionRequest, request: Request, engine) -> Any:
         model_name = engine.current_model_name or ""
-        ids = await server.chat_ids(engine, data.messages)
-        options = data.options()
+        plan = T.plan(chat_template_source(engine.model), data.tools, data.tool_choice)   # None: no tools
+        ids = await server.chat_ids(engine, data.messages, plan)
+        options = {**data.options(), "grammar": plan.grammar() if plan else T.response_grammar(data.response_format)}
         n_top = data.top_logprobs or 0
         if data.logprobs:
             options["logprobs"] = max(1, n_top)
@@ -113,6 +116,9 @@ def openai_routes(server) -> list:
                                                   for i, lp in (t.top_logprobs or [])[:n_top]]}
                                 for t in toks if t.token_id >= 0]}
 
+        if data.stream and plan is not None:   # the call is parsed from the whole text: sent in one delta
+            include_usage = bool(data.stream_options and data.stream_options.include_usage)
+            return EventStream(_stream_tools(request, events, plan, rid, created, model_name, include_usage))
         if data.stream:
             include_usage = bool(data.stream_options and data.stream_options.include_usage)
             return EventStream(_stream(request, await prime(events), rid, created, model_name, "chat.completion.chunk",
@@ -120,9 +126,12 @@ def openai_routes(server) -> list:
                                                                      "logprobs": content_logprobs([ev])},
                                           role_first=True))
         result, toks = await _collect(request, events)
+        message, finish = {"role": "assistant", "content": result.text}, result.finish_reason
+        if plan is not None:
+            message, finish = _tool_message(plan, result)
         return {"id": rid, "object": "chat.completion", "created": created, "model": model_name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                             "logprobs": content_logprobs(toks), "finish_reason": result.finish_reason}],
+                "choices": [{"index": 0, "message": message,
+                             "logprobs": content_logprobs(toks), "finish_reason": finish}],
                 "usage": _usage(result)}
 
     @post("/v1/embeddings", status_code=200, summary="OpenAI: embeddings", responses=ERROR_RESPONSES)
@@ -136,6 +145,39 @@ def openai_routes(server) -> list:
                 "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}}
 
     return [list_models, retrieve_model, completions, chat_completions, embeddings]
+
+
+def _tool_message(plan, result) -> tuple[dict, str]:
+    """The assistant message of a generation with tools -> (message, finish_reason)."""
+    content, calls = plan.parse(result.text)
+    if not calls:
+        return {"role": "assistant", "content": content}, result.finish_reason
+    return {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
+
+
+async def _stream_tools(request: Request, events: AsyncIterator, plan, rid: str, created: int, model: str,
+                        include_usage: bool) -> AsyncIterator[str]:
+    """A streamed chat with tools: the whole answer (content or tool calls) in one delta."""
+    def chunk(choices: list, usage: dict | None = None) -> str:
+        body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices}
+        if include_usage:
+            body["usage"] = usage
+        return msgspec.json.encode(body).decode()
+
+    try:
+        result, _ = await _collect(request, events)
+        message, finish = _tool_message(plan, result)
+        if message.get("tool_calls"):
+            message["tool_calls"] = [dict(c, index=k) for k, c in enumerate(message["tool_calls"])]
+        yield chunk([{"index": 0, "delta": message, "logprobs": None, "finish_reason": None}])
+        yield chunk([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish}])
+        if include_usage:
+            yield chunk([], usage=_usage(result))
+    except WoollyError as e:
+        yield msgspec.json.encode({"error": {"message": e.message, "code": e.code, "type": e.code}}).decode()
+    finally:
+        await events.aclose()
+    yield "[DONE]"
 
 
 def _encode_vector(v, encoding: str):

@@ -135,6 +135,8 @@ NoTemplate = Annotated[None, Meta(description="refused: the model's own template
 
 class GenerateRequest(OllamaFields, kw_only=True):
     prompt: str
+    format: str | dict[str, Any] | None = None   # "json" or a JSON schema, as Ollama (woolly.http.tools)
+    grammar: str | None = None                  # GBNF, as llama-server
     stream: bool = False
     model: ModelName | None = None
     keep_alive: KeepAlive | None = None
@@ -154,6 +156,8 @@ class ChatMessage(msgspec.Struct, kw_only=True):
     role: Annotated[str, Meta(min_length=1, max_length=64)]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None   # an assistant's earlier calls (woolly.http.tools)
+    tool_call_id: str | None = None                  # a tool result's call
 
 
 class ChatRequest(OllamaFields, kw_only=True):
@@ -161,6 +165,8 @@ class ChatRequest(OllamaFields, kw_only=True):
     stream: bool = False
     model: ModelName | None = None
     chat_template: NoTemplate = None
+    format: str | dict[str, Any] | None = None   # "json" or a JSON schema, as Ollama (woolly.http.tools)
+    grammar: str | None = None                  # GBNF, as llama-server
     keep_alive: KeepAlive | None = None
     template: NoTemplate = None   # Ollama's name for it
 
@@ -239,7 +245,7 @@ class OpenAIFields(msgspec.Struct, kw_only=True):
     top_k: TopK | None = None
     min_p: Unit | None = None
     repeat_penalty: Penalty | None = None
-    # Not built yet: refused with a 400 rather than accepted and ignored (see __post_init__).
+    # structured output and tools (woolly.http.tools); the legacy functions API is refused with a 400
     response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
@@ -248,15 +254,10 @@ class OpenAIFields(msgspec.Struct, kw_only=True):
 
     def __post_init__(self):
         _check_seed(self.seed)
-        if self.response_format is not None and self.response_format != {"type": "text"}:
-            kind = self.response_format.get("type")
-            raise ValueError(f"response_format {kind!r} is not supported: only {{\"type\": \"text\"}} (plain text) is")
-        for name in ("tools", "functions"):
-            if getattr(self, name):
-                raise ValueError(f"{name} (function calling) is not supported yet")
-        for name in ("tool_choice", "function_call"):
-            if getattr(self, name) not in (None, "none"):
-                raise ValueError(f"{name} (function calling) is not supported yet")
+        from woolly.http.tools import check_openai
+        check_openai(self.response_format, self.tools, self.tool_choice)
+        if self.functions or self.function_call not in (None, "none"):
+            raise ValueError("functions and function_call (the legacy API) are not supported: use tools")
 
     def options(self) -> dict[str, Any]:
         opts = {

@@ -157,3 +157,13 @@ def push_recent(recent: jax.Array, tokens: jax.Array, active: jax.Array) -> jax.
     """Append tokens [B] to the recent window [B, W] of the active slots."""
     shifted = jnp.concatenate([recent[:, 1:], tokens[:, None]], axis=1)
     return jnp.where(active[:, None], shifted, recent)
+
+
+def apply_token_mask(logits: jax.Array, mask: jax.Array) -> jax.Array:
+    """logits [B, V] with the ids whose bit is clear in the packed mask u32 [B, ceil(V/32)] set to
+    -inf (bit i of word w: id 32w + i; all ones: unconstrained). For constrained decoding
+    (woolly.engine.grammar)."""
+    B, V = logits.shape
+    bits = (mask[:, :, None] >> jnp.arange(32, dtype=jnp.uint32)) & 1                   # [B, W, 32]
+    allowed = bits.reshape(B, -1)[:, :V].astype(bool)                                    # [B, V]
+    return jnp.where(allowed, logits, NEG_INF)

@@ -1,0 +1,186 @@
+"""Constrained decoding: grammars compiled by llguidance, their token masks applied on device.
+
+A `Grammar` (JSON schema, any JSON object, regex, GBNF or Lark) is compiled against the model's
+vocabulary (`vocabulary_for`: each id's bytes from woolly's tokenizer, control tokens marked
+with a 0xFF prefix as llguidance's llama.cpp bridge does). Each constrained slot holds a
+`Matcher`; a step with one is `constrained_step`: the forward pass is queued on the device, the
+host fills each row's packed bitmask u32 [B, ceil(V/32)] while it runs (all ones for an
+unconstrained row), then the jitted sampler draws with the mask. A grammar that can take
+nothing more ends the generation ("stop"); at an accepting point the end-of-generation ids are
+allowed.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import weakref
+from dataclasses import dataclass
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from woolly.errors import GenerationFailed, InvalidRequest
+
+try:
+    import llguidance
+    from llguidance import LLMatcher, LLTokenizer
+except ImportError:   # an optional dependency: a clear error when a grammar is asked for
+    llguidance = None
+
+
+def _need_library() -> None:
+    if llguidance is None:
+        raise InvalidRequest("constrained output needs the llguidance package (pip install llguidance)")
+
+
+# JSON as models write it: ", " and ": " between items, no other whitespace (llguidance's default
+# lets any run of whitespace in, and small models then loop on newlines until max_tokens).
+JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+@dataclass(frozen=True)
+class Grammar:
+    """What the output must match: `kind` is json_schema, regex or lark; `source` its text."""
+
+    kind: str
+    source: str
+
+    @classmethod
+    def json_schema(cls, schema: dict | str) -> "Grammar":
+        text = schema if isinstance(schema, str) else json.dumps(schema)
+        return cls("json_schema", text).checked()
+
+    @classmethod
+    def json_object(cls) -> "Grammar":
+        """Any JSON object (OpenAI's response_format json_object, Ollama's format "json")."""
+        return cls("json_schema", '{"type": "object"}').checked()
+
+    @classmethod
+    def regex(cls, pattern: str) -> "Grammar":
+        return cls("regex", pattern).checked()
+
+    @classmethod
+    def gbnf(cls, text: str) -> "Grammar":
+        """A llama.cpp GBNF grammar (Lark is accepted too), converted by llguidance."""
+        _need_library()
+        from llguidance.gbnf_to_lark import any_to_lark
+        try:
+            lark = any_to_lark(text)
+        except Exception as e:
+            raise InvalidRequest(f"invalid grammar: {e}") from None
+        return cls("lark", lark).checked()
+
+    @classmethod
+    def lark(cls, text: str) -> "Grammar":
+        return cls("lark", text).checked()
+
+    def compiled(self) -> str:
+        """The llguidance grammar definition."""
+        _need_library()
+        try:
+            if self.kind == "json_schema":
+                return LLMatcher.grammar_from_json_schema(self.source, defaults=JSON_STYLE)
+            if self.kind == "regex":
+                return LLMatcher.grammar_from_regex(self.source)
+            if self.kind == "lark":
+                return LLMatcher.grammar_from_lark(self.source)
+        except Exception as e:   # malformed JSON and the like raise here; the rest in validate_grammar
+            raise InvalidRequest(f"invalid {self.kind} grammar: {e}") from None
+        raise InvalidRequest(f"unknown grammar kind {self.kind!r}")
+
+    def checked(self) -> "Grammar":
+        """self, after llguidance has validated it (an InvalidRequest saying why, if not)."""
+        is_error, msgs = LLMatcher.validate_grammar_with_warnings(self.compiled())
+        if is_error:
+            raise InvalidRequest(f"invalid {self.kind} grammar: {'; '.join(msgs)}")
+        return self
+
+
+# -- the vocabulary bridge -------------------------------------------------------------------
+class _Vocab:
+    """What llguidance's TokenizerWrapper reads from a tokenizer."""
+
+    def __init__(self, tok):
+        n = tok.vocab_size
+        self.tokens = [(b"\xff" + tok.token_bytes(i)) if tok.is_control(i) else tok.token_bytes(i)
+                       for i in range(n)]
+        self.eos_token_id = tok.special_tokens.eos if tok.special_tokens.eos is not None \
+            else min(tok.special_tokens.eog)
+        self.bos_token_id = tok.special_tokens.bos
+        self.special_token_ids = [i for i in range(n) if tok.is_control(i)]
+        self._tok = tok
+
+    def __call__(self, text: bytes) -> list[int]:
+        return self._tok.tokenize(text.decode("utf-8", errors="replace"), add_bos=False)
+
+
+_vocabs: "weakref.WeakKeyDictionary[object, LLTokenizer]" = weakref.WeakKeyDictionary()
+_vocabs_lock = threading.Lock()
+
+
+def vocabulary_for(tok) -> "LLTokenizer":
+    """llguidance's view of a woolly tokenizer (built once per tokenizer, ~1 s for 262k ids)."""
+    _need_library()
+    with _vocabs_lock:
+        if tok not in _vocabs:
+            eog = sorted(tok.special_tokens.eog)
+            _vocabs[tok] = LLTokenizer(llguidance.TokenizerWrapper(_Vocab(tok)), eos_token=eog or None)
+        return _vocabs[tok]
+
+
+class Matcher:
+    """One request's grammar state: the mask of what may come next, the tokens it took."""
+
+    def __init__(self, grammar: Grammar, tok):
+        self.m = LLMatcher(vocabulary_for(tok), grammar.compiled(), log_level=0)
+        if self.m.is_error():
+            raise InvalidRequest(f"invalid {grammar.kind} grammar: {self.m.get_error()}")
+
+    def fill(self, row: np.ndarray) -> None:
+        """This step's allowed ids into row u32 [ceil(V/32)] (bit i of word w: id 32w + i)."""
+        self.m.unsafe_compute_mask_ptr(row.ctypes.data, row.nbytes)
+
+    def advance(self, token: int) -> bool:
+        """Take the drawn token -> whether the grammar is complete (nothing more can follow)."""
+        if not self.m.consume_token(token):
+            raise GenerationFailed(f"the grammar refused token {token}: {self.m.get_error()}")
+        return self.m.is_stopped()
+
+
+def matcher(grammar: Grammar | None, tok) -> Matcher | None:
+    return None if grammar is None else Matcher(grammar, tok)
+
+
+# -- the constrained step ------------------------------------------------------------------
+def mask_words(vocab_size: int) -> int:
+    return (vocab_size + 31) // 32
+
+
+@partial(jax.jit, static_argnames=("want_logits",))
+def _sample_masked(logits, seeds, counters, sampling, recent, mask, want_logits: bool):
+    from woolly.runtime.device_sampling import apply_token_mask, sample, slot_keys
+    masked = apply_token_mask(logits.astype(jnp.float32), mask)                          # [B, V]
+    return sample(masked, slot_keys(seeds, counters), sampling, recent), (masked if want_logits else None)
+
+
+def constrained_step(runner, packed: tuple, matchers: list, want_logits: bool = False):
+    """One decode step where some slots are constrained: the forward pass is dispatched, each
+    row's mask is filled on the host while it runs, then the masked draw -> (tokens i32 [B] on
+    host, masked logits [B, V] on device when `want_logits`, else None)."""
+    from woolly.runtime import entry
+    from woolly.runtime.device_sampling import SamplingParams
+    tokens, positions, seeds, counters, sampling, recent = packed[:6]
+    step = getattr(runner._entry, "decode_step", entry.decode_step)
+    logits, runner.cache = step(runner.params, runner.cache, jnp.asarray(tokens, jnp.int32),
+                                jnp.asarray(positions, jnp.int32), cfg=runner.cfg)             # queued
+    V = logits.shape[-1]
+    mask = np.full((len(matchers), mask_words(V)), 0xFFFFFFFF, np.uint32)                 # [B, ceil(V/32)]
+    for i, m in enumerate(matchers):
+        if m is not None:
+            m.fill(mask[i])
+    params = SamplingParams(**{k: jnp.asarray(sampling[k]) for k in SamplingParams._fields})
+    drawn, masked = _sample_masked(logits, jnp.asarray(seeds, jnp.uint32), jnp.asarray(counters, jnp.int32),
+                                   params, jnp.asarray(recent, jnp.int32), jnp.asarray(mask), want_logits)
+    return np.asarray(drawn), masked
