@@ -18,7 +18,7 @@ from woolly.engine.grammar import Grammar, vocabulary_for  # noqa: E402
 from woolly.errors import InvalidRequest  # noqa: E402
 from woolly.runtime.device_sampling import apply_token_mask  # noqa: E402
 
-from .support import make_engine, run_events  # noqa: E402
+from support.engine import make_engine, run_events  # noqa: E402
 
 try:
     import jsonschema

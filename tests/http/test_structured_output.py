@@ -8,7 +8,7 @@ import re
 import openai
 import pytest
 
-from live_server import MODEL
+from support.live_server import MODEL
 
 pytest.importorskip("llguidance")
 jsonschema = pytest.importorskip("jsonschema")
