@@ -21,7 +21,8 @@ import websockets
 from support.live_server import serving
 from tiny_models import write_tiny_model
 
-HEALTH_LATENCY = 0.5            # seconds /health may take while the server works
+HEALTH_LATENCY = 1.5            # seconds /health may take while the server works: a blocked loop took 7-10 s;
+                                # 0.5 s failed on a 2-core machine at load average 14 with nothing blocking
 BODY_LIMIT = 4 << 20
 PROMPT_LIMIT = 3_500_000        # server.max_prompt_bytes here (the default is smaller)
 TEMPLATE_TIMEOUT = 1.0
