@@ -348,7 +348,9 @@ def _isa_products(tmp_path, isa: str) -> dict:
 @pytest.mark.parametrize("isa", ["avx2", pytest.param("portable", marks=pytest.mark.slow)])
 def test_kernel_builds_for_other_isas_give_the_default_s_results(tmp_path, isa):
     """AVX-512 switched off (AVX2 through SIMDe) or no vector ISA at all: the kernels still
-    build and run, and every product equals the default build's bit for bit."""
+    build and run. AVX2 equals the default build bit for bit; the scalar build sums in another
+    order (no vector FMA) and can round an int8 activation the other way: measured 2.2e-4 relative
+    at most (q8 x Q6_K), far below any real disagreement."""
     import platform
     if platform.machine().lower() not in ("x86_64", "amd64"):
         pytest.skip("the AVX2 build is an x86-64 one")
@@ -359,7 +361,10 @@ def test_kernel_builds_for_other_isas_give_the_default_s_results(tmp_path, isa):
     base.pop("isa"), base.pop("ok")
     assert base.keys() == other.keys()
     for k in base:
-        np.testing.assert_array_equal(other[k], base[k], err_msg=k)
+        if isa == "portable":
+            np.testing.assert_allclose(other[k], base[k], rtol=1e-3, atol=2e-3, err_msg=k)
+        else:
+            np.testing.assert_array_equal(other[k], base[k], err_msg=k)
 
 
 @pytest.mark.slow
