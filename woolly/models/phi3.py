@@ -7,13 +7,10 @@ short factors apply there, as llama.cpp picks them when the context fits. Like l
 the sliding window some files declare is not applied."""
 from __future__ import annotations
 
-import jax
-
 from woolly.arch import ModelConfig, common_config, meta_value
 from woolly.errors import ModelLoadFailed
 from woolly.models import llama
-from woolly.models.base import Architecture, gated_mlp, self_attention
-from woolly.ops.norms import rms_norm
+from woolly.models.base import Architecture
 
 LAYER_TENSORS = {
     "attn_norm": "attn_norm.weight", "wqkv": "attn_qkv.weight", "wo": "attn_output.weight",
@@ -44,13 +41,5 @@ def tensors(c: ModelConfig) -> dict[str, tuple[int, ...]]:
     return t
 
 
-def block(lp, x, positions, k_cache, v_cache, cfg, layer):
-    """One phi3 decoder layer on x [B, T, D]."""
-    attn, k_cache, v_cache = self_attention(lp, rms_norm(x, lp["attn_norm"], cfg.rms_eps), positions,
-                                            k_cache, v_cache, cfg, cfg.rope_base)
-    x = x + attn
-    x = x + gated_mlp(lp, rms_norm(x, lp["ffn_norm"], cfg.rms_eps), jax.nn.silu)
-    return x, k_cache, v_cache
-
-
-PHI3 = Architecture("phi3", config, tensors, LAYER_TENSORS, block)
+# the llama layer: the fused wqkv / w_gate_up parameters are split inside base's attention and MLP
+PHI3 = Architecture("phi3", config, tensors, LAYER_TENSORS, llama.block)
