@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from support.live_server import BROKEN_MODEL, MODEL
-from support.rel_shapes import QUEUE, SLOTS
+from support.rel_shapes import QUEUE, SLOTS, long_running
 from support.metrics import metric, stream_text, wait_for_idle, wait_for_settled
 from support.errors import assert_error
 
@@ -75,7 +75,7 @@ def test_unload_while_requests_run_ends_them_clearly_and_the_server_stays_up(rse
 
     async def main():
         async with httpx.AsyncClient(base_url=rserver.url, timeout=300) as client:
-            streams = [asyncio.create_task(stream_text(client, {"prompt": f"A long story {i}:", "max_tokens": 200}))
+            streams = [asyncio.create_task(stream_text(client, long_running(i, 200)))
                        for i in range(SLOTS)]
             while metric(rhttp, "woolly_slots_in_use") < SLOTS:   # the streams hold the slots
                 await asyncio.sleep(0.05)
@@ -85,6 +85,7 @@ def test_unload_while_requests_run_ends_them_clearly_and_the_server_stays_up(rse
             while metric(rhttp, "woolly_queue_depth") < 2:
                 await asyncio.sleep(0.05)
             await asyncio.sleep(0.3)   # a few decode steps
+            assert metric(rhttp, "woolly_slots_in_use") == SLOTS   # the streams are still decoding
             unloaded = await client.post("/api/models/unload")
             health = await client.get("/health")
             return unloaded, health, await asyncio.gather(*streams), await asyncio.gather(*queued)

@@ -15,7 +15,7 @@ import time
 import httpx
 import pytest
 
-from support.rel_shapes import QUEUE, SLOTS
+from support.rel_shapes import QUEUE, SLOTS, long_running
 from support.metrics import metric, rss_anon_kib, stream_text, wait_for_idle
 
 pytestmark = pytest.mark.real
@@ -84,23 +84,23 @@ def test_health_answers_quickly_while_every_slot_decodes_and_the_queue_is_full(r
 
     async def main():
         async with httpx.AsyncClient(base_url=rserver.url, timeout=300) as client:
-            load = [asyncio.create_task(stream_text(client, {"prompt": f"Load {i}:", "max_tokens": 48}))
-                    for i in range(SLOTS + QUEUE)]
+            load = [asyncio.create_task(stream_text(client, long_running(i, 120))) for i in range(SLOTS + QUEUE)]
             while metric(rhttp, "woolly_slots_in_use") < SLOTS:
                 await asyncio.sleep(0.05)
-            times = []
-            for _ in range(10):
+            times = []   # the checks answered while every slot was decoding
+            while len(times) < 10 and not all(t.done() for t in load):
                 t0 = time.monotonic()
                 r = await client.get("/health")
-                times.append(time.monotonic() - t0)
+                took = time.monotonic() - t0
                 assert r.status_code == 200 and r.json()["status"] == "ok"
+                if metric(rhttp, "woolly_slots_in_use") == SLOTS:
+                    times.append(took)
                 await asyncio.sleep(0.1)
-            busy_during = metric(rhttp, "woolly_slots_in_use")
             await asyncio.gather(*load)
-            return times, busy_during
+            return times
 
-    times, busy_during = asyncio.run(main())
-    assert busy_during == SLOTS
+    times = asyncio.run(main())
+    assert len(times) >= 5, f"only {len(times)} checks saw every slot busy: {times}"
     assert max(times) < HEALTH_BOUND_S, times
     wait_for_idle(rhttp)
     results["health"] = f"/health max {max(times) * 1000:.0f} ms, median {statistics.median(times) * 1000:.0f} ms"
