@@ -10,6 +10,7 @@ import pytest
 import websockets
 
 from support.live_server import MAX_QUEUE
+from support.long_request import long_running
 from support.metrics import metric, wait_for_idle
 
 pytestmark = pytest.mark.real
@@ -117,7 +118,7 @@ def test_full_queue_answers_busy_and_the_queued_still_complete(server, http):
     async def main():
         async with httpx.AsyncClient(base_url=server.url, timeout=300) as client:
             longs = await asyncio.gather(*(client.send(client.build_request(
-                "POST", "/api/generate", json={"prompt": f"Long story {i}:", "max_tokens": 200, "stream": True}),
+                "POST", "/api/generate", json={**long_running(i, 200), "stream": True}),
                 stream=True) for i in range(STREAMS)))   # each answers once its first token is out
             assert [r.status_code for r in longs] == [200] * STREAMS
             burst = [asyncio.create_task(client.post("/api/generate", json={"prompt": f"Queued {i}", "max_tokens": 1}))

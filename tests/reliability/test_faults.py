@@ -12,7 +12,8 @@ import httpx
 import pytest
 
 from support.live_server import BROKEN_MODEL, MODEL
-from support.rel_shapes import QUEUE, SLOTS, long_running
+from support.long_request import long_running
+from support.rel_shapes import QUEUE, SLOTS
 from support.metrics import metric, stream_text, wait_for_idle, wait_for_settled
 from support.errors import assert_error
 

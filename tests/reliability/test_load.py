@@ -15,7 +15,8 @@ import time
 import httpx
 import pytest
 
-from support.rel_shapes import QUEUE, SLOTS, long_running
+from support.long_request import long_running
+from support.rel_shapes import QUEUE, SLOTS
 from support.metrics import metric, rss_anon_kib, stream_text, wait_for_idle
 
 pytestmark = pytest.mark.real
