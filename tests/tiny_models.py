@@ -36,7 +36,7 @@ CHATML_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
     " + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-FAMILIES = ("llama", "gemma3", "qwen2", "qwen3", "phi3", "gemma2")
+FAMILIES = ("llama", "gemma3", "qwen2", "qwen3", "phi3", "gemma2", "qwen3moe")
 K_QUANTS = (QuantizationType.Q2_K, QuantizationType.Q3_K, QuantizationType.Q4_K,
             QuantizationType.Q5_K, QuantizationType.Q6_K)
 
@@ -142,6 +142,7 @@ def write_tiny_model(
     softcaps: tuple[float, float] = (50.0, 30.0),
     declare_window: bool = False,
     weight_scale: float = 0.02,
+    experts: tuple[int, int] = (4, 2),
 ) -> Path:
     """Write a tiny random model to `path` and return it.
 
@@ -151,7 +152,8 @@ def write_tiny_model(
 
     Other families (`FAMILIES`): qwen2 (q/k/v biases), qwen3 (q/k norms), phi3 (fused qkv and
     gate-up, LongRoPE factors), gemma2 (soft-caps `softcaps` = (attention, logits), alternating
-    sliding layers). llama: `rope_freqs` writes Llama 3.1-style frequency factors,
+    sliding layers), qwen3moe (qwen3 with `experts` = (count, used per token) SwiGLU experts of
+    width ffn_dim in place of the MLP). llama: `rope_freqs` writes Llama 3.1-style frequency factors,
     `rope_scaling_factor` linear RoPE scaling, `declare_window` writes `sliding_window` as some
     Mistral files do. `weight_scale`: the matrices' standard deviation.
     """
@@ -178,7 +180,7 @@ def write_tiny_model(
     w.add_feed_forward_length(ffn_dim)
     w.add_head_count(n_heads)
     w.add_head_count_kv(n_kv_heads)
-    if spm or arch == "qwen3" or head_dim != d_model // n_heads:
+    if spm or arch in ("qwen3", "qwen3moe") or head_dim != d_model // n_heads:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
     if not spm:
@@ -192,6 +194,10 @@ def write_tiny_model(
         w.add_rope_freq_base(1000000.0)
         w.add_layer_norm_rms_eps(1e-6)
         w.add_sliding_window(sliding_window)
+    if arch == "qwen3moe":
+        w.add_expert_count(experts[0])
+        w.add_expert_used_count(experts[1])
+        w.add_expert_feed_forward_length(ffn_dim)
     if arch == "gemma2":
         w.add_attn_logit_softcapping(softcaps[0])
         w.add_final_logit_softcapping(softcaps[1])
@@ -252,13 +258,22 @@ def write_tiny_model(
                 w.add_tensor(b + name, rng.normal(0.0, 0.5, n).astype(np.float32))
         matrix(b + "attn_output.weight", d_model, q_dim)
         norm(b + "ffn_norm.weight", d_model)
-        if arch == "phi3":
+        if arch == "qwen3moe":
+            # the router stays F32, as llama.cpp's converter keeps it (a near-tie must not flip on rounding)
+            w.add_tensor(b + "ffn_gate_inp.weight", rng.normal(0.0, weight_scale, (experts[0], d_model)).astype(np.float32))
+            for name, rows, cols in (("ffn_gate_exps", ffn_dim, d_model), ("ffn_up_exps", ffn_dim, d_model),
+                                     ("ffn_down_exps", d_model, ffn_dim)):
+                stacked = [encode_matrix(rng.normal(0.0, weight_scale, (rows, cols)).astype(np.float32), qtype)
+                           for _ in range(experts[0])]
+                w.add_tensor(b + name + ".weight", np.stack([d for d, _ in stacked]), **stacked[0][1])
+        elif arch == "phi3":
             matrix(b + "ffn_up.weight", 2 * ffn_dim, d_model)
         else:
             matrix(b + "ffn_gate.weight", ffn_dim, d_model)
             matrix(b + "ffn_up.weight", ffn_dim, d_model)
-        matrix(b + "ffn_down.weight", d_model, ffn_dim)
-        if arch in ("gemma3", "qwen3"):
+        if arch != "qwen3moe":
+            matrix(b + "ffn_down.weight", d_model, ffn_dim)
+        if arch in ("gemma3", "qwen3", "qwen3moe"):
             norm(b + "attn_q_norm.weight", head_dim)
             norm(b + "attn_k_norm.weight", head_dim)
         if arch in ("gemma3", "gemma2"):

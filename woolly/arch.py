@@ -38,6 +38,9 @@ class ModelConfig:
     rope_freq_factors: tuple[float, ...] = ()  # [H/2] angle divisors (rope_freqs.weight, Llama 3.1+)
     attn_softcap: float = 0.0      # gemma2: scores -> cap * tanh(scores / cap); 0: none
     final_softcap: float = 0.0     # gemma2: the same on the output logits
+    n_experts: int = 0             # E: mixture-of-experts layers (qwen3moe); 0: a dense MLP
+    n_experts_used: int = 0        # k: experts each token goes through
+    expert_ffn_dim: int = 0        # F_e: each expert's hidden width
 
     @property
     def n_groups(self) -> int:  # G: query heads per kv head

@@ -79,6 +79,8 @@ def cmd_info(args) -> int:
     print(f"kind:          {kind} ({why})\nchat template: {origin}")
     c = m.config
     print(f"layers {c.n_layers}, d {c.d_model}, heads {c.n_heads}/{c.n_kv_heads}, head dim {c.head_dim}, ffn {c.ffn_dim}")
+    if c.n_experts:
+        print(f"experts {c.n_experts} ({c.n_experts_used} per token), expert ffn {c.expert_ffn_dim}")
     return 0
 
 

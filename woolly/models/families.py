@@ -10,7 +10,7 @@ import jax
 
 from woolly.arch import ModelConfig
 from woolly.errors import ModelLoadFailed
-from woolly.models import gemma2, gemma3, llama, phi3, qwen2, qwen3
+from woolly.models import gemma2, gemma3, llama, phi3, qwen2, qwen3, qwen3moe
 from woolly.models.base import Architecture, KVCache, hidden_states, output_logits
 
 ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
@@ -20,6 +20,7 @@ ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
     qwen3.QWEN3,
     phi3.PHI3,
     gemma2.GEMMA2,
+    qwen3moe.QWEN3MOE,
 )}
 
 

@@ -23,6 +23,14 @@ def _matrix(model: Model, name: str, residency: str, grouped: bool | None):
     return prepare_weight(model.raw(name), info.qtype, tuple(info.shape), residency, grouped=grouped)   # [out, in]
 
 
+def _experts(model: Model, name: str, residency: str, grouped: bool | None) -> list:
+    """A mixture-of-experts tensor [E, out, in] as E matrices, each prepared as `_matrix` does."""
+    info = model.tensors[name]
+    raw = model.raw(name)                                                               # [E, out, row_bytes]
+    return [prepare_weight(raw[e], info.qtype, tuple(info.shape[1:]), residency, grouped=grouped)
+            for e in range(info.shape[0])]
+
+
 def load_params(model: Model, residency: str = "dense", grouped: bool | None = None) -> dict:
     """The params pytree of `model`: matrices dense (dequantized on load) or quantized-resident.
 
@@ -48,8 +56,9 @@ def load_params(model: Model, residency: str = "dense", grouped: bool | None = N
         for key, suffix in arch.layer_tensors.items():
             name = f"blk.{i}.{suffix}"
             # a matrix that may be fused stays plain until fuse_layer (it groups what it cannot fuse)
-            lp[key] = _vector(model, name) if len(model.tensors[name].shape) == 1 else \
-                _matrix(model, name, residency, grouped and key not in fusable)
+            rank = len(model.tensors[name].shape)
+            lp[key] = _vector(model, name) if rank == 1 else _experts(model, name, residency, grouped) if rank == 3 \
+                else _matrix(model, name, residency, grouped and key not in fusable)
         layers.append(fuse_layer(lp) if grouped else lp)
     params["layers"] = layers
     # The device copy is made: the file's pages and the host-side decoding buffers are no
@@ -79,8 +88,8 @@ def unfuse_layer(lp: dict, cfg) -> dict:
     """`fuse_layer` undone: the separate plain-layout matrices (what sharding splits by rows)."""
     for fused, parts in FUSED.items():
         if fused in lp:
-            kv, F = cfg.n_kv_heads * cfg.head_dim, lp["w_down"].shape[1]
-            widths = {"wqkv": (cfg.q_dim, kv, kv), "w_gate_up": (F, F)}[fused]
+            kv = cfg.n_kv_heads * cfg.head_dim
+            widths = (cfg.q_dim, kv, kv) if fused == "wqkv" else (lp["w_down"].shape[1],) * 2
             lp = {k: v for k, v in lp.items() if k != fused} | dict(zip(parts, split_rows(lp[fused], widths)))
     return lp
 

@@ -106,7 +106,8 @@ def layer_plan(lp: dict, cfg: ModelConfig, mesh: Mesh) -> dict[str, str | None]:
         plan["wq"], plan["wo"] = COLUMN, ROW
     if kv and _divides(lp["wk"], COLUMN, m) and _divides(lp["wv"], COLUMN, m):
         plan["wk"] = plan["wv"] = COLUMN
-    if m > 1 and all(_divides(lp[k], h, m) for k, h in (("w_gate", COLUMN), ("w_up", COLUMN), ("w_down", ROW))):
+    mlp = (("w_gate", COLUMN), ("w_up", COLUMN), ("w_down", ROW))   # absent in a mixture-of-experts layer
+    if m > 1 and all(k in lp and _divides(lp[k], h, m) for k, h in mlp):
         plan["w_gate"], plan["w_up"], plan["w_down"] = COLUMN, COLUMN, ROW
     return plan
 
@@ -164,7 +165,9 @@ def shard_params(params: dict, cfg: ModelConfig, mesh: Mesh) -> dict:
     for lp in params["layers"]:
         lp = unfuse_layer(lp, cfg)   # fused projections (one-device params) split by rows again
         plan = layer_plan(lp, cfg, mesh)
-        layers.append({k: place_matrix(v, plan[k], mesh) if k in plan else _put(v, replicated(mesh))
+        layers.append({k: place_matrix(v, plan[k], mesh) if k in plan else
+                       [place_matrix(e, None, mesh) for e in v] if isinstance(v, list) else   # experts: replicated
+                       _put(v, replicated(mesh))
                        for k, v in lp.items()})
     out["layers"] = layers
     return out
