@@ -14,7 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 import msgspec
 import numpy as np
 
-from woolly.engine.sampling_settings import DEFAULTS, MAX_SEED, MIN_SEED, NAMES, SamplingSettings, validate
+from woolly.sampling_settings import DEFAULTS, MAX_SEED, MIN_SEED, NAMES, SamplingSettings, validate
 from woolly.errors import InvalidRequest
 
 __all__ = ["DefaultSampler", "GenerationParams", "MAX_SEED", "MIN_SEED", "MirostatSampler", "Sampler", "seed32"]
