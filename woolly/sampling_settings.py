@@ -109,8 +109,9 @@ _AT = re.compile(r"at `\$\.(\w+)")
 def validate(values: dict[str, Any]) -> SamplingSettings:
     """values (any subset of the settings, None meaning the default) -> SamplingSettings, its stop a
     tuple; a bad value or an unknown name is an InvalidRequest naming the setting."""
-    values = {k: v for k, v in values.items() if v is not None}
+    given = values = {k: v for k, v in values.items() if v is not None}
     if isinstance(values.get("stop"), str):
+        values = dict(values)
         values["stop"] = (values["stop"],)
     unknown = set(values) - set(NAMES)
     if unknown:
@@ -125,7 +126,7 @@ def validate(values: dict[str, Any]) -> SamplingSettings:
         name = m.group(1) if m else None
         if name not in FIELDS:
             raise InvalidRequest(f"invalid sampling settings: {e}") from None
-        got = repr(values[name])
+        got = repr(given[name])
         got = got if len(got) <= 60 else got[:57] + "..."
         raise InvalidRequest(f"{name} must be {expectation(name)} (got {got})",
                              details={"field": name}) from None
