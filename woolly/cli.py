@@ -121,8 +121,59 @@ def _pulled(spec: str) -> str:
 
 
 def _sampling(args) -> dict:
-    return {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
-            "top_k": args.top_k, "seed": args.seed, "stop": args.stop or None}
+    """The sampling flags' values (None: the library's default), checked together (what each flag's
+    own check cannot see: 17 --stop flags) before a model is loaded."""
+    from woolly import sampling_settings as settings
+
+    options = {n: getattr(args, n) for n in settings.NAMES}
+    settings.validate(options)
+    return options
+
+
+# The CLI's own defaults where they differ from the library's (a terminal wants a longer answer).
+CLI_SAMPLING_DEFAULTS = {"max_tokens": 256}
+SAMPLING_SHORT_FLAGS = {"max_tokens": "-n", "temperature": "-t"}
+
+
+def sampling_flags(parser) -> None:
+    """One flag per sampling setting (--max-tokens, --repeat-last-n, ...), from its declaration
+    (woolly.sampling_settings): type, bounds, default, help. A value out of bounds is argparse's
+    usage error, worded as the library's InvalidRequest, before any model loads."""
+    from woolly import sampling_settings as settings
+
+    g = parser.add_argument_group("sampling")
+    for name in settings.NAMES:
+        flags = [f"--{name.replace('_', '-')}"] + ([SAMPLING_SHORT_FLAGS[name]] if name in SAMPLING_SHORT_FLAGS else [])
+        if name == "stop":
+            g.add_argument(*flags, action="append", type=_setting_type(name), default=None,
+                           help=f"a stop string (repeatable: {settings.expectation(name)})")
+            continue
+        default = CLI_SAMPLING_DEFAULTS.get(name)
+        shown = default if default is not None else getattr(settings.DEFAULTS, name)
+        g.add_argument(*flags, type=_setting_type(name), default=default,
+                       metavar="N" if settings.base_type(name) is int else "X",
+                       help=f"{settings.description(name)} ({settings.expectation(name)}"
+                            + ("" if shown is None else f"; default {shown}") + ")")
+
+
+def _setting_type(name: str):
+    """argparse's type= for a setting: the text as its base type, checked against its bounds."""
+    from woolly import sampling_settings as settings
+    from woolly.errors import InvalidRequest
+
+    def parse(text: str):
+        try:
+            value = settings.base_type(name)(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be {settings.expectation(name)} (got {text!r})") from None
+        try:
+            settings.validate({name: value})
+        except InvalidRequest as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return value
+
+    parse.__name__ = name
+    return parse
 
 
 def _distributed_overrides(args) -> dict:
@@ -143,9 +194,10 @@ def cmd_run(args) -> int:
     from woolly.config import load_config
 
     _join_cluster(load_config(overrides=_distributed_overrides(args)))
+    options = _sampling(args)
     engine = _engine(args)
     session = engine.create_session()
-    for piece in session.stream_sync(args.prompt, **_sampling(args)):
+    for piece in session.stream_sync(args.prompt, **options):
         print(piece, end="", flush=True)
     print()
     st = session.stats()
@@ -155,6 +207,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_chat(args) -> int:
+    options = _sampling(args)
     engine = _engine(args)
     model = engine.model
     from woolly.chat_template import base_model_warning
@@ -182,7 +235,7 @@ def cmd_chat(args) -> int:
         ids = tokenize_chat(model, messages, add_generation_prompt=True)
         session = engine.create_session()
         reply = []
-        for piece in session.stream_sync(ids, **_sampling(args)):
+        for piece in session.stream_sync(ids, **options):
             reply.append(piece)
             print(piece, end="", flush=True)
         print()
@@ -320,12 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_quantize)
 
     def generation_flags(s, ctx=2048):
-        s.add_argument("--max-tokens", "-n", type=int, default=256)
-        s.add_argument("--temperature", "-t", type=float, default=0.8)
-        s.add_argument("--top-p", type=float, default=0.95)
-        s.add_argument("--top-k", type=int, default=40)
-        s.add_argument("--seed", type=int, default=None)
-        s.add_argument("--stop", action="append", help="a stop string (repeatable)")
+        sampling_flags(s)
         s.add_argument("--ctx", type=int, default=ctx, help="context length")
         s.add_argument("--residency", choices=("dense", "quantized"), default="quantized", help=RESIDENCY_HELP)
 

@@ -10,12 +10,18 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 import yaml
+from msgspec import Meta
 
 from woolly.errors import InvalidRequest
+
+# Bounds of the numeric settings, declared with them (a value out of bounds is one line naming it).
+Positive = Annotated[int, Meta(ge=1)]
+NonNegative = Annotated[int, Meta(ge=0)]
+Seconds = Annotated[int, Meta(ge=1)]
 
 
 class Cors(msgspec.Struct, forbid_unknown_fields=True):
@@ -25,31 +31,31 @@ class Cors(msgspec.Struct, forbid_unknown_fields=True):
 
 class ServerSection(msgspec.Struct, forbid_unknown_fields=True):
     host: str = "127.0.0.1"      # loopback unless configured otherwise
-    port: int = 11434
+    port: Annotated[int, Meta(ge=1, le=65535)] = 11434
     cors: Cors = msgspec.field(default_factory=Cors)
-    max_body_bytes: int = 1 << 20
-    max_queue: int = 64          # requests waiting for a slot before "busy"
-    max_json_depth: int = 64     # arrays/objects nested deeper in a request body: 400 (HTTP) / error event (WS)
-    max_prompt_bytes: int = 256 * 1024     # UTF-8 bytes of a prompt (chat: all contents; embeddings: all inputs)
-    max_embedding_tokens: int = 32768      # tokens in one embeddings request, all inputs together
-    embedding_chunk_tokens: int = 4096     # padded tokens per embedding pass (its memory grows with this)
-    template_timeout: float = 2.0          # seconds a chat template may take to render
-    template_memory_bytes: int = 512 << 20  # address space of each template-rendering process
-    template_workers: int = 2              # template-rendering processes (renders at once)
+    max_body_bytes: Positive = 1 << 20
+    max_queue: NonNegative = 64          # requests waiting for a slot before "busy"
+    max_json_depth: Annotated[int, Meta(ge=1, le=10_000)] = 64     # arrays/objects nested deeper in a request body: 400 (HTTP) / error event (WS)
+    max_prompt_bytes: Positive = 256 * 1024     # UTF-8 bytes of a prompt (chat: all contents; embeddings: all inputs)
+    max_embedding_tokens: Positive = 32768      # tokens in one embeddings request, all inputs together
+    embedding_chunk_tokens: Positive = 4096     # padded tokens per embedding pass (its memory grows with this)
+    template_timeout: Annotated[float, Meta(gt=0.0)] = 2.0          # seconds a chat template may take to render
+    template_memory_bytes: Positive = 512 << 20  # address space of each template-rendering process
+    template_workers: Positive = 2              # template-rendering processes (renders at once)
     # Host names accepted besides loopback's (DNS rebinding). Bound to loopback: only localhost,
     # 127.0.0.1, [::1] and these; bound elsewhere: any Host unless this is set. "*": any.
     allowed_hosts: list[str] = msgspec.field(default_factory=list)
-    max_connections: int = 512   # open connections (HTTP and WebSocket); more get 503 and are closed
-    header_timeout: int = 10     # seconds for a request's head to arrive, from connect or the last response
-    body_timeout: int = 30       # seconds a request body may stall between two reads
-    keep_alive_timeout: int = 5  # seconds an idle keep-alive connection stays open
+    max_connections: Positive = 512   # open connections (HTTP and WebSocket); more get 503 and are closed
+    header_timeout: Seconds = 10     # seconds for a request's head to arrive, from connect or the last response
+    body_timeout: Seconds = 30       # seconds a request body may stall between two reads
+    keep_alive_timeout: Seconds = 5  # seconds an idle keep-alive connection stays open
 
 
 class ModelsSection(msgspec.Struct, forbid_unknown_fields=True):
     directory: str | None = None  # default: ~/.cache/woolly/models (WOOLLY_MODELS_DIR)
     preload: list[str] = msgspec.field(default_factory=list)
     default: str = "smollm2-135m-instruct"
-    max_loaded: int = 3           # models resident at once (Ollama's default); least recently used idle one goes
+    max_loaded: Positive = 3           # models resident at once (Ollama's default); least recently used idle one goes
     keep_alive: str | float = "5m"  # idle time before a model loaded on demand is unloaded (-1: never, 0: at once)
 
 
@@ -59,36 +65,36 @@ class Gpu(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class Cpu(msgspec.Struct, forbid_unknown_fields=True):
-    threads: int | None = None
+    threads: Positive | None = None
 
 
 class InferenceSection(msgspec.Struct, forbid_unknown_fields=True):
-    max_batch_size: int = 4
-    max_sequence_length: int = 2048
+    max_batch_size: Annotated[int, Meta(ge=1, le=256)] = 4            # as EngineConfig's bounds
+    max_sequence_length: Annotated[int, Meta(ge=16, le=1 << 20)] = 2048
     residency: Literal["dense", "quantized"] = "quantized"   # dense: the exact mode, f32 weights
     kv_cache_type: Literal["f32", "f16", "bf16"] = "f32"   # KV cache element (llama.cpp --cache-type-k/v)
-    tensor_parallel: int = 1   # devices the heads and MLP are split over (docs/sharding.md)
-    data_parallel: int = 1     # devices the slots are split over
+    tensor_parallel: Positive = 1   # devices the heads and MLP are split over (docs/sharding.md)
+    data_parallel: Positive = 1     # devices the slots are split over
     gpu: Gpu = msgspec.field(default_factory=Gpu)
     cpu: Cpu = msgspec.field(default_factory=Cpu)
 
 
 class CacheSection(msgspec.Struct, forbid_unknown_fields=True):
     enabled: bool = True
-    size: int = 1 << 30
-    ttl: int = 3600
+    size: NonNegative = 1 << 30   # bytes of KV snapshots kept
+    ttl: NonNegative = 3600       # seconds
 
 
 class LoggingSection(msgspec.Struct, forbid_unknown_fields=True):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "text"] = "text"
     output: str = "stdout"       # stdout, stderr, or a file path
-    repeat_limit: int = 10       # the same warning or error at most this often a minute; the rest are counted
+    repeat_limit: Positive = 10       # the same warning or error at most this often a minute; the rest are counted
 
 
 class RateLimiting(msgspec.Struct, forbid_unknown_fields=True):
     enabled: bool = False
-    requests_per_minute: int = 60
+    requests_per_minute: Positive = 60
 
 
 class SecuritySection(msgspec.Struct, forbid_unknown_fields=True):
@@ -101,10 +107,10 @@ class DistributedSection(msgspec.Struct, forbid_unknown_fields=True):
     """`jax.distributed.initialize`'s arguments. Off unless coordinator_address is set; then every
     process gets the same address and process count, and its own process_id (0 runs the coordinator)."""
     coordinator_address: str | None = None     # "host:port" of process 0, reachable from every process
-    num_processes: int | None = None
-    process_id: int | None = None
+    num_processes: Positive | None = None
+    process_id: NonNegative | None = None
     local_device_ids: list[int] | None = None  # this process's devices (GPUs); default: all it sees
-    initialization_timeout: int = 300          # seconds to wait for every process to join
+    initialization_timeout: Seconds = 300          # seconds to wait for every process to join
     cpu_collectives: Literal["gloo", "mpi"] = "gloo"   # cross-process collectives on the CPU backend
 
     @property
@@ -183,6 +189,24 @@ def _parse_env(name: str, raw: str, kind: type) -> Any:
     return raw
 
 
+_BOUND = re.compile(r"Expected `\w+` ([<>]=?) (\S+) - at `\$\.([\w.]+)`")
+_ENV_OF = {".".join(path): name for name, (path, _) in ENV_VARS.items()}
+
+
+def _config_error(message: str, tree: dict) -> str:
+    """msgspec's message for a value out of its declared bounds -> one line naming the setting
+    (and its variable), the bound and the value; any other message as msgspec words it."""
+    m = _BOUND.fullmatch(message)
+    if not m:
+        return f"invalid configuration: {message}"
+    op, bound, path = m.groups()
+    value: Any = tree
+    for key in path.split("."):
+        value = value.get(key) if isinstance(value, dict) else None
+    env = f" (set by {_ENV_OF[path]} too)" if path in _ENV_OF else ""
+    return f"{path} must be {op} {bound.removesuffix('.0')}, got {value!r}{env}"
+
+
 def load_config(path: str | os.PathLike | None = None, env: dict[str, str] | None = None,
                 overrides: dict[tuple[str, ...], Any] | None = None) -> WoollyConfig:
     """File (if any; default ./woolly.config.yaml when present), then environment, then flags."""
@@ -209,31 +233,11 @@ def load_config(path: str | os.PathLike | None = None, env: dict[str, str] | Non
     try:
         cfg = msgspec.convert(tree, WoollyConfig, strict=False)
     except msgspec.ValidationError as e:
-        raise InvalidRequest(f"invalid configuration: {e}") from None
+        raise InvalidRequest(_config_error(str(e), tree)) from None
     if cfg.security.api_keys and not cfg.security.api_key_required and env.get("WOOLLY_API_KEY"):
         cfg.security.api_key_required = True  # setting a key means wanting it checked
     if cfg.security.api_key_required and not cfg.security.api_keys:
         raise InvalidRequest("security.api_key_required is set but no key is configured (WOOLLY_API_KEY)")
-    if not 0 < cfg.server.port < 65536:
-        raise InvalidRequest(f"server.port {cfg.server.port} is out of range")
-    if not 1 <= cfg.server.max_json_depth <= 10_000:
-        raise InvalidRequest(f"server.max_json_depth must be in 1..10000, got {cfg.server.max_json_depth}")
-    srv = cfg.server
-    if srv.max_connections < 1 or min(srv.header_timeout, srv.body_timeout, srv.keep_alive_timeout) < 1:
-        raise InvalidRequest("server.max_connections, header_timeout, body_timeout and keep_alive_timeout must be >= 1")
-    if cfg.logging.repeat_limit < 1:
-        raise InvalidRequest("logging.repeat_limit must be >= 1")
-    if cfg.inference.max_batch_size < 1 or cfg.inference.max_sequence_length < 16:
-        raise InvalidRequest("inference.max_batch_size must be >= 1 and max_sequence_length >= 16")
-    srv = cfg.server
-    if min(srv.max_prompt_bytes, srv.max_embedding_tokens, srv.embedding_chunk_tokens, srv.template_memory_bytes,
-           srv.template_workers) < 1 or not srv.template_timeout > 0:
-        raise InvalidRequest("server.max_prompt_bytes, max_embedding_tokens, embedding_chunk_tokens, "
-                             "template_timeout, template_memory_bytes and template_workers must be positive")
-    if cfg.inference.tensor_parallel < 1 or cfg.inference.data_parallel < 1:
-        raise InvalidRequest("inference.tensor_parallel and data_parallel must be >= 1")
-    if cfg.models.max_loaded < 1:
-        raise InvalidRequest(f"models.max_loaded must be >= 1, got {cfg.models.max_loaded}")
     parse_keep_alive(cfg.models.keep_alive, "models.keep_alive")
     check_distributed(cfg.distributed)
     return cfg

@@ -11,7 +11,7 @@ import websockets
 
 from support.live_server import MAX_QUEUE
 from support.long_request import long_running
-from support.metrics import metric, wait_for_idle
+from support.metrics import metric, sse_events, wait_for_idle
 
 pytestmark = pytest.mark.real
 
@@ -24,13 +24,8 @@ async def timed_stream(client: httpx.AsyncClient, prompt: str, max_tokens: int) 
     async with client.stream("POST", "/api/generate", json={"prompt": prompt, "max_tokens": max_tokens,
                                                             "temperature": 0.8, "seed": 7, "stream": True}) as r:
         assert r.status_code == 200
-        async for line in r.aiter_lines():
-            if not line.startswith("data:"):
-                continue
-            data = line[5:].strip()
-            if data == "[DONE]":
-                break
-            tokens.append(json.loads(data)["token"])
+        async for event in sse_events(r):
+            tokens.append(event["token"])
             if first is None:
                 first = time.monotonic()
     return {"first": first, "end": time.monotonic(), "tokens": tokens}

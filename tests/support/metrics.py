@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import time
+from typing import AsyncIterator
 
 import httpx
 
@@ -51,6 +52,17 @@ def wait_for_settled(http: httpx.Client, quiet: float = 2.0, timeout: float = 60
     raise AssertionError(f"requests still arriving or running after {timeout}s")
 
 
+async def sse_events(response: httpx.Response) -> AsyncIterator[dict]:
+    """The JSON events of a streaming response's `data:` lines, as they arrive, up to [DONE]."""
+    async for line in response.aiter_lines():
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return
+        yield json.loads(data)
+
+
 async def stream_text(client: httpx.AsyncClient, body: dict, route: str = "/api/generate") -> dict:
     """One streamed generation: its status, text, and error event (if any), read to [DONE]."""
     pieces, error = [], None
@@ -58,13 +70,7 @@ async def stream_text(client: httpx.AsyncClient, body: dict, route: str = "/api/
         if r.status_code != 200:
             await r.aread()
             return {"status": r.status_code, "text": "", "error": r.json()["error"]}
-        async for line in r.aiter_lines():
-            if not line.startswith("data:"):
-                continue
-            data = line[5:].strip()
-            if data == "[DONE]":
-                break
-            event = json.loads(data)
+        async for event in sse_events(r):
             if "error" in event:
                 error = event["error"]
             else:

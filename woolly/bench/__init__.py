@@ -40,13 +40,18 @@ from __future__ import annotations
 
 import json
 
-from woolly.bench.measure import (  # noqa: F401  (today's public names)
+from woolly.bench.measure import (
     DEFAULT_LIMITS, LOAD_LIMITS, PEERS, SAMPLING, TARGETS, BenchConfig, WoollySide, load_average,
     memory_snapshot, prompt_ids, prompt_text, ratios, read_bandwidth, run, targets, ttft_new_process,
     weight_bytes_per_token)
-from woolly.bench.peer_llama_cpp import LlamaSide, import_llama_cpp, new_llama, plain_cpu_buffers  # noqa: F401
-from woolly.bench.report import format_text, markdown, plot, rows  # noqa: F401
+from woolly.bench.peer_llama_cpp import LlamaSide, import_llama_cpp, new_llama, plain_cpu_buffers
+from woolly.bench.report import format_text, markdown, plot, rows
 
+# The package's public names (re-exported from its modules, as before the split), and its entry points.
+__all__ = ["BenchConfig", "DEFAULT_LIMITS", "LOAD_LIMITS", "LlamaSide", "PEERS", "SAMPLING", "TARGETS", "WoollySide",
+           "format_text", "import_llama_cpp", "load_average", "main", "markdown", "memory_snapshot", "new_llama",
+           "plain_cpu_buffers", "plot", "prompt_ids", "prompt_text", "ratios", "read_bandwidth", "rows", "run",
+           "targets", "ttft_new_process", "weight_bytes_per_token"]
 
 
 def main(args) -> int:

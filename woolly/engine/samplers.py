@@ -6,15 +6,18 @@ travel to the batched step as per-slot arrays. A sampler with state across steps
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
+import msgspec
 import numpy as np
 
+from woolly.sampling_settings import DEFAULTS, MAX_SEED, MIN_SEED, NAMES, SamplingSettings, validate
 from woolly.errors import InvalidRequest
 
-MIN_SEED, MAX_SEED = -(2**63), 2**64 - 1   # any 64-bit seed, signed or unsigned (taken mod 2**64)
+__all__ = ["DefaultSampler", "GenerationParams", "MAX_SEED", "MIN_SEED", "MirostatSampler", "Sampler", "seed32"]
 
 
 def seed32(seed: int) -> int:
@@ -35,16 +38,17 @@ class Sampler(Protocol):
 
 @dataclass
 class DefaultSampler:
-    """llama.cpp's default chain: penalties, top-k, top-p, min-p, temperature; greedy at 0."""
+    """llama.cpp's default chain: penalties, top-k, top-p, min-p, temperature; greedy at 0.
+    (Given as `sampler=`, its settings become the request's: `GenerationParams.from_kwargs`.)"""
 
-    temperature: float = 0.8
-    top_k: int = 40
-    top_p: float = 0.95
-    min_p: float = 0.05
-    repeat_penalty: float = 1.0
-    repeat_last_n: int = 64
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    temperature: float = DEFAULTS.temperature
+    top_k: int = DEFAULTS.top_k
+    top_p: float = DEFAULTS.top_p
+    min_p: float = DEFAULTS.min_p
+    repeat_penalty: float = DEFAULTS.repeat_penalty
+    repeat_last_n: int = DEFAULTS.repeat_last_n
+    presence_penalty: float = DEFAULTS.presence_penalty
+    frequency_penalty: float = DEFAULTS.frequency_penalty
     seed: int | None = None
     _rng: np.random.Generator = field(default=None, repr=False)
 
@@ -116,75 +120,41 @@ class MirostatSampler:
         return int(order[i])
 
 
-@dataclass(frozen=True)
-class GenerationParams:
-    """One request's settings, validated once; what the scheduler needs per slot."""
+class GenerationParams(SamplingSettings, kw_only=True, frozen=True):
+    """One request's settings, validated on construction; what the scheduler needs per slot.
 
-    max_tokens: int = 128
-    temperature: float = 0.8
-    top_p: float = 0.95
-    top_k: int = 40
-    min_p: float = 0.05
-    repeat_penalty: float = 1.0
-    repeat_last_n: int = 64
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    sampler: object | None = None    # a host-side Sampler; None: on-device DefaultSampler chain
-    logprobs: int = 0                # top alternatives to report per token (0: none)
-    grammar: object | None = None    # a woolly.engine.grammar.Grammar the output must match
+    The sampling settings, their defaults and bounds are `SamplingSettings`' (one declaration for
+    the library, the HTTP API and the CLI); a bad value is an InvalidRequest naming it. None for
+    a setting means its default; a single stop string is a one-element tuple.
+    """
+
+    sampler: Any = None      # a host-side Sampler; None: on-device DefaultSampler chain
+    logprobs: int = 0        # top alternatives to report per token (0: none)
+    grammar: Any = None      # a woolly.engine.grammar.Grammar the output must match
 
     def __post_init__(self):
-        def bad(msg):
-            raise InvalidRequest(msg)
-
-        if not isinstance(self.max_tokens, int) or not 0 <= self.max_tokens <= 1 << 20:
-            bad(f"max_tokens must be an integer between 0 and {1 << 20}")
-        for name in ("temperature", "top_p", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not math.isfinite(v):
-                bad(f"{name} must be a finite number")
-        if self.temperature < 0 or self.temperature > 100:
-            bad("temperature must be between 0 and 100")
-        if not 0 <= self.top_p <= 1 or not 0 <= self.min_p <= 1:
-            bad("top_p and min_p must be between 0 and 1")
-        if not isinstance(self.top_k, int) or not 0 <= self.top_k <= 1 << 20:
-            bad("top_k must be an integer >= 0")
-        if self.repeat_penalty <= 0 or self.repeat_penalty > 100:
-            bad("repeat_penalty must be in (0, 100]")
-        if abs(self.presence_penalty) > 100 or abs(self.frequency_penalty) > 100:
-            bad("presence_penalty and frequency_penalty must be within [-100, 100]")
-        if not isinstance(self.repeat_last_n, int) or not 0 <= self.repeat_last_n <= 4096:
-            bad("repeat_last_n must be between 0 and 4096")
-        if self.seed is not None and (not isinstance(self.seed, int) or not MIN_SEED <= self.seed <= MAX_SEED):
-            bad(f"seed must be a 64-bit integer (between {MIN_SEED} and {MAX_SEED})")
-        if not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20:
-            bad("logprobs must be between 0 and 20")
-        if len(self.stop) > 16 or any(not isinstance(s, str) or not s or len(s) > 512 for s in self.stop):
-            bad("stop must be at most 16 non-empty strings of at most 512 characters")
+        settings = validate({n: getattr(self, n) for n in NAMES})
+        for n in NAMES:   # the validated values: None -> the default, a stop string -> (string,), 1 -> 1.0
+            msgspec.structs.force_setattr(self, n, getattr(settings, n))
+        if isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20:
+            raise InvalidRequest("logprobs must be an integer from 0 to 20", details={"field": "logprobs"})
         if self.sampler is not None and not isinstance(self.sampler, Sampler):
-            bad("sampler must have a sample(logits, temperature, top_p, top_k) method")
+            raise InvalidRequest("sampler must have a sample(logits, temperature, top_p, top_k) method",
+                                 details={"field": "sampler"})
         if self.grammar is not None and not hasattr(self.grammar, "compiled"):
-            bad("grammar must be a woolly.engine.grammar.Grammar")
+            raise InvalidRequest("grammar must be a woolly.engine.grammar.Grammar", details={"field": "grammar"})
 
     @classmethod
     def from_kwargs(cls, **kw) -> "GenerationParams":
         """Keyword arguments of `Session.generate`; unknown names are an error, None means default."""
-        known = set(cls.__dataclass_fields__)
-        unknown = set(kw) - known
+        unknown = set(kw) - set(cls.__struct_fields__)
         if unknown:
             raise InvalidRequest(f"unknown generation option(s): {', '.join(sorted(unknown))}")
         kw = {k: v for k, v in kw.items() if v is not None}
-        if isinstance(kw.get("stop"), str):
-            kw["stop"] = (kw["stop"],)
-        if "stop" in kw:
-            kw["stop"] = tuple(kw["stop"])
         sampler = kw.get("sampler")
         if isinstance(sampler, DefaultSampler):  # its settings go to the device chain
-            for name in ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n",
-                         "presence_penalty", "frequency_penalty", "seed"):
-                if getattr(sampler, name) is not None:
-                    kw.setdefault(name, getattr(sampler, name))
+            for f in dataclasses.fields(DefaultSampler):
+                if f.name in NAMES and getattr(sampler, f.name) is not None:
+                    kw.setdefault(f.name, getattr(sampler, f.name))
             kw["sampler"] = None
         return cls(**kw)

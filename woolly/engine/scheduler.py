@@ -25,16 +25,17 @@ from typing import Callable
 import numpy as np
 
 from woolly.runtime import Runner
+from woolly.runtime.device_sampling import DTYPES, OFF, SamplingParams
 from woolly.engine import grammar
 from woolly.engine.prefix_cache import PrefixCache
 from woolly.engine.samplers import GenerationParams, seed32
 from woolly.engine.stops import StopMatcher
 from woolly.errors import ContextLengthExceeded, GenerationFailed, InvalidRequest, ServerBusy, WoollyError
+from woolly.sampling_settings import RECENT_WINDOW   # W: penalty window kept per slot (repeat_last_n <= W)
 from woolly.tokenizers.streaming import IncrementalDecoder
 
 log = logging.getLogger("woolly.engine")
 
-RECENT_WINDOW = 256   # W: penalty window kept per slot (repeat_last_n <= W)
 CLOSE_TIMEOUT = 30.0   # seconds `Scheduler.close` waits for the thread to finish its step
 
 
@@ -259,7 +260,7 @@ class Scheduler:
         p = req.params
         seed = seed32(p.seed) if p.seed is not None else int(np.random.default_rng().integers(0, 2**31 - 1))
         return _Slot(req=req, pos=n - 1, next_input=ids[-1], stream=self._decoder(ids[-1]),
-                     stops=StopMatcher(p.stop), seed=seed, recent=ids[-min(p.repeat_last_n, RECENT_WINDOW):]
+                     stops=StopMatcher(p.stop), seed=seed, recent=ids[-p.repeat_last_n:]
                      if p.repeat_last_n else [], cached=cached, grammar=grammar.matcher(p.grammar, self.tok))
 
     def _decoder(self, context_id: int) -> IncrementalDecoder:
@@ -327,11 +328,7 @@ class Scheduler:
         recent = np.full((B, RECENT_WINDOW), -1, np.int32)
         keep = np.zeros(B, np.int32)
         budget = np.zeros(B, np.int32)
-        sampling = {k: np.zeros(B, np.float32) for k in ("temperature", "top_p", "min_p", "repeat_penalty",
-                                                          "presence_penalty", "frequency_penalty")}
-        sampling["top_k"] = np.zeros(B, np.int32)
-        sampling["repeat_penalty"][:] = 1.0
-        sampling["top_p"][:] = 1.0
+        sampling = {k: np.full(B, OFF[k], DTYPES[k]) for k in SamplingParams._fields}   # idle slots: off
         for i, s in enumerate(self.slots):
             if s is None:
                 continue
@@ -340,7 +337,7 @@ class Scheduler:
             seeds[i], counters[i] = s.seed & 0xFFFFFFFF, len(s.generated)
             if s.recent:
                 recent[i, -len(s.recent):] = s.recent
-            keep[i] = min(p.repeat_last_n, RECENT_WINDOW) if p.repeat_last_n else 0
+            keep[i] = p.repeat_last_n   # <= RECENT_WINDOW: the setting's declared bound
             budget[i] = p.max_tokens - len(s.generated)
             for k in sampling:
                 sampling[k][i] = getattr(p, k)
@@ -380,7 +377,7 @@ class Scheduler:
         s.pos += 1
         s.next_input = tok
         if p.repeat_last_n:
-            s.recent = (s.recent + [tok])[-min(p.repeat_last_n, RECENT_WINDOW):]
+            s.recent = (s.recent + [tok])[-p.repeat_last_n:]
         if len(s.generated) >= p.max_tokens or s.pos >= self.runner.cache_length:
             self._finish(i, "length")
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import queue
-import threading
-import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Iterator
 

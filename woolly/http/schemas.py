@@ -10,74 +10,53 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
-MAX_TOKENS = 1 << 20
-MaxTokens = Annotated[int, Meta(ge=1, le=MAX_TOKENS)]   # 0 asks for nothing: a 400, as reliability.md says
-Temperature = Annotated[float, Meta(ge=0.0, le=100.0)]
-Unit = Annotated[float, Meta(ge=0.0, le=1.0)]
-TopK = Annotated[int, Meta(ge=0, le=MAX_TOKENS)]
-Penalty = Annotated[float, Meta(gt=0.0, le=100.0)]
-SignedPenalty = Annotated[float, Meta(ge=-100.0, le=100.0)]
-Seed = Annotated[int, Meta(ge=-(2**63))]   # every 64-bit seed, signed or unsigned: the top is _check_seed's
-MAX_SEED = 2**64 - 1                         # (msgspec's bounds stop at int64's)
+from woolly import sampling_settings as settings
+from woolly.sampling_settings import MAX_TOKENS, check_seed
 
-
-def _check_seed(seed: int | None) -> None:
-    """In a struct's __post_init__: msgspec reports the ValueError as a validation error."""
-    if seed is not None and seed > MAX_SEED:
-        raise ValueError(f"seed must be at most 2**64-1 ({MAX_SEED}), got {seed}")
-Stop = Annotated[list[Annotated[str, Meta(min_length=1, max_length=512)]], Meta(max_length=16)]
+# The sampling settings' types and bounds are woolly.sampling_settings' (one declaration); here
+# only what an API's own contract narrows. max_tokens 0 asks for nothing: a 400, as reliability.md
+# says (the library takes it: a prompt's logprobs).
+MaxTokens = Annotated[int, Meta(ge=1, le=MAX_TOKENS)]
 TokenId = Annotated[int, Meta(ge=0, le=2**31 - 1)]
 ModelName = Annotated[str, Meta(min_length=1, max_length=256)]
 # Ollama's keep_alive: seconds, or a duration ("5m"); -1 keeps the model loaded, 0 unloads it after the request
 KeepAlive = Annotated[str, Meta(max_length=32)] | float
 
 
-class SamplingFields(msgspec.Struct, kw_only=True):
-    max_tokens: MaxTokens | None = None
-    temperature: Temperature | None = None
-    top_p: Unit | None = None
-    top_k: TopK | None = None
-    min_p: Unit | None = None
-    repeat_penalty: Penalty | None = None
-    repeat_last_n: Annotated[int, Meta(ge=0, le=256)] | None = None
-    presence_penalty: SignedPenalty | None = None
-    frequency_penalty: SignedPenalty | None = None
-    seed: Seed | None = None
-    stop: Stop | str | None = None
+class _Sampling(msgspec.Struct, kw_only=True):
+    """Base of a body carrying the sampling settings: each optional (absent: the engine's default),
+    the fields made by `settings.optional_fields`."""
 
     def __post_init__(self):
-        _check_seed(self.seed)
+        check_seed(self.seed)
 
     def options(self) -> dict[str, Any]:
         """The generation options the engine takes (None: the engine's default)."""
-        names = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repeat_penalty", "repeat_last_n",
-                 "presence_penalty", "frequency_penalty", "seed", "stop")
-        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+        return {n: getattr(self, n) for n in settings.NAMES if getattr(self, n) is not None}
 
 
-class OllamaOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+def _sampling_struct(name: str, doc: str, overrides: dict[str, Any] | None = None, **config) -> type:
+    return msgspec.defstruct(name, settings.optional_fields({"max_tokens": MaxTokens, **(overrides or {})},
+                                                            rename=config.pop("rename", None)),
+                             bases=(_Sampling,), module=__name__, namespace={"__doc__": doc}, kw_only=True,
+                             **config)
+
+
+SamplingFields = _sampling_struct("SamplingFields", "The reference API's sampling fields (every setting).")
+
+_OllamaSampling = _sampling_struct("_OllamaSampling", "Ollama's names for the settings (num_predict: max_tokens).",
+                                   rename={"max_tokens": "num_predict"}, forbid_unknown_fields=True)
+
+
+class OllamaOptions(_OllamaSampling, kw_only=True, forbid_unknown_fields=True):
     """Ollama's `options` object. Only the names the engine honours are accepted: any other
     (mirostat, num_gpu, ...) is a 400 naming it, rather than being silently ignored."""
-    num_predict: MaxTokens | None = None      # -> max_tokens
     num_ctx: Annotated[int, Meta(ge=1)] | None = None   # at most the server's context (checked per request)
-    temperature: Temperature | None = None
-    top_p: Unit | None = None
-    top_k: TopK | None = None
-    min_p: Unit | None = None
-    repeat_penalty: Penalty | None = None
-    repeat_last_n: Annotated[int, Meta(ge=0, le=256)] | None = None
-    presence_penalty: SignedPenalty | None = None
-    frequency_penalty: SignedPenalty | None = None
-    seed: Seed | None = None
-    stop: Stop | str | None = None
-
-    def __post_init__(self):
-        _check_seed(self.seed)
 
     def sampling(self) -> dict[str, Any]:
-        out = {n: getattr(self, n) for n in self.__struct_fields__ if getattr(self, n) is not None}
-        if "num_predict" in out:
-            out["max_tokens"] = out.pop("num_predict")
+        out = self.options()
+        if self.num_ctx is not None:
+            out["num_ctx"] = self.num_ctx
         return out
 
 
@@ -226,25 +205,24 @@ class StreamOptions(msgspec.Struct, kw_only=True):
     include_usage: bool = False
 
 
-class OpenAIFields(msgspec.Struct, kw_only=True):
+# OpenAI documents narrower bounds than llama.cpp's for these: its contract, kept as overrides.
+# The other settings (top_k, min_p, repeat_penalty, repeat_last_n: llama.cpp / Ollama extensions
+# that OpenAI clients pass through extra_body) keep the declared bounds.
+_OpenAISampling = _sampling_struct("_OpenAISampling", "The settings with OpenAI's bounds where it documents them.", {
+    "temperature": Annotated[float, Meta(ge=0.0, le=2.0)],
+    "presence_penalty": Annotated[float, Meta(ge=-2.0, le=2.0)],
+    "frequency_penalty": Annotated[float, Meta(ge=-2.0, le=2.0)],
+})
+
+
+class OpenAIFields(_OpenAISampling, kw_only=True):
     model: str | None = None
     keep_alive: KeepAlive | None = None
-    max_tokens: MaxTokens | None = None
-    max_completion_tokens: MaxTokens | None = None
-    temperature: Annotated[float, Meta(ge=0.0, le=2.0)] | None = None
-    top_p: Unit | None = None
+    max_completion_tokens: MaxTokens | None = None   # max_tokens' newer name; wins where both are set
     n: Annotated[int, Meta(ge=1, le=1)] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: Stop | str | None = None
-    presence_penalty: Annotated[float, Meta(ge=-2.0, le=2.0)] | None = None
-    frequency_penalty: Annotated[float, Meta(ge=-2.0, le=2.0)] | None = None
-    seed: Seed | None = None
     user: str | None = None
-    # llama.cpp / Ollama extensions OpenAI clients pass through extra_body
-    top_k: TopK | None = None
-    min_p: Unit | None = None
-    repeat_penalty: Penalty | None = None
     # structured output and tools (woolly.http.tools); the legacy functions API is refused with a 400
     response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
@@ -253,20 +231,17 @@ class OpenAIFields(msgspec.Struct, kw_only=True):
     function_call: Any = None
 
     def __post_init__(self):
-        _check_seed(self.seed)
+        super().__post_init__()
         from woolly.http.tools import check_openai
         check_openai(self.response_format, self.tools, self.tool_choice)
         if self.functions or self.function_call not in (None, "none"):
             raise ValueError("functions and function_call (the legacy API) are not supported: use tools")
 
     def options(self) -> dict[str, Any]:
-        opts = {
-            "max_tokens": self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens,
-            "temperature": self.temperature, "top_p": self.top_p, "stop": self.stop,
-            "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
-            "seed": self.seed, "top_k": self.top_k, "min_p": self.min_p, "repeat_penalty": self.repeat_penalty,
-        }
-        return {k: v for k, v in opts.items() if v is not None}
+        opts = super().options()
+        if self.max_completion_tokens is not None:
+            opts["max_tokens"] = self.max_completion_tokens
+        return opts
 
 
 class CompletionRequest(OpenAIFields, kw_only=True):

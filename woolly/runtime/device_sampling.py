@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # top-k at or below this runs on lax.top_k candidates; otherwise the whole vocabulary is sorted.
 TOP_K_CANDIDATES = 128
@@ -18,7 +19,8 @@ NEG_INF = -jnp.inf
 
 
 class SamplingParams(NamedTuple):
-    """Per-slot sampling settings, each an array [B]."""
+    """Per-slot sampling settings, each an array [B]: the sampling settings the device applies
+    (named as woolly.sampling_settings declares them; the scheduler packs them by these names)."""
 
     temperature: jax.Array         # f32; <= 0: greedy
     top_k: jax.Array               # i32; <= 0: off
@@ -29,14 +31,19 @@ class SamplingParams(NamedTuple):
     frequency_penalty: jax.Array   # f32; 0: off
 
     @classmethod
-    def make(cls, batch: int, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repeat_penalty=1.0,
-             presence_penalty=0.0, frequency_penalty=0.0) -> "SamplingParams":
-        """Host-side constructor: scalars are broadcast to [batch], sequences taken per slot."""
-        def arr(v, dtype):
-            return jnp.broadcast_to(jnp.asarray(v, dtype), (batch,))
-        return cls(arr(temperature, jnp.float32), arr(top_k, jnp.int32), arr(top_p, jnp.float32),
-                   arr(min_p, jnp.float32), arr(repeat_penalty, jnp.float32),
-                   arr(presence_penalty, jnp.float32), arr(frequency_penalty, jnp.float32))
+    def make(cls, batch: int, **values) -> "SamplingParams":
+        """Host-side constructor: scalars are broadcast to [batch], sequences taken per slot; a
+        setting not given is off (`OFF`: greedy, no filter, no penalty)."""
+        unknown = set(values) - set(cls._fields)
+        if unknown:
+            raise TypeError(f"unknown device sampling setting(s): {', '.join(sorted(unknown))}")
+        return cls(*(jnp.broadcast_to(jnp.asarray(values.get(k, OFF[k]), DTYPES[k]), (batch,)) for k in cls._fields))
+
+
+# Each device setting's element type, and the value that turns it off (an idle slot's).
+DTYPES = {k: np.int32 if k == "top_k" else np.float32 for k in SamplingParams._fields}
+OFF = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "repeat_penalty": 1.0,
+       "presence_penalty": 0.0, "frequency_penalty": 0.0}
 
 
 def token_counts(recent: jax.Array, vocab_size: int) -> jax.Array:
