@@ -116,7 +116,7 @@ class Writer:
     never read. Any OSError (read-only home, full disk) just leaves the model uncached."""
 
     def __init__(self, key: dict | None):
-        self.key, self._f, self._offset, self._ids = key, None, 0, {}
+        self.key, self._f, self._offset, self._tmp = key, None, 0, None
         root = cache_dir()
         if root is None or key is None:
             return
@@ -196,7 +196,9 @@ class Writer:
             except OSError:
                 pass
             self._f = None
-        try:
-            os.unlink(self._tmp)
-        except OSError:
-            pass
+        if self._tmp is not None:
+            try:
+                os.unlink(self._tmp)
+            except OSError:
+                pass
+            self._tmp = None
