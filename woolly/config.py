@@ -66,7 +66,7 @@ class InferenceSection(msgspec.Struct, forbid_unknown_fields=True):
     max_batch_size: int = 4
     max_sequence_length: int = 2048
     residency: Literal["dense", "quantized"] = "quantized"   # dense: the exact mode, f32 weights
-    kv_cache_type: Literal["f32", "f16", "bf16"] = "f32"   # KV cache element (llama.cpp --cache-type-k/v)
+    kv_cache_type: Literal["f32", "f16", "bf16"] = "f16"   # KV cache element (llama.cpp --cache-type-k/v; f16 its default)
     tensor_parallel: int = 1   # devices the heads and MLP are split over (docs/sharding.md)
     data_parallel: int = 1     # devices the slots are split over
     gpu: Gpu = msgspec.field(default_factory=Gpu)
