@@ -4,9 +4,10 @@
     python benchmarks/first_token.py [MODEL] --phases      # where one warm process spends it
 
 Warm (default): the caches as they are (kernels in ~/.cache/woolly/kernels, compiled XLA
-programs and traced entry points in ~/.cache/woolly/jax); one untimed run fills them first.
---cold: each run gets empty WOOLLY_KERNEL_CACHE and WOOLLY_COMPILE_CACHE directories, as on
-a first install. Reports, per run, the time to the first byte on stdout (the first token) and
+programs, traced entry points and executables in ~/.cache/woolly/jax, prepared weights in
+~/.cache/woolly/weights); one untimed run fills them first.
+--cold: each run gets empty WOOLLY_KERNEL_CACHE, WOOLLY_COMPILE_CACHE and WOOLLY_WEIGHTS_CACHE
+directories, as on a first install. Reports, per run, the time to the first byte on stdout (the first token) and
 to exit, the process's CPU seconds (user + system: less moved by other load on a shared
 machine than wall time), and separately the time for a new process to `import woolly.cli`.
 One JSON line. Run it from outside the repository (or with the checkout to measure first on
@@ -127,8 +128,8 @@ def main() -> None:
     first, total, cpu = [], [], []
     for _ in range(a.runs):
         with tempfile.TemporaryDirectory() as tmp:
-            e = dict(env, WOOLLY_KERNEL_CACHE=os.path.join(tmp, "k"), WOOLLY_COMPILE_CACHE=os.path.join(tmp, "j")) \
-                if a.cold else env
+            e = dict(env, WOOLLY_KERNEL_CACHE=os.path.join(tmp, "k"), WOOLLY_COMPILE_CACHE=os.path.join(tmp, "j"),
+                     WOOLLY_WEIGHTS_CACHE=os.path.join(tmp, "w")) if a.cold else env
             f, t, c = _timed(cmd, e)
         first.append(round(f, 3))
         total.append(round(t, 3))
