@@ -112,11 +112,7 @@ class Exported:
         self.jitted, self.name = jitted, name
         self.static_argnames = frozenset(static_argnames)
         self._dispatch = jax.jit(self._lowered, static_argnames=tuple(static_argnames), donate_argnums=donate_argnums)
-
-        def fresh(*args, **static):   # the same computation under its own name: see `executable`
-            return self._lowered(*args, **static)
-        fresh.__name__ = fresh.__qualname__ = f"woolly_executable_{name}"
-        self._fresh = jax.jit(fresh, static_argnames=tuple(static_argnames), donate_argnums=donate_argnums)
+        self._donate = donate_argnums
         self.__doc__ = jitted.__doc__
         self.__wrapped__ = getattr(jitted, "__wrapped__", jitted)   # the Python function, as jax.jit's
 
@@ -178,14 +174,18 @@ class Exported:
                 return exe
             except Exception:   # truncated, or written by an incompatible build: compile again
                 pass
-        # Compiled under its own name, so its module is not the entry point's, whose executable
-        # the persistent compile cache may hold: jaxlib 0.10 serializes an executable that was
-        # itself loaded from that cache without some of its kernels ("Function ..._fusion not
-        # found" when the copy runs). Only a fresh compile is written.
+        # Compiled under a name of its own (with this file's key), so the persistent compile
+        # cache holds no executable for its module: jaxlib 0.10 serializes an executable that
+        # was itself loaded from that cache without some of its kernels ("Function ..._fusion
+        # not found" when the copy runs). Only a fresh compile is written (checked below).
+        def fresh(*a, **st):
+            return self._lowered(*a, **st)
+        fresh.__name__ = fresh.__qualname__ = f"woolly_executable_{self.name}_{key[:12]}"
         _watch_cache_hits()
         hits = _cache_hits.n = getattr(_cache_hits, "n", 0)
         try:
-            exe = self._fresh.lower(*args, **static).compile()
+            jitted = jax.jit(fresh, static_argnames=tuple(self.static_argnames), donate_argnums=self._donate)
+            exe = jitted.lower(*args, **static).compile()
         except Exception:
             return None
         if _cache_hits.n == hits:
