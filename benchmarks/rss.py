@@ -1,6 +1,6 @@
 """Whole-process memory of an idle `woolly serve` vs llama.cpp holding the same GGUF file.
 
-    python benchmarks/rss.py [MODEL] [--residency dense|quantized] [--kv-cache-type f32|f16|bf16]
+    python benchmarks/rss.py [MODEL] [--residency quantized|dense] [--kv-cache-type f16|f32|bf16]
                              [--slots 4] [--ctx 2048]
 
 Woolly: `python -m woolly.cli serve MODEL` on a free port; once /health answers, VmRSS of the
@@ -87,8 +87,8 @@ def llama_rss(path: str, n_ctx: int) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", nargs="?", default="smollm2-135m-instruct")
-    ap.add_argument("--residency", default="dense", choices=("dense", "quantized"))
-    ap.add_argument("--kv-cache-type", default="f32", choices=("f32", "f16", "bf16"))
+    ap.add_argument("--residency", default="quantized", choices=("dense", "quantized"))
+    ap.add_argument("--kv-cache-type", default="f16", choices=("f32", "f16", "bf16"))
     ap.add_argument("--slots", type=int, default=4, help="llama.cpp's sequences: woolly's max_batch_size")
     ap.add_argument("--ctx", type=int, default=2048, help="tokens per sequence: woolly's max_sequence_length")
     a = ap.parse_args()

@@ -71,9 +71,12 @@ from woolly.model_file import Model
 from woolly.runtime import Runner
 runner = Runner(Model.from_file({path!r}), slots=2, cache_length=64)
 workload(runner, np.random.default_rng(0), prompt_lengths=[17, 30], decode_steps=3)
+import hashlib
+probe = hashlib.sha256(np.asarray(runner.prefill(list(range(3, 20)), slot=1)).tobytes()).hexdigest()
 from test_runtime_compiles import CACHE_HIT, COMPILE_EVENT
 from woolly.runtime import aot
-print(json.dumps([events.count(COMPILE_EVENT), events.count(CACHE_HIT), aot.stats["exported"], aot.stats["loaded"]]))
+print(json.dumps([events.count(COMPILE_EVENT), events.count(CACHE_HIT), aot.stats["exported"], aot.stats["loaded"],
+                  aot.stats["executables_loaded"], probe]))
 """
 
 
@@ -81,16 +84,20 @@ def test_second_process_compiles_nothing(tmp_path):
     path = write_tiny_model(tmp_path / "tiny.gguf", arch="llama", qtype="Q4_K")
     env = dict(os.environ, WOOLLY_COMPILE_CACHE=str(tmp_path / "jax-cache"))
     script = CHILD.format(tests=str(Path(__file__).parent), path=str(path))
-    counts, lowerings = [], []
+    counts, lowerings, probes = [], [], []
     for _ in range(2):
         out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stderr[-2000:]
-        executables, loaded, exported, read_back = json.loads(out.stdout.strip().splitlines()[-1])
+        executables, loaded, exported, read_back, exe_read_back, probe = json.loads(out.stdout.strip().splitlines()[-1])
+        probes.append(probe)   # prefill logits: a fresh compile's, then the deserialized executable's
         counts.append(executables - loaded)   # compiled, not loaded from the disk cache
-        lowerings.append((exported, read_back))
+        lowerings.append((exported, read_back, exe_read_back))
     print(f"XLA compiles: first process {counts[0]}, second process {counts[1]}; "
           f"entry-point lowerings (exported, read back): {lowerings}")
     assert counts[0] > 0 and counts[1] == 0
-    # prefill, decode_step, generate: traced and exported by the first process only (aot.py)
-    assert lowerings[0][0] >= 3 and lowerings[0][1] == 0
-    assert lowerings[1] == (0, lowerings[0][0])
+    # prefill, decode_step, generate: traced and exported by the first process only (aot.py);
+    # the second reads each back, the runner's prefill as its whole executable (Runner._call)
+    assert lowerings[0][0] >= 3 and lowerings[0][1] == 0 and lowerings[0][2] == 0
+    assert lowerings[1][0] == 0 and lowerings[1][2] >= 1
+    assert lowerings[1][1] + lowerings[1][2] == lowerings[0][0]
+    assert probes[0] == probes[1]   # bit for bit

@@ -101,11 +101,12 @@ def cmd_quantize(args) -> int:
     return 0
 
 
-def _engine(args, batch: int = 1):
+def _engine(args, batch: int = 1, kv_cache_type: str | None = None):
     from woolly.engine import Engine, EngineConfig
 
+    kv = {"kv_cache_type": kv_cache_type} if kv_cache_type else {}
     engine = Engine(EngineConfig(max_batch_size=batch, max_sequence_length=args.ctx,
-                                 residency=getattr(args, "residency", "quantized")))
+                                 residency=getattr(args, "residency", "quantized"), **kv))
     engine.load_model(_pulled(args.model))
     return engine
 
@@ -193,9 +194,10 @@ def _join_cluster(cfg) -> None:
 def cmd_run(args) -> int:
     from woolly.config import load_config
 
-    _join_cluster(load_config(overrides=_distributed_overrides(args)))
+    cfg = load_config(overrides=_distributed_overrides(args))
+    _join_cluster(cfg)
     options = _sampling(args)
-    engine = _engine(args)
+    engine = _engine(args, kv_cache_type=cfg.inference.kv_cache_type)   # WOOLLY_KV_CACHE_TYPE, config file
     session = engine.create_session()
     for piece in session.stream_sync(args.prompt, **options):
         print(piece, end="", flush=True)
@@ -207,8 +209,10 @@ def cmd_run(args) -> int:
 
 
 def cmd_chat(args) -> int:
+    from woolly.config import load_config
+
     options = _sampling(args)
-    engine = _engine(args)
+    engine = _engine(args, kv_cache_type=load_config().inference.kv_cache_type)   # as `woolly run`
     model = engine.model
     from woolly.chat_template import base_model_warning
 

@@ -72,7 +72,7 @@ class InferenceSection(msgspec.Struct, forbid_unknown_fields=True):
     max_batch_size: Annotated[int, Meta(ge=1, le=256)] = 4            # as EngineConfig's bounds
     max_sequence_length: Annotated[int, Meta(ge=16, le=1 << 20)] = 2048
     residency: Literal["dense", "quantized"] = "quantized"   # dense: the exact mode, f32 weights
-    kv_cache_type: Literal["f32", "f16", "bf16"] = "f32"   # KV cache element (llama.cpp --cache-type-k/v)
+    kv_cache_type: Literal["f32", "f16", "bf16"] = "f16"   # KV cache element (llama.cpp --cache-type-k/v; f16 its default)
     tensor_parallel: Positive = 1   # devices the heads and MLP are split over (docs/sharding.md)
     data_parallel: Positive = 1     # devices the slots are split over
     gpu: Gpu = msgspec.field(default_factory=Gpu)

@@ -30,7 +30,7 @@ class EngineConfig:
     mmap_enabled: bool = True
     cache_config: CacheConfig = field(default_factory=CacheConfig)
     residency: str = "quantized"      # "quantized" (fast) or "dense" (exact f32) weights (woolly.ops.qmatmul)
-    kv_cache_type: str = "f32"        # KV cache element: "f32", "f16" or "bf16" (woolly.runtime.cache)
+    kv_cache_type: str = "f16"        # KV cache element: "f16" (llama.cpp's default), "f32" or "bf16" (runtime.cache)
     max_queue: int = 64               # requests waiting for a slot before `busy`
     max_embedding_tokens: int = 32768     # tokens in one `embed` call, all inputs together
     embedding_chunk_tokens: int = 4096    # padded tokens per embedding pass (bounds its memory)

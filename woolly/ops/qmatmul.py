@@ -52,8 +52,8 @@ import numpy as np
 from woolly.formats.quants import QuantizationType, decode_blocks
 from woolly.ops import cpu_kernels
 from woolly.ops.quantized_weight import (  # noqa: F401  (re-exported: the weight lives there)
-    QuantizedWeight, dequantize_rows, fuse_rows, group_layout, groupable, grouped_where_possible, pair_rows,
-    split_rows, unpair_rows)
+    QuantizedWeight, _placed, dequantize_rows, fuse_rows, group_layout, groupable, grouped_where_possible, pair_rows,
+    split_rows, to_device, unpair_rows)
 
 RESIDENCIES = ("dense", "quantized")
 
@@ -95,17 +95,19 @@ def kernel_groups_weights() -> bool:
 
 
 def prepare_weight(raw: np.ndarray, qtype: QuantizationType, shape: tuple[int, int], residency: str,
-                   dtype=jnp.float32, grouped: bool | None = None):
+                   dtype=jnp.float32, grouped: bool | None = None, host: bool = False):
     """Host bytes of a 2-D tensor -> what the runtime keeps on device for it. `grouped`: a
     quantized weight in the CPU kernel's grouped layout where its shape allows; None: exactly
-    when the CPU kernel multiplies with int8 activations here (the fast path)."""
+    when the CPU kernel multiplies with int8 activations here (the fast path). `host`: the
+    same arrays left in numpy (the caller places them; `to_device` / `jax.device_put`)."""
     from woolly.formats.quants import dequantize
 
     if residency not in RESIDENCIES:
         raise ValueError(f"residency must be one of {RESIDENCIES}, got {residency!r}")
     qtype = QuantizationType(qtype)
     if residency == "dense" or not qtype.is_quantized:
-        return jnp.asarray(dequantize(raw, qtype, shape), dtype=dtype)
+        dense = np.asarray(dequantize(raw, qtype, shape), dtype=np.dtype(dtype))
+        return dense if host else to_device(dense)
     O, I = shape
     q, scale, bias = decode_blocks(np.ascontiguousarray(raw).reshape(-1, qtype.type_size), qtype)
     sub = q.shape[1] // scale.shape[1]
@@ -124,9 +126,8 @@ def prepare_weight(raw: np.ndarray, qtype: QuantizationType, shape: tuple[int, i
     if grouped is None:
         grouped = kernel_groups_weights()
     if grouped and groupable(w.kind, O, I):
-        return group_layout(w)
-    return QuantizedWeight(jnp.asarray(w.q), jnp.asarray(w.scale), None if bias is None else jnp.asarray(bias),
-                           w.kind, w.sub, w.off)
+        return group_layout(w, host=host)
+    return _placed(w, host)
 
 
 def resident_nbytes(w) -> int:

@@ -97,8 +97,23 @@ def groupable(kind: str, O: int, I: int) -> bool:
     return I % 64 == 0 and units % 16 == 0 and units > 0
 
 
-def group_layout(w: QuantizedWeight) -> QuantizedWeight:
-    """w (plain, host-side arrays) in the grouped layout; see QuantizedWeight."""
+def to_device(a):
+    """A host array on the default device. `jax.device_put`, not `jnp.asarray`: in this jax
+    the latter compiles (or looks up in the compile cache) a copy program per new shape, ~10 ms
+    each, ~0.3 s of a model load; a `device_put` is a plain transfer. None stays None."""
+    return None if a is None else jax.device_put(np.ascontiguousarray(a))
+
+
+def _placed(w: "QuantizedWeight", host: bool) -> "QuantizedWeight":
+    """w with its arrays on the device (or left on the host when `host`)."""
+    if host:
+        return w
+    return QuantizedWeight(to_device(w.q), to_device(w.scale), to_device(w.bias), w.kind, w.sub, w.off, w.grouped)
+
+
+def group_layout(w: QuantizedWeight, host: bool = False) -> QuantizedWeight:
+    """w (plain, host-side arrays) in the grouped layout; see QuantizedWeight. `host`: the
+    result's arrays stay numpy (the caller places them, e.g. a whole layer at once)."""
     q, scale, bias = np.asarray(w.q), np.asarray(w.scale), None if w.bias is None else np.asarray(w.bias)
     U, I = q.shape
     G, NR, nsub = U // 16, 2 if w.kind == "nib" else 1, scale.shape[1]
@@ -107,9 +122,9 @@ def group_layout(w: QuantizedWeight) -> QuantizedWeight:
 
     def groups(a):  # [O, nsub] = [NR, G, 16, nsub] -> [G, NR, nsub, 16]
         return None if a is None else a.reshape(NR, G, 16, nsub).transpose(1, 0, 3, 2).reshape(-1, nsub)
-    return QuantizedWeight(jnp.asarray(qg), jnp.asarray(np.ascontiguousarray(groups(scale))),
-                           None if bias is None else jnp.asarray(np.ascontiguousarray(groups(bias))),
-                           w.kind, w.sub, w.off, grouped=True)
+    return _placed(QuantizedWeight(qg, np.ascontiguousarray(groups(scale)),
+                                   None if bias is None else np.ascontiguousarray(groups(bias)),
+                                   w.kind, w.sub, w.off, grouped=True), host)
 
 
 def pair_rows(codes: np.ndarray) -> np.ndarray:
@@ -123,7 +138,7 @@ def unpair_rows(q: np.ndarray) -> np.ndarray:
     return np.concatenate([q & 15, q >> 4])
 
 
-def fuse_rows(ws: list) -> QuantizedWeight | None:
+def fuse_rows(ws: list, host: bool = False) -> QuantizedWeight | None:
     """Plain-layout weights -> one whose rows are theirs in order ([sum O, I]: one matmul and a
     split instead of one matmul each, for matrices that read the same input), in the grouped
     layout; None unless all are QuantizedWeights of one format and width whose fused shape can
@@ -144,7 +159,7 @@ def fuse_rows(ws: list) -> QuantizedWeight | None:
         q = np.concatenate([np.asarray(w.q) for w in ws])
     scale = np.concatenate([np.asarray(w.scale) for w in ws])
     bias = None if w0.bias is None else np.concatenate([np.asarray(w.bias) for w in ws])
-    return group_layout(QuantizedWeight(q, scale, bias, w0.kind, w0.sub, w0.off))
+    return group_layout(QuantizedWeight(q, scale, bias, w0.kind, w0.sub, w0.off), host=host)
 
 
 def split_rows(w: QuantizedWeight, widths: tuple[int, ...]) -> list[QuantizedWeight]:
@@ -158,14 +173,14 @@ def split_rows(w: QuantizedWeight, widths: tuple[int, ...]) -> list[QuantizedWei
     for n in widths:
         c = codes[o:o + n]
         pq = pair_rows(c) if p.kind == "nib" else c
-        out.append(QuantizedWeight(jnp.asarray(pq), jnp.asarray(scale[o:o + n]),
-                                   None if bias is None else jnp.asarray(bias[o:o + n]), p.kind, p.sub, p.off))
+        out.append(QuantizedWeight(to_device(pq), to_device(scale[o:o + n]),
+                                   None if bias is None else to_device(bias[o:o + n]), p.kind, p.sub, p.off))
         o += n
     return out
 
 
-def grouped_where_possible(w):
+def grouped_where_possible(w, host: bool = False):
     """A plain-layout weight in the grouped layout where its shape allows (else as it is)."""
     if isinstance(w, QuantizedWeight) and not w.grouped and groupable(w.kind, *w.shape):
-        return group_layout(w)
+        return group_layout(w, host=host)
     return w

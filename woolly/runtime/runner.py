@@ -22,6 +22,13 @@ MAX_PREFILL_BUCKET = 512   # longer prompts are prefilled in chunks of this many
 PENALTY_WINDOW = 64        # llama.cpp's default repeat_last_n
 
 
+def _put(a, dtype=None) -> jax.Array:
+    """A host array on the default device. Not `jnp.asarray`: in this jax that compiles (or looks
+    up in the compile cache) a copy program for every new shape, ~10-30 ms on a new process's
+    path to its first token; `jax.device_put` is a plain transfer."""
+    return jax.device_put(np.asarray(a, dtype))
+
+
 def _rows_for(chunk_tokens: int, T: int) -> int:
     """Rows of length T in an embedding pass of `chunk_tokens`: the largest power of two that fits, at least 1."""
     return 1 << (max(1, chunk_tokens // T).bit_length() - 1)
@@ -54,8 +61,8 @@ class Runner:
         if params is None and mesh is not None:   # whole on the host first: the model need not fit one device
             with jax.default_device(jax.local_devices(backend="cpu")[0]):
                 params = load_params(model, residency, grouped=False)   # rows are split by sharding
-        elif params is None:
-            params = load_params(model, residency)
+        elif params is None:   # prepared weights cached on disk with the compiled programs (weights_cache)
+            params = load_params(model, residency, cache=compile_cache)
         if mesh is None:
             self._entry = entry          # the single-device entry points (with the CPU kernels)
         else:
@@ -67,6 +74,20 @@ class Runner:
         self.cache_length = bucket(cache_length)
         self.cache_dtype = KV_CACHE_TYPES[kv_cache_type]
         self.cache = self._new_cache()
+        self._executables: dict = {}   # (entry name, shapes) -> compiled executable or None (`_call`)
+
+    def _call(self, name: str, shape_key: tuple, *args, **static):
+        """entry.<name>(*args, **static) through its compiled executable, which for a runner depends
+        only on `shape_key` (params and cache shapes are fixed): a new process deserializes it
+        (`aot.Exported.executable`) instead of tracing and lowering, ~0.3-0.4 s of CPU before its
+        first token. Falls back to the entry point (the mesh, WOOLLY_AOT=0, any failure)."""
+        fn = getattr(self._entry, name)
+        key = (name, shape_key, tuple(sorted(static.items())))
+        exe = self._executables.get(key, False)
+        if exe is False:
+            exe = self._executables[key] = fn.executable(*args, **static) if self.mesh is None and \
+                hasattr(fn, "executable") else None
+        return fn(*args, **static) if exe is None else exe(*args)
 
     def _new_cache(self):
         if self.mesh is None:
@@ -93,10 +114,10 @@ class Runner:
             padded = np.zeros(min(bucket(len(chunk)), MAX_PREFILL_BUCKET), np.int32)     # [T]
             padded[:len(chunk)] = chunk
             kv_len = min(bucket(start + i + len(chunk)), self.cache_length)   # rows attention reads
-            out, self.cache = self._entry.prefill(self.params, self.cache, jnp.asarray(padded),
-                                                  jnp.int32(start + i), jnp.int32(len(chunk)), jnp.int32(slot),
-                                                  cfg=self.cfg, kv_len=kv_len,
-                                                  logits=logits and i + MAX_PREFILL_BUCKET >= len(tokens))
+            out, self.cache = self._call("prefill", (len(padded),), self.params, self.cache, _put(padded),
+                                         np.int32(start + i), np.int32(len(chunk)), np.int32(slot),
+                                         cfg=self.cfg, kv_len=kv_len,
+                                         logits=logits and i + MAX_PREFILL_BUCKET >= len(tokens))
         return out
 
     def _check_span(self, tokens: Sequence[int], start: int) -> None:
@@ -132,8 +153,8 @@ class Runner:
                     positions[slot, :len(chunk)] = start + i + np.arange(len(chunk))
                     last[slot] = len(chunk) - 1
                     done[slot] = i + len(chunk) == len(toks)
-            out, self.cache = self._entry.prefill_rows(self.params, self.cache, jnp.asarray(tokens),
-                                                       jnp.asarray(positions), jnp.asarray(last), cfg=self.cfg,
+            out, self.cache = self._entry.prefill_rows(self.params, self.cache, _put(tokens),
+                                                       _put(positions), _put(last), cfg=self.cfg,
                                                        logits=logits)
             if logits:
                 result = out if result is None else jnp.where(jnp.asarray(done)[:, None], out, result)
@@ -141,8 +162,8 @@ class Runner:
 
     def decode(self, tokens: Sequence[int], positions: Sequence[int]) -> jax.Array:
         """One token per slot (position -1: slot idle) -> logits f32 [B, V] (on device)."""
-        logits, self.cache = self._entry.decode_step(self.params, self.cache, jnp.asarray(tokens, jnp.int32),
-                                                     jnp.asarray(positions, jnp.int32), cfg=self.cfg)
+        logits, self.cache = self._entry.decode_step(self.params, self.cache, _put(tokens, np.int32),
+                                                     _put(positions, np.int32), cfg=self.cfg)
         return logits
 
     # -- whole completions -------------------------------------------------------------
@@ -177,8 +198,8 @@ class Runner:
         seeds = np.zeros(self.slots, np.uint32)
         seeds[:n] = seed
         out, counts, self.cache = self._entry.generate(
-            self.params, self.cache, logits, jnp.asarray(positions), jnp.asarray(np.arange(self.slots) < n),
-            jnp.asarray(budgets), jnp.asarray(stops), jnp.asarray(seeds), sampling, jnp.asarray(recent),
+            self.params, self.cache, logits, _put(positions), _put(np.arange(self.slots) < n),
+            _put(budgets), _put(stops), _put(seeds), sampling, _put(recent),
             cfg=self.cfg, max_new=bucket(int(budgets.max())))
         out, counts = np.asarray(out), np.asarray(counts)
         return [out[i, :counts[i]].tolist() for i in range(n)]
@@ -204,7 +225,7 @@ class Runner:
             for r, k in enumerate(order[i:j]):
                 padded[r, :len(token_lists[k])] = token_lists[k]
                 lengths[r] = len(token_lists[k])
-            vecs = self._entry.embed(self.params, jnp.asarray(padded), jnp.asarray(lengths), cfg=self.cfg)
+            vecs = self._entry.embed(self.params, _put(padded), _put(lengths), cfg=self.cfg)
             out[order[i:j]] = np.asarray(vecs)[:j - i]
             i = j
         return out
@@ -212,7 +233,7 @@ class Runner:
     def token_logprobs(self, tokens: np.ndarray) -> np.ndarray:
         """log p(tokens[:, t+1] | tokens[:, :t+1]) for tokens i32 [B, T] from position 0 -> f32 [B, T-1].
         With a mesh, the B rows are split over "data" (when B divides it)."""
-        return np.asarray(self._entry.token_logprobs(self.params, jnp.asarray(tokens, jnp.int32), cfg=self.cfg))
+        return np.asarray(self._entry.token_logprobs(self.params, _put(tokens, np.int32), cfg=self.cfg))
 
     # -- what the engine's scheduler drives ----------------------------------------------
     def step(self, tokens: np.ndarray, positions: np.ndarray, seeds: np.ndarray, counters: np.ndarray,
@@ -224,9 +245,9 @@ class Runner:
             return np.asarray(pending.tokens), (pending.logits if want_logits else None)
         params = SamplingParams(**{k: jnp.asarray(sampling[k]) for k in SamplingParams._fields})
         out, logits, self.cache = self._entry.decode_and_sample(
-            self.params, self.cache, jnp.asarray(tokens, jnp.int32), jnp.asarray(positions, jnp.int32),
-            jnp.asarray(seeds, jnp.uint32), jnp.asarray(counters, jnp.int32), params,
-            jnp.asarray(recent, jnp.int32), cfg=self.cfg)
+            self.params, self.cache, _put(tokens, np.int32), _put(positions, np.int32),
+            _put(seeds, np.uint32), _put(counters, np.int32), params,
+            _put(recent, np.int32), cfg=self.cfg)
         return np.asarray(out), (logits if want_logits else None)
 
     @property
@@ -239,7 +260,7 @@ class Runner:
         """`step` without waiting: the step is queued on the device and its outputs stay there
         (see `entry.pack_step` for keep and budget). One device only."""
         ints, floats = entry.pack_step(tokens, positions, seeds, counters, sampling, recent, keep, budget)
-        return self._run_packed(jnp.asarray(ints), jnp.asarray(floats))
+        return self._run_packed(_put(ints), _put(floats))
 
     def chain_step(self, pending: "PendingStep") -> "PendingStep":
         """Queue the step after `pending` on its device-side outputs, before the host reads them:
@@ -248,16 +269,16 @@ class Runner:
         return self._run_packed(pending.next_ints, pending.floats)
 
     def _run_packed(self, ints: jax.Array, floats: jax.Array) -> "PendingStep":
-        drawn, logits, self.cache, next_ints = entry.decode_and_sample_packed(self.params, self.cache, ints, floats,
-                                                                             cfg=self.cfg)
+        drawn, logits, self.cache, next_ints = self._call("decode_and_sample_packed", (ints.shape, floats.shape),
+                                                          self.params, self.cache, ints, floats, cfg=self.cfg)
         return PendingStep(drawn, logits, next_ints, floats)
 
     def read_slot(self, slot: int):
         """A device copy of one slot's cache rows (for the prefix cache)."""
-        return self._entry.read_slot(self.cache, jnp.int32(slot))
+        return self._entry.read_slot(self.cache, np.int32(slot))
 
     def write_slot(self, rows, slot: int) -> None:
-        self.cache = self._entry.write_slot(self.cache, rows, jnp.int32(slot))
+        self.cache = self._entry.write_slot(self.cache, rows, np.int32(slot))
 
     @property
     def slot_nbytes(self) -> int:
