@@ -12,8 +12,11 @@ allowed.
 from __future__ import annotations
 
 import json
+import logging
 import threading
+import time
 import weakref
+from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import partial
 
@@ -22,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from woolly.errors import GenerationFailed, InvalidRequest
+
+log = logging.getLogger("woolly.engine")
 
 try:
     import llguidance
@@ -104,30 +109,112 @@ class _Vocab:
 
     def __init__(self, tok):
         n = tok.vocab_size
-        self.tokens = [(b"\xff" + tok.token_bytes(i)) if tok.is_control(i) else tok.token_bytes(i)
-                       for i in range(n)]
+        control = [i for i in range(n) if tok.is_control(i)]
+        self.tokens = [tok.token_bytes(i) for i in range(n)]
+        for i in control:
+            self.tokens[i] = b"\xff" + self.tokens[i]
         self.eos_token_id = tok.special_tokens.eos if tok.special_tokens.eos is not None \
             else min(tok.special_tokens.eog)
         self.bos_token_id = tok.special_tokens.bos
-        self.special_token_ids = [i for i in range(n) if tok.is_control(i)]
+        self.special_token_ids = control
         self._tok = tok
 
     def __call__(self, text: bytes) -> list[int]:
         return self._tok.tokenize(text.decode("utf-8", errors="replace"), add_bos=False)
 
 
-_vocabs: "weakref.WeakKeyDictionary[object, LLTokenizer]" = weakref.WeakKeyDictionary()
+_vocabs: "weakref.WeakKeyDictionary[object, Future]" = weakref.WeakKeyDictionary()
 _vocabs_lock = threading.Lock()
+# The name of the thread that built each tokenizer's bridge: never the scheduler's (the engine
+# builds it when a model loads, `prepare_vocabulary`).
+_built_by: "weakref.WeakKeyDictionary[object, str]" = weakref.WeakKeyDictionary()
+PREPARE_THREAD = "woolly-grammar-vocabulary"
+
+
+def vocabulary_built_by(tok) -> str | None:
+    """The name of the thread that built tok's vocabulary bridge (None: not built)."""
+    with _vocabs_lock:
+        return _built_by.get(tok)
+
+
+def _build(tok) -> "LLTokenizer":
+    with _vocabs_lock:
+        _built_by[tok] = threading.current_thread().name
+    eog = sorted(tok.special_tokens.eog)
+    return LLTokenizer(llguidance.TokenizerWrapper(_Vocab(tok)), eos_token=eog or None)
 
 
 def vocabulary_for(tok) -> "LLTokenizer":
-    """llguidance's view of a woolly tokenizer (built once per tokenizer, ~1 s for 262k ids)."""
+    """llguidance's view of a woolly tokenizer, built once per tokenizer (0.2-1.2 s, holding the
+    GIL): by the first caller, or by the thread `prepare_vocabulary` started, which is then told
+    to build at once and waited for."""
     _need_library()
     with _vocabs_lock:
-        if tok not in _vocabs:
-            eog = sorted(tok.special_tokens.eog)
-            _vocabs[tok] = LLTokenizer(llguidance.TokenizerWrapper(_Vocab(tok)), eos_token=eog or None)
-        return _vocabs[tok]
+        pending = _vocabs.get(tok)
+        mine = pending is None
+        if mine:
+            pending = _vocabs[tok] = Future()
+        elif tok in _wanted:
+            _wanted[tok].set()
+    if mine:
+        _resolve(tok, pending)
+    return pending.result()
+
+
+def _resolve(tok, pending: Future) -> None:
+    try:
+        pending.set_result(_build(tok))
+    except BaseException as e:   # the next caller tries again (and gets the error itself)
+        with _vocabs_lock:
+            if _vocabs.get(tok) is pending:
+                del _vocabs[tok]
+        pending.set_exception(e)
+
+
+_wanted: "weakref.WeakKeyDictionary[object, threading.Event]" = weakref.WeakKeyDictionary()
+QUIET_S = 0.3        # how long the engine must have been idle before the background build starts
+POLL_S = 0.05
+
+
+def prepare_vocabulary(tok, idle=None) -> threading.Thread | None:
+    """Build tok's vocabulary bridge in a background thread, so the first grammar request does
+    not stall the scheduler (every slot) while it is built; None without llguidance (or built).
+
+    The build holds the GIL for its length (0.9 s for a 262k vocabulary), so with `idle` (a
+    callable: is the engine doing nothing? None once it has closed) it waits until the engine has
+    been idle for QUIET_S, or until a grammar asks for the vocabulary: a request sent right after
+    load (a one-shot `woolly run`, the first token of a new process) is not slowed by it."""
+    if llguidance is None:
+        return None
+    with _vocabs_lock:
+        if tok in _vocabs:
+            return None
+        pending = _vocabs[tok] = Future()
+        wanted = _wanted[tok] = threading.Event()
+
+    def build():
+        quiet_since = None
+        while idle is not None and not wanted.is_set():
+            quiet, now = idle(), time.monotonic()
+            if quiet is None:   # that engine has closed: leave the vocabulary to whoever asks
+                with _vocabs_lock:
+                    if not wanted.is_set():
+                        _vocabs.pop(tok, None)
+                        _wanted.pop(tok, None)
+                        pending.cancel()
+                        return
+                break
+            quiet_since = (quiet_since or now) if quiet else None
+            if quiet_since is not None and now - quiet_since >= QUIET_S:
+                break
+            wanted.wait(POLL_S)
+        _resolve(tok, pending)
+        if pending.exception() is not None:   # a request that asks for a grammar gets the error itself
+            log.warning("building the grammar vocabulary failed: %s", pending.exception())
+
+    thread = threading.Thread(target=build, name=PREPARE_THREAD, daemon=True)
+    thread.start()
+    return thread
 
 
 class Matcher:

@@ -158,6 +158,12 @@ class Scheduler:
     def waiting(self) -> int:
         return len(self.queue)
 
+    def idle(self) -> bool | None:
+        """Nothing running or waiting? None once closed (for grammar.prepare_vocabulary)."""
+        if self._closing is not None:
+            return None
+        return not self.queue and self.active == 0
+
     def close(self, error: WoollyError) -> None:
         """Stop the thread; every queued or running request ends with `error`. Idempotent."""
         with self._wake:
