@@ -112,6 +112,48 @@ def test_unconstrained_neighbour_is_unchanged(tiny):
     assert re.fullmatch("[0-9]{5}", digits)
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_chained_constrained_steps_draw_what_step_by_step_draws(tiny, monkeypatch, temperature):
+    """With a constrained slot, each step's successor forward pass is queued on the device before
+    the host reads the drawn tokens (grammar.CHAIN): the tokens are those of the step-by-step path,
+    for constrained and unconstrained neighbours alike, with a third request taking a slot freed
+    midway (the queued pass, lacking it, is dropped)."""
+    import asyncio
+
+    from woolly.engine import grammar
+
+    used = []
+    real_step = grammar.constrained_step
+
+    def spy(runner, packed, matchers, want_logits=False, queued=None, chain=False):
+        used.append(queued is not None)
+        return real_step(runner, packed, matchers, want_logits, queued, chain)
+
+    monkeypatch.setattr(grammar, "constrained_step", spy)
+
+    def three():
+        async def go():
+            async def one(prompt, **kw):
+                s = tiny.create_session()
+                async for event in s.generate_events(prompt, temperature=temperature, seed=3, **kw):
+                    pass
+                return event.token_ids, event.finish_reason
+            return await asyncio.gather(
+                one("x", max_tokens=40, grammar=Grammar.json_schema(SCHEMAS[0])),
+                one("the cat", max_tokens=6),
+                one("dog", max_tokens=20, grammar=Grammar.regex("[a-z ]{1,30}")))
+        return asyncio.run(go())
+
+    monkeypatch.setattr(grammar, "CHAIN", False)
+    step_by_step = three()
+    assert not any(used)
+    used.clear()
+    monkeypatch.setattr(grammar, "CHAIN", True)
+    chained = three()
+    assert chained == step_by_step
+    assert sum(used) >= len(used) // 2, used   # most constrained steps ran on a queued forward pass
+
+
 def test_gbnf_and_bad_grammars():
     g = Grammar.gbnf('root ::= "yes" | "no"')
     assert g.kind == "lark"

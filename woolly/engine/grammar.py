@@ -19,6 +19,7 @@ import weakref
 from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -245,29 +246,81 @@ def mask_words(vocab_size: int) -> int:
     return (vocab_size + 31) // 32
 
 
+# Queue each constrained step's successor forward pass before its tokens are read (False: the
+# step-by-step path, for comparison in benchmarks and tests).
+CHAIN = True
+_FLOATS = ("temperature", "top_p", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty")
+
+
+def _pack_sampling(seeds, counters, sampling: dict, recent) -> tuple[np.ndarray, np.ndarray]:
+    """The masked draw's per-slot inputs as two arrays (two host->device copies, not eleven):
+    ints i32 [B, 3 + W] (seed bits, counter, top_k, penalty window) and floats f32 [B, 6]."""
+    B, W = len(seeds), recent.shape[1]
+    ints = np.empty((B, 3 + W), np.int32)
+    ints[:, 0] = np.asarray(seeds, np.uint32).view(np.int32)
+    ints[:, 1], ints[:, 2], ints[:, 3:] = counters, sampling["top_k"], recent
+    return ints, np.stack([np.asarray(sampling[k], np.float32) for k in _FLOATS], axis=1)
+
+
 @partial(jax.jit, static_argnames=("want_logits",))
-def _sample_masked(logits, seeds, counters, sampling, recent, mask, want_logits: bool):
-    from woolly.runtime.device_sampling import apply_token_mask, sample, slot_keys
+def _sample_masked(logits, ints, floats, mask, want_logits: bool):
+    """Draw from logits [B, V] with the packed mask u32 [B, ceil(V/32)] applied -> (tokens i32 [B],
+    masked logits [B, V] when want_logits)."""
+    from woolly.runtime.device_sampling import SamplingParams, apply_token_mask, sample, slot_keys
+    params = SamplingParams(temperature=floats[:, 0], top_k=ints[:, 2], top_p=floats[:, 1], min_p=floats[:, 2],
+                            repeat_penalty=floats[:, 3], presence_penalty=floats[:, 4],
+                            frequency_penalty=floats[:, 5])
+    keys = slot_keys(jax.lax.bitcast_convert_type(ints[:, 0], jnp.uint32), ints[:, 1])
     masked = apply_token_mask(logits.astype(jnp.float32), mask)                          # [B, V]
-    return sample(masked, slot_keys(seeds, counters), sampling, recent), (masked if want_logits else None)
+    return sample(masked, keys, params, ints[:, 3:]), (masked if want_logits else None)
 
 
-def constrained_step(runner, packed: tuple, matchers: list, want_logits: bool = False):
-    """One decode step where some slots are constrained: the forward pass is dispatched, each
-    row's mask is filled on the host while it runs, then the masked draw -> (tokens i32 [B] on
-    host, masked logits [B, V] on device when `want_logits`, else None)."""
+@partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
+def _forward_after(params, cache, drawn, positions, cfg):
+    """The next step's forward pass, queued on this step's drawn tokens i32 [B] (still on device):
+    each live slot (position i32 [B] >= 0) goes on at the next position; one whose cache is full,
+    or an idle one, writes nothing -> (logits [B, V], cache)."""
+    from woolly.runtime.entry import decode_logits
+    nxt = jnp.where((positions >= 0) & (positions + 1 < cache.length), positions + 1, -1)
+    return decode_logits(params, cache, drawn, nxt, cfg)
+
+
+class QueuedForward(NamedTuple):
+    """A step's forward pass queued on the device before the host read the tokens it takes in."""
+
+    logits: jax.Array   # f32 [B, V], on device
+
+
+def constrained_step(runner, packed: tuple, matchers: list, want_logits: bool = False,
+                     queued: QueuedForward | None = None, chain: bool = False):
+    """One decode step where some slots are constrained -> (tokens i32 [B] on host, masked logits
+    [B, V] on device when `want_logits`, else None, the next step's QueuedForward when `chain`).
+
+    The forward pass is dispatched (or was, `queued`: on the tokens the last step drew, before the
+    host read them), each row's mask is filled on the host while it runs (all ones for an
+    unconstrained row), then the masked draw. With `chain` the next step's forward pass is queued
+    on the drawn tokens before they are read, so the host's work on them (emitting, the grammar
+    taking them, the next masks) overlaps the device's next forward pass: every slot that goes on
+    does so with the token drawn, so the scheduler chains only when the device's draw is final
+    (no host sampler or logprobs) and no newcomer is about to take a slot."""
     from woolly.runtime import entry
-    from woolly.runtime.device_sampling import SamplingParams
     tokens, positions, seeds, counters, sampling, recent = packed[:6]
-    step = getattr(runner._entry, "decode_step", entry.decode_step)
-    logits, runner.cache = step(runner.params, runner.cache, jnp.asarray(tokens, jnp.int32),
-                                jnp.asarray(positions, jnp.int32), cfg=runner.cfg)             # queued
+    if queued is None:
+        step = getattr(runner._entry, "decode_step", entry.decode_step)
+        logits, runner.cache = step(runner.params, runner.cache, jnp.asarray(tokens, jnp.int32),
+                                    jnp.asarray(positions, jnp.int32), cfg=runner.cfg)         # queued
+    else:
+        logits = queued.logits
     V = logits.shape[-1]
     mask = np.full((len(matchers), mask_words(V)), 0xFFFFFFFF, np.uint32)                 # [B, ceil(V/32)]
     for i, m in enumerate(matchers):
         if m is not None:
             m.fill(mask[i])
-    params = SamplingParams(**{k: jnp.asarray(sampling[k]) for k in SamplingParams._fields})
-    drawn, masked = _sample_masked(logits, jnp.asarray(seeds, jnp.uint32), jnp.asarray(counters, jnp.int32),
-                                   params, jnp.asarray(recent, jnp.int32), jnp.asarray(mask), want_logits)
-    return np.asarray(drawn), masked
+    ints, floats = _pack_sampling(seeds, counters, sampling, recent)
+    drawn, masked = _sample_masked(logits, jnp.asarray(ints), jnp.asarray(floats), jnp.asarray(mask), want_logits)
+    nxt = None
+    if chain:
+        nl, runner.cache = _forward_after(runner.params, runner.cache, drawn, jnp.asarray(positions, jnp.int32),
+                                          cfg=runner.cfg)
+        nxt = QueuedForward(nl)
+    return np.asarray(drawn), masked, nxt
