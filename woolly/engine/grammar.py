@@ -2,10 +2,12 @@
 
 A `Grammar` (JSON schema, any JSON object, regex, GBNF or Lark) is compiled against the model's
 vocabulary (`vocabulary_for`: each id's bytes from woolly's tokenizer, control tokens marked
-with a 0xFF prefix as llguidance's llama.cpp bridge does). Each constrained slot holds a
-`Matcher`; a step with one is `constrained_step`: the forward pass is queued on the device, the
-host fills each row's packed bitmask u32 [B, ceil(V/32)] while it runs (all ones for an
-unconstrained row), then the jitted sampler draws with the mask. A grammar that can take
+with a 0xFF prefix as llguidance's llama.cpp bridge does; built once per tokenizer, in the
+background after a model loads: `prepare_vocabulary`). Each constrained slot holds a `Matcher`;
+a step with one is `constrained_step`: the forward pass is queued on the device (or already was,
+by the step before), the host fills each row's packed bitmask u32 [B, ceil(V/32)] while it runs
+(all ones for an unconstrained row), the jitted sampler draws with the mask, and the next step's
+forward pass is queued on the drawn tokens before the host reads them. A grammar that can take
 nothing more ends the generation ("stop"); at an accepting point the end-of-generation ids are
 allowed.
 """
