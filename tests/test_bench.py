@@ -16,7 +16,7 @@ PREFILL = ("128", "512")
 
 TARGET_KEYS = {"decode_ratio", "prefill_512_ratio", "aggregate_8_vs_peer_decode", "load_s",
                "decode_ratio_vs_peer_best", "aggregate_8_vs_peer_best_decode", "ttft_warm_s", "memory_file_ratio",
-               "native_decode_ratio", "native_prefill_512_ratio", "native_aggregate_8_ratio"}
+               "native_decode_ratio", "native_prefill_512_ratio", "native_aggregate_8_ratio", "grammar_cost"}
 
 
 def check_native_peer(r: dict) -> None:
@@ -29,6 +29,19 @@ def check_native_peer(r: dict) -> None:
     assert rn["decode_tps"] > 0 and set(rn["prefill_tps"]) == set(PREFILL) and set(rn["aggregate_tps"]) == set(SESSIONS)
     for key in ("native_decode_ratio", "native_prefill_512_ratio", "native_aggregate_8_ratio"):
         assert r["targets"][key]["met"] in (True, False), key
+
+
+def check_grammar_figure(g: dict) -> None:
+    """Constrained decoding's cost: unconstrained, JSON-schema and regex decode on one prompt, each
+    counting the same steps, the costs against unconstrained and the host's mask time."""
+    assert set(g["decode_tps"]) == {"none", "json_schema", "regex"} and all(v > 0 for v in g["decode_tps"].values())
+    assert set(g["cost"]) == {"json_schema", "regex"}
+    for kind, cost in g["cost"].items():
+        assert cost == pytest.approx(1 - g["decode_tps"][kind] / g["decode_tps"]["none"])
+        assert g["host_ms_per_token"][kind]["fill_ms"] > 0
+    assert g["worst_cost"] == max(g["cost"].values())
+    steps = g["decode_steps_counted"]
+    assert steps["json_schema"] == steps["regex"] > 0   # neither grammar lets the generation end early
 
 
 def check_engine_figures(e: dict, woolly: bool) -> None:
@@ -66,6 +79,7 @@ def test_bench_json_has_every_figure_and_ratio(tmp_path):
     for key in ("aggregate_tps", "aggregate_tps_vs_peer_decode"):
         assert set(ratios[key]) == set(SESSIONS) and all(v > 0 for v in ratios[key].values())
     check_native_peer(r)
+    check_grammar_figure(r["woolly"]["grammar"])
     assert set(r["targets"]) == TARGET_KEYS
     assert all(t["met"] in (True, False) for t in r["targets"].values())
     assert plot.stat().st_size > 10_000
@@ -98,6 +112,30 @@ def tiny_gguf(tmp_path_factory):
     from tiny_models import write_tiny_model
 
     return str(write_tiny_model(tmp_path_factory.mktemp("bench") / "tiny.gguf", context_length=4096))
+
+
+def test_grammar_cost_figure_on_a_tiny_model(tiny_gguf):
+    """The constrained-decoding figure, its text rows and its target, on a tiny model (structure
+    only, never speed)."""
+    pytest.importorskip("llguidance")
+    from woolly.bench import BenchConfig, WoollySide, format_text, targets
+    from woolly.bench.measure import grammar_report, grammars
+
+    side = WoollySide(BenchConfig(model=tiny_gguf), tiny_gguf)
+    side.load()
+    gs = grammars()
+    side.grammar_warmup(gs)
+    runs = {kind: [side.grammar_decode(g, 12, seed=r) for r in range(2)] for kind, g in gs.items()}
+    g = grammar_report(runs, gs, side.tokenizer)
+    check_grammar_figure(g)
+    assert g["decode_steps_counted"]["json_schema"] == 12
+    text = side.tokenizer.decode(runs["json_schema"][0][2])
+    assert text.startswith('{"story": "'), text
+    report = {"woolly": {"grammar": g, "memory": {"model_bytes": 1}, "load_s": 1.0, "ttft_warm_s": 1.0,
+                         "decode_tps": 1.0, "aggregate_tps": {"8": 1.0}},
+              "model": "tiny", "file_bytes": 1, "residency": "quantized", "settings": {"sessions": [8]}}
+    t = targets(report)["grammar_cost"]
+    assert t["target"] == 0.15 and t["value"] == g["worst_cost"] and t["met"] == (g["worst_cost"] <= 0.15)
 
 
 @pytest.mark.oracle
@@ -157,6 +195,7 @@ def test_bench_tiny_model_xla_kernels_against_both_peers(tiny_gguf, tmp_path):
     check_engine_figures(r["woolly"], woolly=True)
     check_engine_figures(r["llama_cpp"], woolly=False)
     check_native_peer(r)
+    check_grammar_figure(r["woolly"]["grammar"])
     assert set(r["targets"]) == TARGET_KEYS
     assert "llama.cpp 8 sequences in one llama_batch" in p.stdout and "sequential Python loop" in p.stdout
 

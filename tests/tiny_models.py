@@ -143,6 +143,7 @@ def write_tiny_model(
     declare_window: bool = False,
     weight_scale: float = 0.02,
     experts: tuple[int, int] = (4, 2),
+    vocab_from: str | Path | None = None,
 ) -> Path:
     """Write a tiny random model to `path` and return it.
 
@@ -155,7 +156,9 @@ def write_tiny_model(
     sliding layers), qwen3moe (qwen3 with `experts` = (count, used per token) SwiGLU experts of
     width ffn_dim in place of the MLP). llama: `rope_freqs` writes Llama 3.1-style frequency factors,
     `rope_scaling_factor` linear RoPE scaling, `declare_window` writes `sliding_window` as some
-    Mistral files do. `weight_scale`: the matrices' standard deviation.
+    Mistral files do. `weight_scale`: the matrices' standard deviation. `vocab_from`: a real GGUF
+    whose tokenizer metadata (every `tokenizer.*` key: tokens, types, merges or scores, special
+    ids, flags, template) replaces the synthetic vocabulary (`borrowed_vocabulary`).
     """
     qtype = QuantizationType.parse(qtype)
     if arch not in FAMILIES:
@@ -166,8 +169,9 @@ def write_tiny_model(
     ffn_dim = ffn_dim or (256 if k_quant else 128)
     head_dim = head_dim or d_model // n_heads
     q_dim, kv_dim = n_heads * head_dim, n_kv_heads * head_dim
-    vocab = spm_vocabulary(n_merges) if spm else bpe_vocabulary(n_merges)
-    n_vocab = len(vocab["tokens"])
+    borrowed = borrowed_vocabulary(vocab_from) if vocab_from is not None else None
+    vocab = None if borrowed else spm_vocabulary(n_merges) if spm else bpe_vocabulary(n_merges)
+    n_vocab = len(borrowed["tokenizer.ggml.tokens"][0] if borrowed else vocab["tokens"])
     rng = np.random.default_rng(seed)
     path = Path(path)
 
@@ -209,23 +213,14 @@ def write_tiny_model(
     w.add_file_type(FILE_TYPE[qtype])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
-    w.add_tokenizer_model(vocab["model"])
-    w.add_tokenizer_pre(vocab["pre"])
-    w.add_token_list(vocab["tokens"])
-    w.add_token_types(vocab["token_type"])
-    if vocab["scores"] is not None:
-        w.add_token_scores(vocab["scores"])
-    if vocab["merges"] is not None:
-        w.add_token_merges(vocab["merges"])
-    w.add_bos_token_id(vocab["bos"])
-    w.add_eos_token_id(vocab["eos"])
-    w.add_unk_token_id(vocab["unk"])
-    w.add_pad_token_id(vocab["pad"])
-    w.add_add_bos_token(vocab["add_bos"])
-    w.add_add_eos_token(False)
-    w.add_add_space_prefix(vocab["add_space_prefix"])
-    if chat_template or vocab["chat_template"]:
-        w.add_chat_template(chat_template or vocab["chat_template"])
+    if borrowed:
+        for key, (value, vtype, etype) in borrowed.items():
+            if not (chat_template and key == "tokenizer.chat_template"):
+                w.add_key_value(key, value, vtype, sub_type=etype)
+        if chat_template:
+            w.add_chat_template(chat_template)
+    else:
+        _add_vocabulary(w, vocab, chat_template)
 
     def matrix(name: str, rows: int, cols: int) -> None:  # numpy order: [rows, cols], rows of length cols
         data, kw = encode_matrix(rng.normal(0.0, weight_scale, (rows, cols)).astype(np.float32), qtype)
@@ -286,3 +281,48 @@ def write_tiny_model(
     w.close()
     return path
 
+
+def _add_vocabulary(w: gguf.GGUFWriter, vocab: dict, chat_template: str | None) -> None:
+    """A synthetic vocabulary's metadata (bpe_vocabulary / spm_vocabulary)."""
+    w.add_tokenizer_model(vocab["model"])
+    w.add_tokenizer_pre(vocab["pre"])
+    w.add_token_list(vocab["tokens"])
+    w.add_token_types(vocab["token_type"])
+    if vocab["scores"] is not None:
+        w.add_token_scores(vocab["scores"])
+    if vocab["merges"] is not None:
+        w.add_token_merges(vocab["merges"])
+    w.add_bos_token_id(vocab["bos"])
+    w.add_eos_token_id(vocab["eos"])
+    w.add_unk_token_id(vocab["unk"])
+    w.add_pad_token_id(vocab["pad"])
+    w.add_add_bos_token(vocab["add_bos"])
+    w.add_add_eos_token(False)
+    w.add_add_space_prefix(vocab["add_space_prefix"])
+    if chat_template or vocab["chat_template"]:
+        w.add_chat_template(chat_template or vocab["chat_template"])
+
+
+_borrowed: dict[str, dict] = {}
+
+
+def borrowed_vocabulary(path: str | Path) -> dict:
+    """Every `tokenizer.*` metadata key of a real GGUF -> {key: (value, GGUF type, element type)},
+    read once per path (Woolly's own GGUF reader: gguf-py's takes seconds on a 262k vocabulary)."""
+    key = str(path)
+    if key not in _borrowed:
+        from woolly.formats.gguf_file import GGUFFile
+
+        f = GGUFFile(path)
+        try:
+            out = {}
+            for name, field in f.fields.items():
+                if not name.startswith("tokenizer."):
+                    continue
+                value = field.value.tolist() if isinstance(field.value, np.ndarray) else field.value
+                etype = None if field.element_type is None else gguf.GGUFValueType(field.element_type)
+                out[name] = (value, gguf.GGUFValueType(field.vtype), etype)
+        finally:
+            f.close()
+        _borrowed[key] = out
+    return _borrowed[key]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import numpy as np
 import pytest
@@ -111,6 +112,48 @@ def test_unconstrained_neighbour_is_unchanged(tiny):
     assert re.fullmatch("[0-9]{5}", digits)
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_chained_constrained_steps_draw_what_step_by_step_draws(tiny, monkeypatch, temperature):
+    """With a constrained slot, each step's successor forward pass is queued on the device before
+    the host reads the drawn tokens (grammar.CHAIN): the tokens are those of the step-by-step path,
+    for constrained and unconstrained neighbours alike, with a third request taking a slot freed
+    midway (the queued pass, lacking it, is dropped)."""
+    import asyncio
+
+    from woolly.engine import grammar
+
+    used = []
+    real_step = grammar.constrained_step
+
+    def spy(runner, packed, matchers, want_logits=False, queued=None, chain=False):
+        used.append(queued is not None)
+        return real_step(runner, packed, matchers, want_logits, queued, chain)
+
+    monkeypatch.setattr(grammar, "constrained_step", spy)
+
+    def three():
+        async def go():
+            async def one(prompt, **kw):
+                s = tiny.create_session()
+                async for event in s.generate_events(prompt, temperature=temperature, seed=3, **kw):
+                    pass
+                return event.token_ids, event.finish_reason
+            return await asyncio.gather(
+                one("x", max_tokens=40, grammar=Grammar.json_schema(SCHEMAS[0])),
+                one("the cat", max_tokens=6),
+                one("dog", max_tokens=20, grammar=Grammar.regex("[a-z ]{1,30}")))
+        return asyncio.run(go())
+
+    monkeypatch.setattr(grammar, "CHAIN", False)
+    step_by_step = three()
+    assert not any(used)
+    used.clear()
+    monkeypatch.setattr(grammar, "CHAIN", True)
+    chained = three()
+    assert chained == step_by_step
+    assert sum(used) >= len(used) // 2, used   # most constrained steps ran on a queued forward pass
+
+
 def test_gbnf_and_bad_grammars():
     g = Grammar.gbnf('root ::= "yes" | "no"')
     assert g.kind == "lark"
@@ -120,6 +163,56 @@ def test_gbnf_and_bad_grammars():
         Grammar.json_schema("{not json")
     with pytest.raises(InvalidRequest):
         Grammar.regex("(")
+
+
+def test_first_grammar_request_after_load_does_not_build_the_vocabulary_in_the_scheduler(tmp_path):
+    """The engine builds llguidance's vocabulary after the model loads, in a thread of its own (once
+    the engine is idle): a grammar request sent at once has that thread build it now and waits,
+    the scheduler never builds it."""
+    from woolly.engine import grammar
+
+    path = write_tiny_model(tmp_path / "tiny.gguf")
+    e = Engine(EngineConfig(max_batch_size=1, max_sequence_length=128))
+    e.load_model(str(path))
+    try:
+        _, result = run_events(e.create_session(), "hello", max_tokens=10, temperature=0.0,
+                               grammar=Grammar.regex("[0-9]{3}"))
+        assert re.fullmatch("[0-9]{3}", result.text), result.text
+        assert grammar.vocabulary_built_by(e.tokenizer) == grammar.PREPARE_THREAD
+        e.load_model(str(path))   # a new model (its own tokenizer), left idle: built in the background
+        deadline = time.monotonic() + 30
+        while grammar.vocabulary_built_by(e.tokenizer) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert grammar.vocabulary_built_by(e.tokenizer) == grammar.PREPARE_THREAD
+        _, result = run_events(e.create_session(), "hello", max_tokens=10, temperature=0.0,
+                               grammar=Grammar.regex("[a-c]{2}"))
+        assert re.fullmatch("[a-c]{2}", result.text), result.text
+    finally:
+        e.unload_model()
+
+
+def test_vocabulary_is_built_once_by_the_first_caller_others_wait(tmp_path):
+    """Without the engine's background build, the first caller builds the bridge and every other
+    thread asking meanwhile gets that same one."""
+    import threading
+
+    from woolly.engine import grammar
+    from woolly.model_file import Model
+
+    model = Model.from_file(str(write_tiny_model(tmp_path / "tiny.gguf")))
+    try:
+        tok = model.tokenizer
+        got = []
+        threads = [threading.Thread(target=lambda: got.append(vocabulary_for(tok)), name=f"asker-{i}")
+                   for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(got) == 4 and all(v is got[0] for v in got)
+        assert grammar.vocabulary_built_by(tok).startswith("asker-")
+    finally:
+        model.close()
 
 
 # -- real models: every output parses and validates -----------------------------------------------

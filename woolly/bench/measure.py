@@ -24,6 +24,8 @@ TARGETS = {
     "native_decode_ratio": 1.0,         # decode batch 1
     "native_prefill_512_ratio": 2.0,    # prefill 512 (one llama_decode of 512 tokens)
     "native_aggregate_8_ratio": 1.5,    # 8 sessions aggregate vs llama.cpp's 8-sequence batched decode
+    # issue 16: constrained decoding costs at most 15% of unconstrained decode tokens/s
+    "grammar_cost": 0.15,
 }
 LOAD_LIMITS = {"smollm2-135m-instruct": (2.0, 3.0), "gemma3-270m": (3.0, 4.0)}   # (load s, warm ttft s)
 DEFAULT_LIMITS = (2.0, 3.0)
@@ -44,6 +46,7 @@ class BenchConfig:
     quick: bool = False
     kernels: str = "native"          # "native": Woolly's C++ CPU kernels; "xla": the XLA-only fallback
     peer_lib: str | None = None      # a directory holding another libllama.so (LLAMA_CPP_LIB_PATH)
+    grammar: bool = True             # constrained decoding's cost (needs llguidance; skipped without it)
 
     @classmethod
     def quick_config(cls, **kw) -> "BenchConfig":
@@ -153,6 +156,25 @@ def _settle():
     time.sleep(0.1)
 
 
+# Constrained decoding's cost: the same prompt decoded unconstrained, under a JSON schema and under
+# a regex, none of which lets the generation end before max_tokens (a 1000-character string field;
+# 400 or more letters), so each counts the same number of steps.
+GRAMMAR_PROMPT = "Once upon a time, in a lighthouse by the sea, there lived"
+GRAMMAR_KINDS = ("none", "json_schema", "regex")
+
+
+def grammars() -> dict:
+    """name -> woolly.engine.grammar.Grammar (None: unconstrained); {} without llguidance."""
+    from woolly.engine import grammar
+
+    if grammar.llguidance is None:
+        return {}
+    return {"none": None,
+            "json_schema": grammar.Grammar.json_schema({"type": "object", "required": ["story"], "properties": {
+                "story": {"type": "string", "minLength": 1000}}}),
+            "regex": grammar.Grammar.regex(r"[A-Za-z ,.']{400,2000}")}
+
+
 # -- Woolly ----------------------------------------------------------------------------------------------
 class WoollySide:
     name = "woolly"
@@ -240,6 +262,51 @@ class WoollySide:
         self.engine8.generate_batch([prompt_text(12, i) for i in range(max(self.cfg.sessions))], max_tokens=4,
                                     **SAMPLING)
 
+    def grammar_decode(self, g, n: int, seed: int):
+        """Batch-1 decode tokens/s of GRAMMAR_PROMPT under grammar g (None: unconstrained), over the
+        steps after the first token, sampling as `decode` -> (tok/s, steps, the generated ids).
+        An unconstrained completion cut short by an end-of-generation token is retried."""
+        best = None
+        for attempt in range(3):
+            r = self._grammar_run(g, n + 1, seed + 1000 * attempt)
+            steps = r.generated_tokens - 1
+            if steps > 0 and (best is None or steps > best[1]):
+                best = (steps / (r.generation_time - r.time_to_first_token), steps, r.token_ids)
+            if steps >= n:
+                break
+        return best if best else (None, 0, [])
+
+    def _grammar_run(self, g, max_tokens: int, seed: int):
+        s = self.engine1.create_session()
+        s.generate_sync(GRAMMAR_PROMPT, max_tokens=max_tokens, seed=seed, grammar=g, **SAMPLING)
+        return s.last_result
+
+    def grammar_warmup(self, gs: dict) -> None:
+        """Compile the constrained step's shapes; build the vocabulary bridge."""
+        for g in gs.values():
+            self._grammar_run(g, 4, 0)
+
+
+def mask_ms_per_token(tokenizer, g, token_ids: list[int]) -> dict:
+    """The host's grammar work per token, replaying a constrained generation: the median ms to
+    fill one mask row (`Matcher.fill`) and to take one token (`Matcher.advance`)."""
+    import numpy as np
+
+    from woolly.engine.grammar import Matcher, mask_words
+
+    m = Matcher(g, tokenizer)
+    row = np.zeros(mask_words(tokenizer.vocab_size), np.uint32)
+    fill, advance = [], []
+    for t in token_ids:
+        t0 = time.perf_counter()
+        m.fill(row)
+        t1 = time.perf_counter()
+        m.advance(t)
+        advance.append(time.perf_counter() - t1)
+        fill.append(t1 - t0)
+    return {"fill_ms": 1000 * statistics.median(fill) if fill else None,
+            "advance_ms": 1000 * statistics.median(advance) if advance else None}
+
 
 # -- first token in a new process ---------------------------------------------------------------------------
 def _child(argv: list[str]) -> int:
@@ -319,6 +386,7 @@ class Collected:
     decode: list = field(default_factory=list)      # [(tok/s, steps)]
     aggregate: dict = field(default_factory=dict)   # N -> [(tok/s, tokens)]
     decode_one_thread: list = field(default_factory=list)
+    grammar: dict = field(default_factory=dict)    # kind -> [(tok/s, steps, ids)]
 
 
 def _log(msg: str) -> None:
@@ -370,6 +438,9 @@ def run(cfg: BenchConfig) -> dict:
     _log("warm-up (compiles, or loads from the compile cache)")
     for s in sides:
         s.ttft_warmup(ids_long)
+    gs = grammars() if cfg.grammar else {}
+    if gs:
+        sides[0].grammar_warmup(gs)
 
     for r in range(cfg.repeats):
         _log(f"repeat {r + 1}/{cfg.repeats}")
@@ -402,6 +473,9 @@ def run(cfg: BenchConfig) -> dict:
             _settle()
             for n, v in sides[1].aggregate_all(cfg.sessions, cfg.aggregate_tokens, seed=r).items():
                 got["llama_cpp"].aggregate.setdefault(n, []).append(v)
+        for kind, g in gs.items():   # interleaved kind by kind, so the machine's state falls on each alike
+            _settle()
+            got["woolly"].grammar.setdefault(kind, []).append(sides[0].grammar_decode(g, cfg.decode_tokens, seed=r))
 
     bandwidth = max(bandwidths)
     bound = bandwidth / bytes_per_token
@@ -466,6 +540,8 @@ def run(cfg: BenchConfig) -> dict:
                         "aggregate_tps": {str(n): [a[0] for a in v] for n, v in native.aggregate.items()}},
         }
         report["ratios_native"] = ratios_native(engines["woolly"], report["llama_cpp_native"])
+    if gs:
+        report["woolly"]["grammar"] = grammar_report(got["woolly"].grammar, gs, sides[0].tokenizer)
     report["targets"] = targets(report)
     if cfg.compare:
         sides[1].close()
@@ -474,6 +550,23 @@ def run(cfg: BenchConfig) -> dict:
             if getattr(s, attr, None) is not None:
                 setattr(s, attr, None)
     return report
+
+
+def grammar_report(runs: dict, gs: dict, tokenizer) -> dict:
+    """Constrained decoding's figures: decode tok/s per kind (medians), each constrained kind's
+    cost (1 - its tok/s / unconstrained tok/s, same run), and the host's mask work per token."""
+    tps = {k: _median([x[0] for x in v]) for k, v in runs.items()}
+    base = tps.get("none")
+    cost = {k: (1 - v / base if v and base else None) for k, v in tps.items() if k != "none"}
+    host = {k: mask_ms_per_token(tokenizer, gs[k], max((x[2] for x in v), key=len))
+            for k, v in runs.items() if k != "none"}
+    return {"prompt": GRAMMAR_PROMPT,
+            "grammars": {k: (None if g is None else {"kind": g.kind, "source": g.source}) for k, g in gs.items()},
+            "decode_tps": tps, "cost": cost,
+            "worst_cost": max((c for c in cost.values() if c is not None), default=None),
+            "host_ms_per_token": host,
+            "decode_steps_counted": {k: min(x[1] for x in v) for k, v in runs.items()},
+            "samples": {k: [x[0] for x in v] for k, v in runs.items()}}
 
 
 def _select_builds(cfg: BenchConfig) -> None:
@@ -579,4 +672,6 @@ def targets(report: dict) -> dict:
         "ttft_warm_s": t(w["ttft_warm_s"], ttft_limit, higher_is_better=False),
         "memory_file_ratio": t(mem, TARGETS["memory_file_ratio"], higher_is_better=False,
                                applies=report["residency"] == "quantized"),
+        # issue 16: the worse of the JSON-schema and regex costs (None: not measured, e.g. an old report)
+        "grammar_cost": t((w.get("grammar") or {}).get("worst_cost"), TARGETS["grammar_cost"], higher_is_better=False),
     }

@@ -45,6 +45,14 @@ def rows(report: dict) -> list[tuple[str, str, str, str]]:
             out.append((f"aggregate {n} sessions vs llama.cpp {n} sequences in one llama_batch (tok/s)",
                         _f(w["aggregate_tps"][n]), _f(nat["aggregate_tps"].get(n)),
                         _f(_get(rn, ("aggregate_tps", n)), ".2f", "x")))
+    g = w.get("grammar") or {}
+    gt, gc, gh = g.get("decode_tps", {}), g.get("cost", {}), g.get("host_ms_per_token", {})
+    out.append(("constrained decode batch 1: unconstrained, same prompt (tok/s)", _f(gt.get("none")), "", ""))
+    for kind, label in (("json_schema", "JSON schema"), ("regex", "regex")):
+        h = gh.get(kind) or {}
+        out.append((f"  {label} (tok/s, cost vs unconstrained; host mask ms/token)",
+                    f"{_f(gt.get(kind))} ({_f(_pct(gc.get(kind)), '.1f', '%')}; {_f(h.get('fill_ms'), '.2f')})"
+                    if kind in gt else "-", "", ""))
     wm, lm = w["memory"], (l or {}).get("memory", {})
     out.append(("memory: RSS after load - before (MB)", _f(wm["rss_bytes"] / mb), _f(_div(lm.get("rss_bytes"), mb)),
                 _f(r.get("memory_rss"), ".2f", "x")))
@@ -64,6 +72,10 @@ def _get(d, keys):
             return None
         d = d.get(k)
     return d
+
+
+def _pct(x):
+    return None if x is None else 100 * x
 
 
 def _div(a, b):

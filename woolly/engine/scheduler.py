@@ -159,6 +159,12 @@ class Scheduler:
     def waiting(self) -> int:
         return len(self.queue)
 
+    def idle(self) -> bool | None:
+        """Nothing running or waiting? None once closed (for grammar.prepare_vocabulary)."""
+        if self._closing is not None:
+            return None
+        return not self.queue and self.active == 0
+
     def close(self, error: WoollyError) -> None:
         """Stop the thread; every queued or running request ends with `error`. Idempotent."""
         with self._wake:
@@ -278,9 +284,15 @@ class Scheduler:
         host_logits = any(s is not None and (s.req.params.sampler is not None or s.req.params.logprobs > 0)
                           for s in self.slots)
         constrained = [None if s is None else s.grammar for s in self.slots]
-        if any(m is not None for m in constrained):   # masks from the host each step: woolly.engine.grammar
+        queued = ahead[0] if ahead is not None and isinstance(ahead[0], grammar.QueuedForward) else None
+        if queued is not None or any(m is not None for m in constrained):   # host masks: woolly.engine.grammar
             owners, ahead, pending = [None if s is None else s.req.id for s in self.slots], None, None
-            next_tokens, logits = grammar.constrained_step(self.runner, self._pack(), constrained, host_logits)
+            # queue the next forward pass only while a slot is constrained (then back to the fused path)
+            chain = any(m is not None for m in constrained) and grammar.CHAIN and self._may_chain(host_logits)
+            next_tokens, logits, queued = grammar.constrained_step(self.runner, self._pack(), constrained,
+                                                                   host_logits, queued, chain)
+            if queued is not None:
+                self._ahead = (queued, owners)
         elif ahead is not None:
             pending, owners = ahead
             next_tokens, logits = None, pending.logits
@@ -344,12 +356,11 @@ class Scheduler:
         return tokens, positions, seeds, counters, sampling, recent, keep, budget
 
     def _may_chain(self, host_logits: bool) -> bool:
-        """Queue the next step before reading this one? Not when the host picks tokens (a Python
-        sampler, logprobs), not when a waiting request is about to take a free slot (the queued
-        step would lack it), and not when every slot ends here by its budget or the cache."""
+        """Queue the next step (with a constrained slot: its forward pass) before reading this one?
+        Not when the host picks tokens (a Python sampler, logprobs), not when a waiting request is
+        about to take a free slot (the queued step would lack it), and not when every slot ends
+        here by its budget or the cache."""
         if host_logits or not self.runner.can_chain:
-            return False
-        if any(s is not None and s.grammar is not None for s in self.slots):   # the next mask needs this token
             return False
         if self.queue and any(s is None for s in self.slots):
             return False
