@@ -187,7 +187,10 @@ class WoollySide:
     def load(self) -> float:
         import jax
 
+        import numpy as np
+
         from woolly.engine import CacheConfig, Engine, EngineConfig
+        from woolly.runtime.cache import KV_CACHE_TYPES
 
         jax.devices()   # the runtime itself is up before "before"
         before = memory_snapshot()
@@ -198,7 +201,8 @@ class WoollySide:
         dt = time.perf_counter() - t0
         after = memory_snapshot()
         cfg = e.model.config
-        kv = 2 * cfg.n_layers * 1 * cfg.n_kv_heads * 1024 * cfg.head_dim * 4
+        item = np.dtype(KV_CACHE_TYPES[e.config.kv_cache_type]).itemsize   # f16 by default, as llama.cpp
+        kv = 2 * cfg.n_layers * 1 * cfg.n_kv_heads * 1024 * cfg.head_dim * item
         device = e.stats().device_memory
         self.memory = {"rss_bytes": after["rss"] - before["rss"],
                        "rss_anon_bytes": after["rss_anon"] - before["rss_anon"],
