@@ -30,6 +30,10 @@ Figures (keys of the JSON report, per engine):
   decode_tps one llama_decode per token, aggregate_tps[N] N sequences in one llama_batch per step
   (own seq_id and native sampler chain each); ratios_native are Woolly / these. The `llama_cpp`
   figures above are llama-cpp-python's Python loop (one sequence at a time), kept for continuity.
+- grammar (Woolly only): batch-1 decode tokens/s unconstrained, under a JSON schema and under a
+  regex (llguidance, `woolly.engine.grammar`) on one prompt, interleaved; each grammar's cost
+  (1 - constrained / unconstrained) and the host's mask time per token; the target is a cost of
+  at most 15% (grammar_cost, the worst of the two).
 - kernels: which of Woolly's C++ CPU kernels ran (`--kernels xla`: none, the XLA-only fallback),
   their compile flags and the CPU's ISA; `--peer-lib DIR` loads llama.cpp from DIR/libllama.so.
 
