@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from woolly.errors import GenerationFailed, InvalidRequest
+from woolly.runtime.device_sampling import pack_floats
 
 log = logging.getLogger("woolly.engine")
 
@@ -251,7 +252,6 @@ def mask_words(vocab_size: int) -> int:
 # Queue each constrained step's successor forward pass before its tokens are read (False: the
 # step-by-step path, for comparison in benchmarks and tests).
 CHAIN = True
-_FLOATS = ("temperature", "top_p", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty")
 
 
 def _pack_sampling(seeds, counters, sampling: dict, recent) -> tuple[np.ndarray, np.ndarray]:
@@ -261,17 +261,15 @@ def _pack_sampling(seeds, counters, sampling: dict, recent) -> tuple[np.ndarray,
     ints = np.empty((B, 3 + W), np.int32)
     ints[:, 0] = np.asarray(seeds, np.uint32).view(np.int32)
     ints[:, 1], ints[:, 2], ints[:, 3:] = counters, sampling["top_k"], recent
-    return ints, np.stack([np.asarray(sampling[k], np.float32) for k in _FLOATS], axis=1)
+    return ints, pack_floats(sampling)
 
 
 @partial(jax.jit, static_argnames=("want_logits",))
 def _sample_masked(logits, ints, floats, mask, want_logits: bool):
     """Draw from logits [B, V] with the packed mask u32 [B, ceil(V/32)] applied -> (tokens i32 [B],
     masked logits [B, V] when want_logits)."""
-    from woolly.runtime.device_sampling import SamplingParams, apply_token_mask, sample, slot_keys
-    params = SamplingParams(temperature=floats[:, 0], top_k=ints[:, 2], top_p=floats[:, 1], min_p=floats[:, 2],
-                            repeat_penalty=floats[:, 3], presence_penalty=floats[:, 4],
-                            frequency_penalty=floats[:, 5])
+    from woolly.runtime.device_sampling import apply_token_mask, from_packed, sample, slot_keys
+    params = from_packed(floats, ints[:, 2])
     keys = slot_keys(jax.lax.bitcast_convert_type(ints[:, 0], jnp.uint32), ints[:, 1])
     masked = apply_token_mask(logits.astype(jnp.float32), mask)                          # [B, V]
     return sample(masked, keys, params, ints[:, 3:]), (masked if want_logits else None)

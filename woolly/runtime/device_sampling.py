@@ -42,6 +42,18 @@ class SamplingParams(NamedTuple):
 
 # Each device setting's element type, and the value that turns it off (an idle slot's).
 DTYPES = {k: np.int32 if k == "top_k" else np.float32 for k in SamplingParams._fields}
+FLOAT_SETTINGS = tuple(k for k in SamplingParams._fields if DTYPES[k] == np.float32)   # packed columns, in order
+
+
+def pack_floats(sampling: dict) -> np.ndarray:
+    """The float settings of per-slot host values {name: [B]} as one array f32 [B, len(FLOAT_SETTINGS)]
+    (one host->device copy); `from_packed` reads it back on the device."""
+    return np.stack([np.asarray(sampling[k], np.float32) for k in FLOAT_SETTINGS], axis=1)
+
+
+def from_packed(floats: jax.Array, top_k: jax.Array) -> SamplingParams:
+    """SamplingParams from `pack_floats`' columns f32 [B, F] and top_k i32 [B] (packed with the ints)."""
+    return SamplingParams(top_k=top_k, **{k: floats[:, i] for i, k in enumerate(FLOAT_SETTINGS)})
 OFF = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "repeat_penalty": 1.0,
        "presence_penalty": 0.0, "frequency_penalty": 0.0}
 

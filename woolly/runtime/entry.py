@@ -16,7 +16,7 @@ import numpy as np
 from woolly.models import KVCache, forward_hidden, output_logits
 from woolly.runtime.aot import Exported
 from woolly.runtime.cache import new_cache
-from woolly.runtime.device_sampling import SamplingParams, push_recent, sample, slot_keys
+from woolly.runtime.device_sampling import SamplingParams, from_packed, pack_floats, push_recent, sample, slot_keys
 
 
 def _slot_rows(cache: KVCache, slot: jax.Array, length: int | None = None) -> KVCache:
@@ -89,9 +89,6 @@ def decode_and_sample(params, cache: KVCache, tokens: jax.Array, positions: jax.
     return sample(logits, slot_keys(seeds, counters), sampling, recent), logits, cache
 
 
-SAMPLING_FLOATS = ("temperature", "top_p", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty")
-
-
 STEP_COLUMNS = 7   # ints columns before the penalty window: see pack_step
 
 
@@ -99,7 +96,7 @@ def pack_step(tokens, positions, seeds, counters, sampling: dict, recent, keep=N
               budget=None) -> tuple[np.ndarray, np.ndarray]:
     """A decode step's per-slot host inputs as two arrays, so a step costs two host->device copies,
     not thirteen: ints i32 [B, 7 + W] (token, position, seed bits, counter, top_k, window length,
-    budget, recent window [W]) and floats f32 [B, 6] (SAMPLING_FLOATS). keep (default W): how many
+    budget, recent window [W]) and floats f32 [B, 6] (device_sampling.pack_floats). keep (default W): how many
     of the window's last entries the slot's penalties use; budget (default 2**30): tokens the slot
     may still draw, counting this step's (both only matter to `next_step_ints`)."""
     B, W = len(tokens), recent.shape[1]
@@ -109,8 +106,7 @@ def pack_step(tokens, positions, seeds, counters, sampling: dict, recent, keep=N
     ints[:, 5] = W if keep is None else keep
     ints[:, 6] = 1 << 30 if budget is None else budget
     ints[:, STEP_COLUMNS:] = recent
-    floats = np.stack([np.asarray(sampling[k], np.float32) for k in SAMPLING_FLOATS], axis=1)
-    return ints, floats
+    return ints, pack_floats(sampling)
 
 
 def next_step_ints(ints: jax.Array, drawn: jax.Array, cache_length: int) -> jax.Array:
@@ -135,9 +131,7 @@ def decode_and_sample_packed(params, cache: KVCache, ints: jax.Array, floats: ja
     """`decode_and_sample` with its inputs packed by `pack_step` -> (next tokens i32 [B], logits [B, V],
     cache, the next step's ints (`next_step_ints`): a step can be queued on this one's output
     before the host has read it)."""
-    sampling = SamplingParams(temperature=floats[:, 0], top_k=ints[:, 4], top_p=floats[:, 1], min_p=floats[:, 2],
-                              repeat_penalty=floats[:, 3], presence_penalty=floats[:, 4],
-                              frequency_penalty=floats[:, 5])
+    sampling = from_packed(floats, ints[:, 4])
     seeds = jax.lax.bitcast_convert_type(ints[:, 2], jnp.uint32)
     logits, cache = decode_logits(params, cache, ints[:, 0], ints[:, 1], cfg)
     drawn = sample(logits, slot_keys(seeds, ints[:, 3]), sampling, ints[:, STEP_COLUMNS:])
