@@ -31,8 +31,9 @@ from woolly.ops.quantized_weight import QuantizedWeight
 VERSION = 1
 MIN_FILE_BYTES = 16 << 20
 ALIGN = 64
-_CODE = ("formats/quants.py", "ops/quantized_weight.py", "ops/qmatmul.py", "runtime/params.py",
-         "runtime/weights_cache.py")
+# What the prepared tree depends on: the block formats, every op's layout code, the families'
+# parameter names (models/, arch.py) and the loader itself (globs, so a new module counts too).
+_CODE = ("formats/quants.py", "ops/*.py", "models/*.py", "arch.py", "runtime/params.py", "runtime/weights_cache.py")
 _code_hash: str | None = None
 
 
@@ -49,8 +50,9 @@ def code_hash() -> str:
     if _code_hash is None:
         root = Path(__file__).resolve().parent.parent
         h = hashlib.sha256()
-        for rel in _CODE:
-            h.update(rel.encode() + b"\0" + (root / rel).read_bytes())
+        for pattern in _CODE:
+            for path in sorted(root.glob(pattern)):
+                h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
         _code_hash = h.hexdigest()[:32]
     return _code_hash
 
