@@ -90,15 +90,25 @@ def _kernels() -> dict:
 
 def _plain_args(args) -> bool:
     """Top-level arguments are host arrays or concrete arrays on one device (a KVCache judged by
-    its first buffer): not tracers, not sharded. Checked per call, so it does not walk the params."""
+    its first buffer, a params tree by its first leaf): not tracers, not sharded. Checked per
+    call, so it does not walk the params."""
     for a in args:
         if isinstance(a, KVCache):
             a = a.k[0]
+        while isinstance(a, (dict, list, tuple)) and a:   # params: sharded or not as a whole (shard_params)
+            a = next(iter(a.values())) if isinstance(a, dict) else a[0]
         if isinstance(a, jax.core.Tracer):
             return False
         if isinstance(a, jax.Array) and len(a.sharding.device_set) != 1:
             return False
     return True
+
+
+def _on_default_device(args) -> bool:
+    """Every array leaf (params included: walked once per signature) on the default device alone,
+    so the executable compiled for them is a one-device program, whatever meshes the process has."""
+    device = jax.devices()[0]
+    return all(not isinstance(x, jax.Array) or x.sharding.device_set == {device} for x in jax.tree.leaves(args))
 
 
 class Exported:
@@ -153,7 +163,7 @@ class Exported:
         where `__call__` would not take the exported path, or on any failure (the caller then
         calls the entry point as usual)."""
         if (not enabled() or not cpu_kernels.in_use() or not static.keys() <= self.static_argnames
-                or not _plain_args(args) or len(jax.devices()) < 1):
+                or not _plain_args(args) or not _on_default_device(args)):
             return None
         from jax.experimental import serialize_executable as se
         from jax._src.lib import version_str as jaxlib_version
@@ -162,7 +172,7 @@ class Exported:
             with _lock:
                 _register_pytrees()
                 key = self._key(args, static, "executable", jaxlib_version, cpu_kernels.cpu_tag(),
-                                os.environ.get("XLA_FLAGS", ""), str(jax.devices()[0]))
+                                os.environ.get("XLA_FLAGS", ""), str(jax.devices()[0]), jax.device_count())
         except Exception:
             return None
         path = Path(compile_cache_dir()) / "woolly-aot" / f"{self.name}-{key}.exe"

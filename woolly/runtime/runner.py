@@ -87,7 +87,14 @@ class Runner:
         if exe is False:
             exe = self._executables[key] = fn.executable(*args, **static) if self.mesh is None and \
                 hasattr(fn, "executable") else None
-        return fn(*args, **static) if exe is None else exe(*args)
+        if exe is not None:
+            try:
+                return exe(*args)
+            except (TypeError, jax.errors.JaxRuntimeError) as e:
+                if isinstance(e, jax.errors.JaxRuntimeError) and "INVALID_ARGUMENT" not in str(e):
+                    raise   # it ran and failed: not an argument it was not compiled for
+                self._executables[key] = None   # refused before running (nothing donated): the entry point
+        return fn(*args, **static)
 
     def _new_cache(self):
         if self.mesh is None:
