@@ -13,6 +13,7 @@ allowed.
 """
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import threading
@@ -196,29 +197,52 @@ def prepare_vocabulary(tok, idle=None) -> threading.Thread | None:
         pending = _vocabs[tok] = Future()
         wanted = _wanted[tok] = threading.Event()
 
+    def given_up() -> bool:
+        """Leave the vocabulary to whoever asks for it (unless somebody already has)."""
+        with _vocabs_lock:
+            if wanted.is_set():
+                return False
+            _vocabs.pop(tok, None)
+            _wanted.pop(tok, None)
+            pending.cancel()
+            return True
+
     def build():
         quiet_since = None
-        while idle is not None and not wanted.is_set():
+        while idle is not None and not wanted.is_set() and not _exiting.is_set():
             quiet, now = idle(), time.monotonic()
-            if quiet is None:   # that engine has closed: leave the vocabulary to whoever asks
-                with _vocabs_lock:
-                    if not wanted.is_set():
-                        _vocabs.pop(tok, None)
-                        _wanted.pop(tok, None)
-                        pending.cancel()
-                        return
+            if quiet is None:   # that engine has closed
+                if given_up():
+                    return
                 break
             quiet_since = (quiet_since or now) if quiet else None
             if quiet_since is not None and now - quiet_since >= QUIET_S:
                 break
             wanted.wait(POLL_S)
+        if _exiting.is_set() and given_up():   # the process is exiting: no build starts now
+            return
         _resolve(tok, pending)
         if pending.exception() is not None:   # a request that asks for a grammar gets the error itself
             log.warning("building the grammar vocabulary failed: %s", pending.exception())
 
     thread = threading.Thread(target=build, name=PREPARE_THREAD, daemon=True)
+    _preparing.add(thread)
     thread.start()
     return thread
+
+
+_exiting = threading.Event()
+_preparing: "weakref.WeakSet[threading.Thread]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_preparing() -> None:
+    """At interpreter exit, no background build starts and one under way is waited for: a daemon
+    thread still inside llguidance when Python finalizes aborts the process ("FATAL: exception
+    not rethrown"), as the scheduler's thread did inside XLA."""
+    _exiting.set()
+    for thread in list(_preparing):
+        thread.join(timeout=60)
 
 
 class Matcher:
