@@ -47,7 +47,12 @@ stats = {"exported": 0, "loaded": 0,   # lowerings written / read back in this p
 
 
 def enabled() -> bool:
-    return os.environ.get("WOOLLY_AOT", "1").lower() not in ("0", "false", "no", "off")
+    """WOOLLY_AOT is not off, and the process sees one device in all (called at call time, after
+    any cluster is joined): saved lowerings and executables are one-device programs, and a process
+    with several devices (a mesh, a multi-host cluster) takes the plain jitted path."""
+    if os.environ.get("WOOLLY_AOT", "1").lower() in ("0", "false", "no", "off"):
+        return False
+    return jax.process_count() == 1 and jax.device_count() == 1
 
 
 def _register_pytrees() -> None:
