@@ -34,7 +34,7 @@ import jax
 KERNEL_DIR = os.path.join(os.path.dirname(__file__), "kernels")
 FLAGS = ["-O3", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC", "-w"]
 ISAS = ("avx512", "avx2", "neon", "portable")
-_ISA_FLAGS = {"avx512": ["-march=native"], "avx2": ["-march=native", "-mno-avx512f", "-mavx2", "-mfma", "-mf16c"],
+_ISA_FLAGS = {"avx512": ["-march=native"], "avx2": ["-march=native", "-mno-avx512f", "-mavx2", "-mfma", "-mf16c", "-DWOOLLY_AVX2"],
               "neon": ["-mcpu=native"], "portable": []}
 
 _xla_only = contextvars.ContextVar("woolly_xla_only", default=False)

@@ -3,7 +3,9 @@
 // WOOLLY_PORTABLE (AVX2-only x86, ARM64 NEON, anything else: see woolly/ops/cpu_kernels.py)
 // the same names come from SIMDe (https://github.com/simd-everywhere/simde, pip simde-py),
 // which implements each AVX-512 intrinsic with the target's own vectors (two AVX2 registers,
-// four NEON ones) or scalar code, with the same results.
+// four NEON ones) or scalar code, with the same results. The AVX2 build also defines
+// WOOLLY_AVX2: the hot loops have 256-bit versions written for it (as llama.cpp's AVX2 path:
+// _mm256_maddubs_epi16 dot products), bit for bit equal to the AVX-512 ones.
 #pragma once
 #if defined(WOOLLY_PORTABLE)
 #define SIMDE_ENABLE_NATIVE_ALIASES
