@@ -94,26 +94,18 @@ def _kernels() -> dict:
 
 
 def _plain_args(args) -> bool:
-    """Top-level arguments are host arrays or concrete arrays on one device (a KVCache judged by
-    its first buffer, a params tree by its first leaf): not tracers, not sharded. Checked per
-    call, so it does not walk the params."""
+    """No top-level argument is a tracer (a KVCache judged by its first buffer, a params tree by
+    its first leaf): under a user's jit, grad or vmap the entry point is traced as plain jit.
+    Checked per call, so it does not walk the params. (Placement needs no check: `enabled()`
+    admits only a process with one device.)"""
     for a in args:
         if isinstance(a, KVCache):
             a = a.k[0]
-        while isinstance(a, (dict, list, tuple)) and a:   # params: sharded or not as a whole (shard_params)
+        while isinstance(a, (dict, list, tuple)) and a:
             a = next(iter(a.values())) if isinstance(a, dict) else a[0]
         if isinstance(a, jax.core.Tracer):
             return False
-        if isinstance(a, jax.Array) and len(a.sharding.device_set) != 1:
-            return False
     return True
-
-
-def _on_default_device(args) -> bool:
-    """Every array leaf (params included: walked once per signature) on the default device alone,
-    so the executable compiled for them is a one-device program, whatever meshes the process has."""
-    device = jax.devices()[0]
-    return all(not isinstance(x, jax.Array) or x.sharding.device_set == {device} for x in jax.tree.leaves(args))
 
 
 class Exported:
@@ -168,7 +160,7 @@ class Exported:
         where `__call__` would not take the exported path, or on any failure (the caller then
         calls the entry point as usual)."""
         if (not enabled() or not cpu_kernels.in_use() or not static.keys() <= self.static_argnames
-                or not _plain_args(args) or not _on_default_device(args)):
+                or not _plain_args(args)):
             return None
         from jax.experimental import serialize_executable as se
         from jax._src.lib import version_str as jaxlib_version
@@ -177,7 +169,7 @@ class Exported:
             with _lock:
                 _register_pytrees()
                 key = self._key(args, static, "executable", jaxlib_version, cpu_kernels.cpu_tag(),
-                                os.environ.get("XLA_FLAGS", ""), str(jax.devices()[0]), jax.device_count())
+                                os.environ.get("XLA_FLAGS", ""), jax.devices()[0].device_kind)
         except Exception:
             return None
         path = Path(compile_cache_dir()) / "woolly-aot" / f"{self.name}-{key}.exe"

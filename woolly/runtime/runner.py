@@ -80,7 +80,8 @@ class Runner:
         """entry.<name>(*args, **static) through its compiled executable, which for a runner depends
         only on `shape_key` (params and cache shapes are fixed): a new process deserializes it
         (`aot.Exported.executable`) instead of tracing and lowering, ~0.3-0.4 s of CPU before its
-        first token. Falls back to the entry point (the mesh, WOOLLY_AOT=0, any failure)."""
+        first token. The entry point itself where there is none (a mesh or several devices,
+        WOOLLY_AOT=0, a failure to compile or load it)."""
         fn = getattr(self._entry, name)
         key = (name, shape_key, tuple(sorted(static.items())))
         exe = self._executables.get(key, False)
@@ -88,12 +89,7 @@ class Runner:
             exe = self._executables[key] = fn.executable(*args, **static) if self.mesh is None and \
                 hasattr(fn, "executable") else None
         if exe is not None:
-            try:
-                return exe(*args)
-            except (TypeError, jax.errors.JaxRuntimeError) as e:
-                if isinstance(e, jax.errors.JaxRuntimeError) and "INVALID_ARGUMENT" not in str(e):
-                    raise   # it ran and failed: not an argument it was not compiled for
-                self._executables[key] = None   # refused before running (nothing donated): the entry point
+            return exe(*args)
         return fn(*args, **static)
 
     def _new_cache(self):
