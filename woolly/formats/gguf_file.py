@@ -75,6 +75,9 @@ class TensorInfo:
         return n
 
 
+_U64 = struct.Struct("<Q")
+
+
 class _Cursor:
     """Bounds-checked little-endian reads over a buffer; errors say where they happened."""
 
@@ -110,6 +113,27 @@ class _Cursor:
         raw = bytes(self.buf[self.pos:self.pos + n])
         self.pos += n
         return raw.decode("utf-8", errors="surrogateescape")
+
+    def strings(self, what: str, n: int) -> list[str]:
+        """n strings in a row (a vocabulary: ~50k-260k of them), as `string` reads each, in one
+        tight loop: the error messages are only formatted for a bad length."""
+        buf, pos, size, length, out = self.buf, self.pos, self.size, _U64.unpack_from, []
+        append = out.append
+        try:
+            for _ in range(n):
+                if pos + 8 > size:
+                    self.pos = pos
+                    self.need(8, f"length of {what}")
+                (k,) = length(buf, pos)
+                pos += 8
+                if k > size - pos:
+                    self.pos = pos
+                    self.need(k, what)
+                append(buf[pos:pos + k].decode("utf-8", errors="surrogateescape"))
+                pos += k
+        finally:
+            self.pos = pos
+        return out
 
     def array(self, what: str, n: int, dtype) -> np.ndarray:
         size = n * np.dtype(dtype).itemsize
@@ -283,7 +307,7 @@ class GGUFFile:
             if etype == STRING:
                 if n * 8 > c.left():
                     raise ModelLoadFailed(f"metadata {key!r} claims {n} strings, more than the file could hold")
-                return Field([c.string(f"element of {key!r}") for _ in range(n)], vtype, etype)
+                return Field(c.strings(f"element of {key!r}", n), vtype, etype)
             if etype in _NUMPY:
                 if n * np.dtype(_NUMPY[etype]).itemsize > c.left():
                     raise ModelLoadFailed(f"metadata {key!r} claims {n} elements, more than the file could hold")
