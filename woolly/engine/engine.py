@@ -90,7 +90,6 @@ class Engine:
         model = Model.from_file(path_or_name)
         try:
             model.validate()
-            tokenizer = model.tokenizer
             cfg = self.config
             length = min(cfg.max_sequence_length, model.config.context_length or cfg.max_sequence_length)
             mesh = cfg.make_mesh()
@@ -98,8 +97,10 @@ class Engine:
             if mesh is not None:   # whole slots per data-parallel device
                 dp = int(mesh.shape["data"])
                 slots = -(-slots // dp) * dp
+            # the runner first: it starts loading the decode step while the tokenizer is built
             runner = Runner(model, residency=cfg.residency, slots=slots, cache_length=length, mesh=mesh,
-                            kv_cache_type=cfg.kv_cache_type)
+                            kv_cache_type=cfg.kv_cache_type, load_decode_step=True)
+            tokenizer = model.tokenizer
         except WoollyError:
             model.close()
             raise

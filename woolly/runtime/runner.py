@@ -5,6 +5,9 @@ to buckets, keeps the cache it donates, and converts to and from numpy.
 """
 from __future__ import annotations
 
+import atexit
+import concurrent.futures
+import threading
 from typing import NamedTuple, Sequence
 
 import jax
@@ -13,10 +16,11 @@ import numpy as np
 
 from woolly.model_file import Model
 from woolly.runtime import entry
-from woolly.runtime.cache import KV_CACHE_TYPES, bucket, new_cache
+from woolly.runtime.cache import KV_CACHE_TYPES, KVCache, bucket, new_cache
 from woolly.runtime.compile_cache import enable_compile_cache
 from woolly.runtime.params import load_params
-from woolly.runtime.device_sampling import SamplingParams
+from woolly.runtime.device_sampling import FLOAT_SETTINGS, SamplingParams
+from woolly.sampling_settings import RECENT_WINDOW
 
 MAX_PREFILL_BUCKET = 512   # longer prompts are prefilled in chunks of this many tokens
 PENALTY_WINDOW = 64        # llama.cpp's default repeat_last_n
@@ -43,15 +47,27 @@ class PendingStep(NamedTuple):
     floats: jax.Array      # f32 [B, 6]: this step's sampling floats (the next one's too)
 
 
+_loading: set[concurrent.futures.Future] = set()   # decode steps loading in the background
+
+
+@atexit.register
+def _wait_for_loading() -> None:
+    """At interpreter exit, let executables still loading finish: a daemon thread stopped inside
+    XLA's deserializer or compiler can crash the exit."""
+    concurrent.futures.wait(list(_loading), timeout=120)
+
+
 class Runner:
     """A loaded model with `slots` concurrent sequences of up to `cache_length` positions."""
 
     def __init__(self, model: Model, residency: str = "dense", slots: int = 1, cache_length: int = 512,
-                 compile_cache: bool = True, params: dict | None = None, mesh=None, kv_cache_type: str = "f32"):
+                 compile_cache: bool = True, params: dict | None = None, mesh=None, kv_cache_type: str = "f32",
+                 load_decode_step: bool = False):
         """`params`: an already loaded pytree of `model` (shared between runners), else loaded here.
         `mesh`: a ("data", "model") `jax.sharding.Mesh` (`sharding.make_mesh`): params and cache
         are placed on it and every computation is partitioned by XLA; None: one device, as ever.
-        `kv_cache_type`: the cache's element, one of cache.KV_CACHE_TYPES."""
+        `kv_cache_type`: the cache's element, one of cache.KV_CACHE_TYPES. `load_decode_step`:
+        start loading the decode step's executable now, in the background (`_load_decode_step`)."""
         if compile_cache:
             enable_compile_cache()
         self.model = model
@@ -73,8 +89,11 @@ class Runner:
         self.slots = slots
         self.cache_length = bucket(cache_length)
         self.cache_dtype = KV_CACHE_TYPES[kv_cache_type]
+        # (entry name, shapes, static) -> compiled executable, None, or a Future of one (`_call`)
+        self._executables: dict = {}
+        if load_decode_step and mesh is None:
+            self._load_decode_step()
         self.cache = self._new_cache()
-        self._executables: dict = {}   # (entry name, shapes) -> compiled executable or None (`_call`)
 
     def _call(self, name: str, shape_key: tuple, *args, **static):
         """entry.<name>(*args, **static) through its compiled executable, which for a runner depends
@@ -85,12 +104,38 @@ class Runner:
         fn = getattr(self._entry, name)
         key = (name, shape_key, tuple(sorted(static.items())))
         exe = self._executables.get(key, False)
+        if isinstance(exe, concurrent.futures.Future):   # being loaded in the background
+            exe = self._executables[key] = exe.result()
         if exe is False:
             exe = self._executables[key] = fn.executable(*args, **static) if self.mesh is None and \
                 hasattr(fn, "executable") else None
         if exe is not None:
             return exe(*args)
         return fn(*args, **static)
+
+    def _load_decode_step(self) -> None:
+        """Load (or compile) the decode step's executable in a background thread from now, while
+        the caller builds the KV cache, the tokenizer and the scheduler: in a new process with warm
+        caches deserializing it is ~0.3 s of CPU that the first step would otherwise wait for. The
+        arguments are described by shape only (the cache does not exist yet)."""
+        cache_spec = jax.ShapeDtypeStruct((self.slots, self.cfg.n_kv_heads, self.cache_length, self.cfg.head_dim),
+                                          self.cache_dtype)                                     # [B, K, S, H]
+        layers = (cache_spec,) * self.cfg.n_layers
+        ints = jax.ShapeDtypeStruct((self.slots, entry.STEP_COLUMNS + RECENT_WINDOW), np.int32)   # pack_step
+        floats = jax.ShapeDtypeStruct((self.slots, len(FLOAT_SETTINGS)), np.float32)
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._executables[("decode_and_sample_packed", (ints.shape, floats.shape), (("cfg", self.cfg),))] = future
+        params, step = self.params, self._entry.decode_and_sample_packed
+
+        def load() -> None:
+            try:
+                future.set_result(step.executable(params, KVCache(layers, layers), ints, floats, cfg=self.cfg))
+            except BaseException:   # the step is then traced on first use, as without this
+                future.set_result(None)
+            finally:
+                _loading.discard(future)
+        _loading.add(future)
+        threading.Thread(target=load, name="woolly-load-decode-step", daemon=True).start()
 
     def _new_cache(self):
         if self.mesh is None:
