@@ -607,7 +607,8 @@ def kernels_report(cfg: BenchConfig) -> dict:
     from woolly.ops import attention, cpu_kernels, qmatmul
 
     return {"mode": cfg.kernels, "qmatvec": bool(qmatmul.kernel_available()),
-            "attention": bool(attention.kernel_available()), "compile_flags": " ".join(cpu_kernels.FLAGS),
+            "attention": bool(attention.kernel_available()), "isa": cpu_kernels.isa(),
+            "compile_flags": " ".join(cpu_kernels.compile_flags()), "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "why_not": qmatmul.kernel_error(), "peer_lib": os.environ.get("LLAMA_CPP_LIB_PATH")}
 
 
