@@ -194,6 +194,7 @@ class Exported:
         if path.exists():
             try:
                 blob, in_tree, out_tree = pickle.loads(path.read_bytes())
+                _used(path)
                 exe = se.deserialize_and_load(blob, in_tree, out_tree)
                 stats["executables_loaded"] += 1
                 return exe
@@ -229,6 +230,7 @@ class Exported:
         if path.exists():
             try:
                 exp = jax.export.deserialize(bytearray(path.read_bytes()))
+                _used(path)
                 stats["loaded"] += 1
                 return exp
             except Exception:   # a truncated or stale file: export again
@@ -263,6 +265,41 @@ def _watch_cache_hits() -> None:
             _watching = True
 
 
+def max_bytes() -> int:
+    """The saved lowerings' and executables' budget: $WOOLLY_AOT_CACHE_MAX_BYTES, else 1 GiB.
+    Each code version and signature writes its own files (2-5 MB each for the real models)."""
+    try:
+        return int(os.environ.get("WOOLLY_AOT_CACHE_MAX_BYTES", 1 << 30))
+    except ValueError:
+        return 1 << 30
+
+
+def _used(path: Path) -> None:
+    """Mark a file read now (its mtime), so `_trim` removes the least recently used first."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass
+
+
+def _trim(folder: Path, budget: int) -> None:
+    """Remove the least recently used files of `folder` until the rest fit in `budget` bytes."""
+    try:
+        files = [(e.stat().st_mtime, e.stat().st_size, e.path) for e in os.scandir(folder)
+                 if e.is_file() and not e.name.endswith(".tmp")]
+    except OSError:
+        return
+    total = sum(size for _, size, _ in files)
+    for _, size, name in sorted(files):
+        if total <= budget:
+            break
+        try:
+            os.remove(name)
+            total -= size
+        except OSError:   # removed by another process meanwhile
+            pass
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -271,4 +308,5 @@ def _write_atomic(path: Path, data: bytes) -> None:
             f.write(data)
         os.replace(tmp, path)
     except OSError:   # a read-only cache directory: this process still uses the export in memory
-        pass
+        return
+    _trim(path.parent, max_bytes())

@@ -14,6 +14,14 @@ def compile_cache_dir() -> str:
     return os.environ.get("WOOLLY_COMPILE_CACHE") or DEFAULT_DIR
 
 
+def max_bytes() -> int:
+    """JAX's compile cache budget: $WOOLLY_COMPILE_CACHE_MAX_BYTES, else 2 GiB (-1: unbounded)."""
+    try:
+        return int(os.environ.get("WOOLLY_COMPILE_CACHE_MAX_BYTES", 2 << 30))
+    except ValueError:
+        return 2 << 30
+
+
 def enable_compile_cache(path: str | None = None) -> str:
     """Point JAX's persistent cache at `path` (default `compile_cache_dir()`); idempotent."""
     global _enabled
@@ -23,5 +31,6 @@ def enable_compile_cache(path: str | None = None) -> str:
         jax.config.update("jax_compilation_cache_dir", path)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+        jax.config.update("jax_compilation_cache_max_size", max_bytes())   # least recently used go first
         _enabled = path
     return path
