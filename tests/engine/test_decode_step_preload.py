@@ -1,6 +1,7 @@
 """Engine.load_model starts loading the decode step's executable in the background (Runner
 `load_decode_step`): in a new process with warm caches the first step finds it loaded from disk,
-not traced, and the text is the same as a process that compiled it."""
+not traced, and the text is the same as a process that compiled it. From the second process on
+it starts before the model file is even read (`aot.EarlyLoad`, by the hint the first one left)."""
 from __future__ import annotations
 
 import json
@@ -23,9 +24,10 @@ started = len(pending) == 1 and isinstance(pending[0], concurrent.futures.Future
 loaded = pending[0].result(timeout=300) if started else None
 text = "".join(engine.create_session().stream_sync("one two three", max_tokens=8, temperature=0.0))
 after = [v for k, v in runner._executables.items() if k[0] == "decode_and_sample_packed"]
+early = runner._early.result() if isinstance(runner._early, aot.EarlyLoad) else None
 print(json.dumps({{"started": started, "loaded": loaded is not None, "same": len(after) == 1 and after[0] is loaded,
                   "from_disk": aot.stats["executables_loaded"], "written": aot.stats["executables_written"],
-                  "text": text}}))
+                  "text": text, "early": early is not None and early[1] is loaded}}))
 engine.close()
 """
 
@@ -45,4 +47,5 @@ def test_the_decode_step_is_loaded_while_the_model_loads(tmp_path):
         assert r["started"] and r["loaded"] and r["same"], r
     assert first["written"] >= 1                                   # a fresh cache: compiled and written
     assert second["written"] == 0 and second["from_disk"] >= 1    # warm: read back, nothing compiled
+    assert not first["early"] and second["early"]   # no hint yet; then loaded before the file was read
     assert first["text"] == second["text"] and first["text"]

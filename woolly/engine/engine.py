@@ -84,9 +84,19 @@ class Engine:
     def load_model(self, path_or_name: str | os.PathLike) -> None:
         """Load a `.gguf` path or a pulled model's name; on failure the previous model stays."""
         from woolly.model_file import Model
+        from woolly.model_store import resolve_model_path
         from woolly.runtime import Runner
+        from woolly.runtime.runner import early_decode_step
 
         t0 = time.perf_counter()
+        cfg = self.config
+        early = None   # the decode step, loading from before the file is read (one device only)
+        if cfg.mesh is None and cfg.tensor_parallel == 1 and cfg.data_parallel == 1:
+            try:
+                early = early_decode_step(resolve_model_path(path_or_name), cfg.max_batch_size,
+                                          cfg.max_sequence_length, cfg.residency, cfg.kv_cache_type)
+            except Exception:   # a bad name or path: Model.from_file says what is wrong
+                early = None
         model = Model.from_file(path_or_name)
         try:
             model.validate()
@@ -99,7 +109,7 @@ class Engine:
                 slots = -(-slots // dp) * dp
             # the runner first: it starts loading the decode step while the tokenizer is built
             runner = Runner(model, residency=cfg.residency, slots=slots, cache_length=length, mesh=mesh,
-                            kv_cache_type=cfg.kv_cache_type, load_decode_step=True)
+                            kv_cache_type=cfg.kv_cache_type, load_decode_step=early or True)
             tokenizer = model.tokenizer
         except WoollyError:
             model.close()

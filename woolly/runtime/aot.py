@@ -23,6 +23,8 @@ XLA_FLAGS.
 """
 from __future__ import annotations
 
+import atexit
+import concurrent.futures
 import contextlib
 import hashlib
 import json
@@ -171,12 +173,13 @@ class Exported:
                                     tuple(sorted(_kernels().items())), source_hash(), jax.__version__,
                                     jax.default_backend(), *extra)).encode()).hexdigest()[:32]
 
-    def executable(self, *args, **static):
+    def executable(self, *args, early: "EarlyLoad | None" = None, **static):
         """The compiled executable for exactly this signature, called with the non-static
         arguments (`exe(*args)`), donating as the entry point does: deserialized from disk, or
         compiled through the exported lowering (and the compile cache) and written there. None
         where `__call__` would not take the exported path, or on any failure (the caller then
-        calls the entry point as usual)."""
+        calls the entry point as usual). `early`: an `EarlyLoad` of this entry point, used when
+        it loaded this very signature's file; its hint is pointed at this signature's file."""
         if (not enabled() or not cpu_kernels.in_use() or not static.keys() <= self.static_argnames
                 or not _plain_args(args)):
             return None
@@ -190,14 +193,15 @@ class Exported:
                                 os.environ.get("XLA_FLAGS", ""), jax.devices()[0].device_kind)
         except Exception:
             return None
-        path = Path(compile_cache_dir()) / "woolly-aot" / f"{self.name}-{key}.exe"
+        path = _exe_path(self.name, key)
+        if early is not None:
+            early.point_at(key)
+            got = early.result()
+            if got is not None and got[0] == key:
+                return got[1]
         if path.exists():
             try:
-                blob, in_tree, out_tree = pickle.loads(path.read_bytes())
-                _used(path)
-                exe = se.deserialize_and_load(blob, in_tree, out_tree)
-                stats["executables_loaded"] += 1
-                return exe
+                return _load_exe(path)
             except Exception:   # truncated, or written by an incompatible build: compile again
                 pass
         # Compiled under a name of its own (with this file's key), so the persistent compile
@@ -248,6 +252,87 @@ class Exported:
             warnings.warn(f"woolly: {self.name} not exported ({type(e).__name__}: {e})", RuntimeWarning,
                           stacklevel=3)
             return None
+
+
+def _exe_path(name: str, key: str) -> Path:
+    return Path(compile_cache_dir()) / "woolly-aot" / f"{name}-{key}.exe"
+
+
+def _load_exe(path: Path):
+    """A saved executable, deserialized and loaded on the device."""
+    from jax.experimental import serialize_executable as se
+
+    blob, in_tree, out_tree = pickle.loads(path.read_bytes())
+    _used(path)
+    exe = se.deserialize_and_load(blob, in_tree, out_tree)
+    stats["executables_loaded"] += 1
+    return exe
+
+
+_background: set[concurrent.futures.Future] = set()   # loads running in daemon threads
+
+
+def in_background(fn, name: str) -> concurrent.futures.Future:
+    """fn() in a daemon thread -> a Future of its result (None if it raised)."""
+    future: concurrent.futures.Future = concurrent.futures.Future()
+
+    def run() -> None:
+        try:
+            future.set_result(fn())
+        except BaseException:
+            future.set_result(None)
+        finally:
+            _background.discard(future)
+    _background.add(future)
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future
+
+
+@atexit.register
+def _wait_for_background() -> None:
+    """At interpreter exit, let loads still running finish: a daemon thread stopped inside XLA's
+    deserializer or compiler can crash the exit."""
+    concurrent.futures.wait(list(_background), timeout=120)
+
+
+class EarlyLoad:
+    """An entry point's executable loaded before its arguments exist (a new process's decode
+    step, while the model file is still being read): `hint` names what the caller knows early
+    (model file, engine settings); a small file under it records the signature key its
+    executable had last time, and that file is deserialized now, in the background.
+    `Exported.executable(..., early=)` takes it only if the real arguments give the same key,
+    and points the hint at the key they give."""
+
+    def __init__(self, name: str, hint: str):
+        self.name, self.hint = name, hint
+        self._hint_file = Path(compile_cache_dir()) / "woolly-aot" / f"{name}-hint-{hint}.txt"
+        self._future: concurrent.futures.Future | None = None
+        if not enabled():
+            return
+        try:
+            key = self._hint_file.read_text().strip()
+        except OSError:
+            return
+        path = _exe_path(name, key)
+        if key.isalnum() and path.exists():
+            def load():
+                with _lock:
+                    _register_pytrees()
+                _kernels()   # registers the kernels' FFI targets, which the executable calls
+                return key, _load_exe(path)
+            self._future = in_background(load, f"woolly-early-{name}")
+
+    def result(self):
+        """(key, executable) loaded early, or None."""
+        return None if self._future is None else self._future.result()
+
+    def point_at(self, key: str) -> None:
+        try:
+            if self._hint_file.read_text().strip() == key:
+                return
+        except OSError:
+            pass
+        _write_atomic(self._hint_file, key.encode())
 
 
 _cache_hits = threading.local()   # persistent compile-cache hits on this thread

@@ -5,9 +5,9 @@ to buckets, keeps the cache it donates, and converts to and from numpy.
 """
 from __future__ import annotations
 
-import atexit
 import concurrent.futures
-import threading
+import hashlib
+import os
 from typing import NamedTuple, Sequence
 
 import jax
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from woolly.model_file import Model
-from woolly.runtime import entry
+from woolly.runtime import aot, entry
 from woolly.runtime.cache import KV_CACHE_TYPES, KVCache, bucket, new_cache
 from woolly.runtime.compile_cache import enable_compile_cache
 from woolly.runtime.params import load_params
@@ -47,14 +47,19 @@ class PendingStep(NamedTuple):
     floats: jax.Array      # f32 [B, 6]: this step's sampling floats (the next one's too)
 
 
-_loading: set[concurrent.futures.Future] = set()   # decode steps loading in the background
-
-
-@atexit.register
-def _wait_for_loading() -> None:
-    """At interpreter exit, let executables still loading finish: a daemon thread stopped inside
-    XLA's deserializer or compiler can crash the exit."""
-    concurrent.futures.wait(list(_loading), timeout=120)
+def early_decode_step(path: str | os.PathLike, slots: int, cache_length: int, residency: str,
+                      kv_cache_type: str) -> aot.EarlyLoad | None:
+    """Start loading the decode step of a runner about to be made with these settings for the model
+    file at `path`, before the file is read (`aot.EarlyLoad`: what the executable's key needs,
+    the prepared weights' shapes, is only known once it is). The hint is the file's identity,
+    the settings and the code; None for a file that is not there (its error comes from opening it)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    hint = hashlib.sha256(repr((os.path.realpath(path), st.st_size, st.st_mtime_ns, slots, cache_length, residency,
+                                kv_cache_type, aot.source_hash())).encode()).hexdigest()[:32]
+    return aot.EarlyLoad("decode_and_sample_packed", hint)
 
 
 class Runner:
@@ -62,12 +67,13 @@ class Runner:
 
     def __init__(self, model: Model, residency: str = "dense", slots: int = 1, cache_length: int = 512,
                  compile_cache: bool = True, params: dict | None = None, mesh=None, kv_cache_type: str = "f32",
-                 load_decode_step: bool = False):
+                 load_decode_step: "bool | aot.EarlyLoad" = False):
         """`params`: an already loaded pytree of `model` (shared between runners), else loaded here.
         `mesh`: a ("data", "model") `jax.sharding.Mesh` (`sharding.make_mesh`): params and cache
         are placed on it and every computation is partitioned by XLA; None: one device, as ever.
         `kv_cache_type`: the cache's element, one of cache.KV_CACHE_TYPES. `load_decode_step`:
-        start loading the decode step's executable now, in the background (`_load_decode_step`)."""
+        start loading the decode step's executable now, in the background (`_load_decode_step`);
+        an `aot.EarlyLoad` of it (`early_decode_step`) is used where it loaded the right one."""
         if compile_cache:
             enable_compile_cache()
         self.model = model
@@ -91,6 +97,7 @@ class Runner:
         self.cache_dtype = KV_CACHE_TYPES[kv_cache_type]
         # (entry name, shapes, static) -> compiled executable, None, or a Future of one (`_call`)
         self._executables: dict = {}
+        self._early = load_decode_step
         if load_decode_step and mesh is None:
             self._load_decode_step()
         self.cache = self._new_cache()
@@ -123,19 +130,12 @@ class Runner:
         layers = (cache_spec,) * self.cfg.n_layers
         ints = jax.ShapeDtypeStruct((self.slots, entry.STEP_COLUMNS + RECENT_WINDOW), np.int32)   # pack_step
         floats = jax.ShapeDtypeStruct((self.slots, len(FLOAT_SETTINGS)), np.float32)
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        self._executables[("decode_and_sample_packed", (ints.shape, floats.shape), (("cfg", self.cfg),))] = future
-        params, step = self.params, self._entry.decode_and_sample_packed
-
-        def load() -> None:
-            try:
-                future.set_result(step.executable(params, KVCache(layers, layers), ints, floats, cfg=self.cfg))
-            except BaseException:   # the step is then traced on first use, as without this
-                future.set_result(None)
-            finally:
-                _loading.discard(future)
-        _loading.add(future)
-        threading.Thread(target=load, name="woolly-load-decode-step", daemon=True).start()
+        params, step, cfg = self.params, self._entry.decode_and_sample_packed, self.cfg
+        early = self._early if isinstance(self._early, aot.EarlyLoad) else None
+        # None (the step is then traced on first use, as without this) if that raises
+        self._executables[("decode_and_sample_packed", (ints.shape, floats.shape), (("cfg", cfg),))] = \
+            aot.in_background(lambda: step.executable(params, KVCache(layers, layers), ints, floats, early=early,
+                                                      cfg=cfg), "woolly-load-decode-step")
 
     def _new_cache(self):
         if self.mesh is None:
