@@ -391,28 +391,38 @@ static inline void scores16_any(const float* q, const char* kb, int64_t H, int64
   else scores16<DT, GB, 0>(q, kb, H, r0, nb, out);
 }
 
-// acc[g][0..H) += sum_r p[g][r] v[r][0..H), heads g < GB, 16 columns at a time in registers
-// (2 GB accumulators, the V row's two halves, one broadcast probability).
+// acc[g][h0..h0+8 NV) += sum_r p[g][r] v[r][h0..], heads g < GB: GB NV accumulators (the
+// chains, one FMA per row each: 8 or more to hide the FMA latency), the GB probabilities of
+// the row broadcast, one V vector at a time.
+template <int DT, int GB, int NV>
+static inline void accumulate(float* acc, const float (*pr)[16], const char* vb, int64_t H, int64_t h0,
+                              int64_t r0, int64_t nb) {
+  constexpr int64_t esz = DT == 0 ? 4 : 2;
+  __m256 a[GB][NV];
+  for (int g = 0; g < GB; ++g)
+    for (int i = 0; i < NV; ++i) a[g][i] = _mm256_loadu_ps(acc + g * H + h0 + 8 * i);
+  for (int64_t r = 0; r < nb; ++r) {
+    const void* vr = vb + (r0 + r) * H * esz;
+    __m256 pb[GB];
+    for (int g = 0; g < GB; ++g) pb[g] = _mm256_broadcast_ss(&pr[g][r]);
+    for (int i = 0; i < NV; ++i) {
+      const __m256 v = load8<DT>(vr, h0 + 8 * i);
+      for (int g = 0; g < GB; ++g) a[g][i] = _mm256_fmadd_ps(pb[g], v, a[g][i]);
+    }
+  }
+  for (int g = 0; g < GB; ++g)
+    for (int i = 0; i < NV; ++i) _mm256_storeu_ps(acc + g * H + h0 + 8 * i, a[g][i]);
+}
+
+// GB NV accumulators + GB broadcasts + 1 V vector <= 16 ymm registers (GB 3: 4 vectors, all
+// 16, measured faster than 3 vectors and a 2-vector tail); then 16-column tails.
 template <int DT, int GB>
 static inline void accumulate_all(float* acc, const float (*pr)[16], const char* vb, int64_t H, int64_t r0,
                                   int64_t nb) {
-  constexpr int64_t esz = DT == 0 ? 4 : 2;
-  for (int64_t h = 0; h < H; h += 16) {
-    __m256 a[GB][2];
-    for (int g = 0; g < GB; ++g)
-      for (int i = 0; i < 2; ++i) a[g][i] = _mm256_loadu_ps(acc + g * H + h + 8 * i);
-    for (int64_t r = 0; r < nb; ++r) {
-      const void* vr = vb + (r0 + r) * H * esz;
-      const __m256 v0 = load8<DT>(vr, h), v1 = load8<DT>(vr, h + 8);
-      for (int g = 0; g < GB; ++g) {
-        const __m256 pb = _mm256_broadcast_ss(&pr[g][r]);
-        a[g][0] = _mm256_fmadd_ps(pb, v0, a[g][0]);
-        a[g][1] = _mm256_fmadd_ps(pb, v1, a[g][1]);
-      }
-    }
-    for (int g = 0; g < GB; ++g)
-      for (int i = 0; i < 2; ++i) _mm256_storeu_ps(acc + g * H + h + 8 * i, a[g][i]);
-  }
+  constexpr int NV = GB == 1 ? 8 : GB == 2 ? 4 : GB == 3 ? 4 : 2;
+  int64_t h = 0;
+  for (; h + 8 * NV <= H; h += 8 * NV) accumulate<DT, GB, NV>(acc, pr, vb, H, h, r0, nb);
+  for (; h < H; h += 16) accumulate<DT, GB, 2>(acc, pr, vb, H, h, r0, nb);
 }
 
 // One unit: the AVX-512 run_unit's online softmax, on half vectors.
