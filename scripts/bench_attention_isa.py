@@ -1,4 +1,5 @@
-"""The decode-attention kernel alone, per build: µs per call on one thread, child processes interleaved.
+"""The decode-attention kernel alone, per build: CPU µs per call on one thread (process time, so a
+shared machine's other work counts less), child processes interleaved.
 
 Shapes: SmolLM2's (N=9 query heads, K=3 kv heads, H=64), f16 cache, each slot's query at
 position ctx-1 of a ctx-row cache, batch 1 and 8. Each variant is a child process with
@@ -46,9 +47,9 @@ for B in batches:
         f(q, k, v, pos).block_until_ready()
         best = []
         for _ in range(reps):
-            t = time.perf_counter()
+            t = time.process_time()
             f(q, k, v, pos).block_until_ready()
-            best.append((time.perf_counter() - t) / n * 1e6)
+            best.append((time.process_time() - t) / n * 1e6)
         res[f"B{B}-ctx{S}"] = float(np.median(best))
 print(json.dumps({"isa": cpu_kernels.isa(), "us": res}))
 """
