@@ -9,6 +9,8 @@
 // Also the cache write for f16/bf16 caches (XLA:CPU has no 16-bit float scatter and would
 // convert the whole cache to f32 and back every step): new f32 [B, T, K, H] rounded to
 // nearest even into rows positions [B, T] of the cache, in place (the result aliases it).
+// Written in AVX-512 intrinsics (simd.h); the AVX2 build (WOOLLY_AVX2) has its own 256-bit
+// version of the hot code with the same results bit for bit (tests/test_attention_isa.py).
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -229,7 +231,6 @@ static void run_unit(const Job& J, int64_t u) {
     }
   }
 }
-
 
 // One query head's merged output over units [u0, u1) (parts: per unit m [G], l [G], acc [G, H]):
 // dst [H] = sum_u e_u acc_u / sum_u e_u l_u, e_u = e^(m_u - M).
