@@ -16,6 +16,8 @@ scalar code, with the same results.
 """
 from __future__ import annotations
 
+import atexit
+import concurrent.futures
 import contextlib
 import contextvars
 import ctypes
@@ -153,6 +155,48 @@ def build(name: str) -> str:
     return so
 
 
+_builds: dict[str, concurrent.futures.Future] = {}   # kernel name -> its .so path, built once per process
+_builds_lock = threading.Lock()
+
+
+def _build_once(name: str) -> str:
+    """`build(name)`, never twice at once in a process: a build under way is waited for."""
+    with _builds_lock:
+        future, mine = _builds.get(name), False
+        if future is None:
+            future, mine = _builds.setdefault(name, concurrent.futures.Future()), True
+    if mine:
+        try:
+            future.set_result(build(name))
+        except BaseException as e:
+            future.set_exception(e)
+    return future.result()
+
+
+def _build_the_others(name: str) -> None:
+    """Start building every other kernel in the background while `name` builds (a first run
+    compiles them all, ~4-7 s of g++ each: in parallel on a machine with the cores for it)."""
+    others = sorted(f[:-3] for f in os.listdir(KERNEL_DIR) if f.endswith(".cc") and f[:-3] != name)
+    for other in others:
+        if other not in _builds:
+            threading.Thread(target=lambda o=other: _swallow(_build_once, o), name=f"woolly-build-{other}",
+                             daemon=True).start()
+
+
+def _swallow(fn, *args) -> None:
+    try:
+        fn(*args)
+    except Exception:   # reported when the kernel itself is loaded
+        pass
+
+
+@atexit.register
+def _wait_for_builds() -> None:
+    """At exit, let background compiles finish (bounded): a daemon thread stopped mid-build leaves
+    its temporary directory behind."""
+    concurrent.futures.wait(list(_builds.values()), timeout=300)
+
+
 def load_kernel(name: str, targets: dict[str, str]) -> bool:
     """Build and load kernels/{name}.cc and register {ffi target: exported symbol} on CPU.
     -> whether it worked (decided once per process; `kernel_error(name)` says why not)."""
@@ -168,7 +212,8 @@ def load_kernel(name: str, targets: dict[str, str]) -> bool:
             st["error"] = "disabled by WOOLLY_QMATMUL_KERNEL"
         else:
             try:
-                lib = ctypes.cdll.LoadLibrary(build(name))
+                _build_the_others(name)
+                lib = ctypes.cdll.LoadLibrary(_build_once(name))
                 for target, symbol in targets.items():
                     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
                 st["lib"] = lib
