@@ -551,6 +551,9 @@ static inline void group_rows(const Q8Job& J, int64_t g, int64_t r0) {
 // formed as |code| * (x signed by code) (a pair at most 2 * 128 * 127 = 32512) and made the
 // unsigned one exactly in int32: dot(code ^ 0x80, x) = dot(code, x) + 128 * sum(x).
 // Registers (16 ymm): NR * RB int accumulators + NR * RB float ones + codes, x, masks.
+// A register the compiler must materialize here: keeps each column's sums in order, not all
+// of a sub-block's products formed first and summed as a tree (which spilled them to the stack).
+#define WOOLLY_KEEP(v) __asm__("" : "+x"(v))
 template <int KIND, int SUB, bool BIAS, int RB>
 static inline void group_rows8(const Q8Job& J, int64_t g, int64_t r0, int half) {
   constexpr int NR = KIND == 1 ? 2 : 1, JS = SUB / 4;
@@ -578,6 +581,8 @@ static inline void group_rows8(const Q8Job& J, int64_t g, int64_t r0, int half) 
           const __m256i xb = _mm256_set1_epi32(x4);
           dot[0][r] = _mm256_add_epi16(dot[0][r], _mm256_maddubs_epi16(c0, xb));
           dot[NR - 1][r] = _mm256_add_epi16(dot[NR - 1][r], _mm256_maddubs_epi16(c1, xb));
+          WOOLLY_KEEP(dot[0][r]);
+          WOOLLY_KEEP(dot[NR - 1][r]);
         }
       } else {
         const __m256i ca = _mm256_abs_epi8(t);   // -128 -> 0x80, read unsigned: 128
@@ -586,6 +591,7 @@ static inline void group_rows8(const Q8Job& J, int64_t g, int64_t r0, int half) 
           std::memcpy(&x4, J.xq + (r0 + r) * I + 4 * col, 4);
           const __m256i xs = _mm256_sign_epi8(_mm256_set1_epi32(x4), t);
           dot[0][r] = _mm256_add_epi32(dot[0][r], _mm256_madd_epi16(_mm256_maddubs_epi16(ca, xs), ones));
+          WOOLLY_KEEP(dot[0][r]);
         }
       }
     }
