@@ -372,7 +372,8 @@ def test_kernel_builds_for_other_isas_give_the_default_s_results(tmp_path, isa):
     """AVX-512 switched off (AVX2 through SIMDe) or no vector ISA at all: the kernels still
     build and run. AVX2 equals the default build bit for bit; the scalar build sums in another
     order (no vector FMA) and can round an int8 activation the other way: measured 2.2e-4 relative
-    at most (q8 x Q6_K), far below any real disagreement."""
+    at most (q8 x Q6_K), far below any real disagreement; near cancellation that is relative to
+    the product's scale (measured 2.2e-6 of its largest magnitude, allowed 1e-5)."""
     import platform
     if platform.machine().lower() not in ("x86_64", "amd64"):
         pytest.skip("the AVX2 build is an x86-64 one")
@@ -384,7 +385,8 @@ def test_kernel_builds_for_other_isas_give_the_default_s_results(tmp_path, isa):
     assert base.keys() == other.keys()
     for k in base:
         if isa == "portable":
-            np.testing.assert_allclose(other[k], base[k], rtol=1e-3, atol=2e-3, err_msg=k)
+            atol = max(2e-3, 1e-5 * float(np.abs(base[k]).max()))
+            np.testing.assert_allclose(other[k], base[k], rtol=1e-3, atol=atol, err_msg=k)
         else:
             np.testing.assert_array_equal(other[k], base[k], err_msg=k)
 
