@@ -254,6 +254,27 @@ static inline void transpose16(__m512i m[16]) {
   }
 }
 
+#if defined(WOOLLY_AVX2)
+// In-register transpose of 8 rows of 8 dwords (moved as floats: bits unchanged).
+static inline void transpose8(__m256 r[8]) {
+  __m256 t[8], u[8];
+  for (int k = 0; k < 4; ++k) {
+    t[2 * k] = _mm256_unpacklo_ps(r[2 * k], r[2 * k + 1]);
+    t[2 * k + 1] = _mm256_unpackhi_ps(r[2 * k], r[2 * k + 1]);
+  }
+  for (int k = 0; k < 2; ++k) {   // pairs (t0, t2), (t1, t3) and (t4, t6), (t5, t7)
+    u[4 * k] = _mm256_shuffle_ps(t[4 * k], t[4 * k + 2], 0x44);
+    u[4 * k + 1] = _mm256_shuffle_ps(t[4 * k], t[4 * k + 2], 0xEE);
+    u[4 * k + 2] = _mm256_shuffle_ps(t[4 * k + 1], t[4 * k + 3], 0x44);
+    u[4 * k + 3] = _mm256_shuffle_ps(t[4 * k + 1], t[4 * k + 3], 0xEE);
+  }
+  for (int k = 0; k < 4; ++k) {
+    r[k] = _mm256_permute2f128_ps(u[k], u[k + 4], 0x20);
+    r[k + 4] = _mm256_permute2f128_ps(u[k], u[k + 4], 0x31);
+  }
+}
+#endif
+
 // Group g in plain layout: codes [16, I] (rows or row pairs) and scale/bias [NR * 16, nsub]
 // (half h's row i at h * 16 + i), the operands of a 16-row (pair) matrix with O' = NR * 16.
 struct PlainGroup {
@@ -266,10 +287,15 @@ static void ungroup(const uint8_t* q, const float* s, const float* b, int64_t NR
   p.q.resize(16 * I);
   p.s.resize(NR * 16 * nsub);
   const uint8_t* qg = q + g * 16 * I;
-#if defined(WOOLLY_AVX2)   // dword by dword (the 16x16 transpose's two-source permutes are AVX-512)
+#if defined(WOOLLY_AVX2)   // four 8x8 transposes per 16x16 block (rows hi, columns jh)
   for (int64_t c = 0; c < I / 64; ++c)
-    for (int j = 0; j < 16; ++j)
-      for (int i = 0; i < 16; ++i) std::memcpy(p.q.data() + i * I + c * 64 + 4 * j, qg + (c * 16 + j) * 64 + 4 * i, 4);
+    for (int hi = 0; hi < 2; ++hi)
+      for (int jh = 0; jh < 2; ++jh) {
+        __m256 m[8];   // m[j]: dwords of rows 8hi .. 8hi + 7 in column 16c + 8jh + j
+        for (int j = 0; j < 8; ++j) m[j] = _mm256_loadu_ps(reinterpret_cast<const float*>(qg + (c * 16 + jh * 8 + j) * 64 + hi * 32));
+        transpose8(m);   // m[i]: row 8hi + i's dwords 8jh .. 8jh + 7 of this block
+        for (int i = 0; i < 8; ++i) _mm256_storeu_ps(reinterpret_cast<float*>(p.q.data() + (hi * 8 + i) * I + c * 64 + jh * 32), m[i]);
+      }
 #else
   for (int64_t c = 0; c < I / 64; ++c) {
     __m512i m[16];
