@@ -580,44 +580,48 @@ static inline void group_rows(const Q8Job& J, int64_t g, int64_t r0) {
 // A register the compiler must materialize here: keeps each column's sums in order, not all
 // of a sub-block's products formed first and summed as a tree (which spilled them to the stack).
 #define WOOLLY_KEEP(v) __asm__("" : "+x"(v))
-template <int KIND, int SUB, bool BIAS, int RB>
-static inline void group_rows8(const Q8Job& J, int64_t g, int64_t r0, int half) {
-  constexpr int NR = KIND == 1 ? 2 : 1, JS = SUB / 4;
+template <int KIND, int SUB, bool BIAS, int RB, int NH>
+static inline void group_rows8(const Q8Job& J, int64_t g, int64_t r0, int half0) {
+  constexpr int NR = KIND == 1 ? 2 : 1, JS = SUB / 4;   // NH: halves in this pass (from half0)
   const int64_t I = J.I, nch = I / 64, nsub = J.nsub;
-  const uint8_t* qg = J.q + g * 16 * I + half * 32;
-  const float* sg = J.s + g * NR * nsub * 16 + half * 8;
-  const float* bg = BIAS ? J.b + g * NR * nsub * 16 + half * 8 : nullptr;
+  const uint8_t* qg = J.q + g * 16 * I + half0 * 32;
+  const float* sg = J.s + g * NR * nsub * 16 + half0 * 8;
+  const float* bg = BIAS ? J.b + g * NR * nsub * 16 + half0 * 8 : nullptr;
   const __m256i m4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
-  __m256 acc[NR][RB];
-  for (int h = 0; h < NR; ++h)
-    for (int r = 0; r < RB; ++r) acc[h][r] = _mm256_setzero_ps();
-  for (int64_t sb = 0; sb < nsub; ++sb) {
-    __m256i dot[NR][RB];   // int16 pair sums (nibbles) or int32 lanes (int8 codes)
+  __m256 acc[NH][NR][RB];
+  for (int f = 0; f < NH; ++f)
     for (int h = 0; h < NR; ++h)
-      for (int r = 0; r < RB; ++r) dot[h][r] = _mm256_setzero_si256();
+      for (int r = 0; r < RB; ++r) acc[f][h][r] = _mm256_setzero_ps();
+  for (int64_t sb = 0; sb < nsub; ++sb) {
+    __m256i dot[NH][NR][RB];   // int16 pair sums (nibbles) or int32 lanes (int8 codes)
+    for (int f = 0; f < NH; ++f)
+      for (int h = 0; h < NR; ++h)
+        for (int r = 0; r < RB; ++r) dot[f][h][r] = _mm256_setzero_si256();
 #pragma GCC unroll 8
     for (int jj = 0; jj < JS; ++jj) {
       const int64_t col = sb * JS + jj;
-      const __m256i t = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qg + col * 64));
-      if (KIND == 1) {
-        const __m256i c0 = _mm256_and_si256(t, m4), c1 = _mm256_and_si256(_mm256_srli_epi16(t, 4), m4);
-        for (int r = 0; r < RB; ++r) {
-          int32_t x4;
-          std::memcpy(&x4, J.xq + (r0 + r) * I + 4 * col, 4);
-          const __m256i xb = _mm256_set1_epi32(x4);
-          dot[0][r] = _mm256_add_epi16(dot[0][r], _mm256_maddubs_epi16(c0, xb));
-          dot[NR - 1][r] = _mm256_add_epi16(dot[NR - 1][r], _mm256_maddubs_epi16(c1, xb));
-          WOOLLY_KEEP(dot[0][r]);
-          WOOLLY_KEEP(dot[NR - 1][r]);
-        }
-      } else {
-        const __m256i ca = _mm256_abs_epi8(t);   // -128 -> 0x80, read unsigned: 128
-        for (int r = 0; r < RB; ++r) {
-          int32_t x4;
-          std::memcpy(&x4, J.xq + (r0 + r) * I + 4 * col, 4);
-          const __m256i xs = _mm256_sign_epi8(_mm256_set1_epi32(x4), t);
-          dot[0][r] = _mm256_add_epi32(dot[0][r], _mm256_madd_epi16(_mm256_maddubs_epi16(ca, xs), ones));
-          WOOLLY_KEEP(dot[0][r]);
+      for (int f = 0; f < NH; ++f) {
+        const __m256i t = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qg + col * 64 + f * 32));
+        if (KIND == 1) {
+          const __m256i c0 = _mm256_and_si256(t, m4), c1 = _mm256_and_si256(_mm256_srli_epi16(t, 4), m4);
+          for (int r = 0; r < RB; ++r) {
+            int32_t x4;
+            std::memcpy(&x4, J.xq + (r0 + r) * I + 4 * col, 4);
+            const __m256i xb = _mm256_set1_epi32(x4);
+            dot[f][0][r] = _mm256_add_epi16(dot[f][0][r], _mm256_maddubs_epi16(c0, xb));
+            dot[f][NR - 1][r] = _mm256_add_epi16(dot[f][NR - 1][r], _mm256_maddubs_epi16(c1, xb));
+            WOOLLY_KEEP(dot[f][0][r]);
+            WOOLLY_KEEP(dot[f][NR - 1][r]);
+          }
+        } else {
+          const __m256i ca = _mm256_abs_epi8(t);   // -128 -> 0x80, read unsigned: 128
+          for (int r = 0; r < RB; ++r) {
+            int32_t x4;
+            std::memcpy(&x4, J.xq + (r0 + r) * I + 4 * col, 4);
+            const __m256i xs = _mm256_sign_epi8(_mm256_set1_epi32(x4), t);
+            dot[f][0][r] = _mm256_add_epi32(dot[f][0][r], _mm256_madd_epi16(_mm256_maddubs_epi16(ca, xs), ones));
+            WOOLLY_KEEP(dot[f][0][r]);
+          }
         }
       }
     }
@@ -625,25 +629,28 @@ static inline void group_rows8(const Q8Job& J, int64_t g, int64_t r0, int half) 
     for (int r = 0; r < RB; ++r) {
       const __m256 d = _mm256_set1_ps(J.dxv[((r0 + r) * nch + blk / 2) * 16 + (blk % 2) * 8]);
       const __m256i corr = _mm256_set1_epi32(128 * J.xsi[(r0 + r) * J.nsp + sb]);
-      for (int h = 0; h < NR; ++h) {
-        const __m256i sum = KIND == 1 ? _mm256_madd_epi16(dot[h][r], ones) : _mm256_add_epi32(dot[h][r], corr);
-        const __m256 sd = _mm256_mul_ps(_mm256_loadu_ps(sg + (h * nsub + sb) * 16), d);
-        acc[h][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), sd, acc[h][r]);
-      }
+      for (int f = 0; f < NH; ++f)
+        for (int h = 0; h < NR; ++h) {
+          const __m256i sum = KIND == 1 ? _mm256_madd_epi16(dot[f][h][r], ones) : _mm256_add_epi32(dot[f][h][r], corr);
+          const __m256 sd = _mm256_mul_ps(_mm256_loadu_ps(sg + (h * nsub + sb) * 16 + f * 8), d);
+          acc[f][h][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), sd, acc[f][h][r]);
+        }
     }
   }
   const __m256 kv = _mm256_set1_ps((float)J.K);
   for (int64_t sb = 0; sb < nsub; ++sb)
+    for (int f = 0; f < NH; ++f)
+      for (int h = 0; h < NR; ++h) {
+        const __m256 b8 = BIAS ? _mm256_loadu_ps(bg + (h * nsub + sb) * 16 + f * 8) : _mm256_setzero_ps();
+        const __m256 tb = _mm256_fnmadd_ps(kv, _mm256_loadu_ps(sg + (h * nsub + sb) * 16 + f * 8), b8);  // bias - K * scale
+        for (int r = 0; r < RB; ++r)
+          acc[f][h][r] = _mm256_fmadd_ps(tb, _mm256_set1_ps(J.xs[(r0 + r) * J.nsp + sb]), acc[f][h][r]);
+      }
+  for (int f = 0; f < NH; ++f)
     for (int h = 0; h < NR; ++h) {
-      const __m256 b8 = BIAS ? _mm256_loadu_ps(bg + (h * nsub + sb) * 16) : _mm256_setzero_ps();
-      const __m256 tb = _mm256_fnmadd_ps(kv, _mm256_loadu_ps(sg + (h * nsub + sb) * 16), b8);  // bias - K * scale
-      for (int r = 0; r < RB; ++r)
-        acc[h][r] = _mm256_fmadd_ps(tb, _mm256_set1_ps(J.xs[(r0 + r) * J.nsp + sb]), acc[h][r]);
+      const int64_t o0 = (h == 0 ? 16 * g : 16 * g + J.O / 2) + 8 * (half0 + f);
+      for (int r = 0; r < RB; ++r) _mm256_storeu_ps(J.y + (r0 + r) * J.O + o0, acc[f][h][r]);
     }
-  for (int h = 0; h < NR; ++h) {
-    const int64_t o0 = (h == 0 ? 16 * g : 16 * g + J.O / 2) + 8 * half;
-    for (int r = 0; r < RB; ++r) _mm256_storeu_ps(J.y + (r0 + r) * J.O + o0, acc[h][r]);
-  }
 }
 #endif
 
@@ -667,15 +674,15 @@ static void group_range(const Q8Job& J, int64_t a, int64_t z) {
 #endif
 #if defined(WOOLLY_AVX2)
     constexpr int RBM = KIND == 1 ? 2 : 4;   // what fits 16 ymm registers
-    for (int half = 0; half < 2; ++half) {
+    int64_t rows = J.R;   // all but a last single row: passes over one 8-row half (its codes stay in L1)
+    const bool single = J.R % 2 == 1;
+    if (single) --rows;
+    for (int half = 0; half < 2 && rows > 0; ++half) {
       int64_t r = 0;
-      for (; J.R - r >= RBM; r += RBM) group_rows8<KIND, SUB, BIAS, RBM>(J, g, r, half);
-      if (RBM == 4 && J.R - r >= 2) {
-        group_rows8<KIND, SUB, BIAS, 2>(J, g, r, half);
-        r += 2;
-      }
-      if (J.R - r >= 1) group_rows8<KIND, SUB, BIAS, 1>(J, g, r, half);
+      for (; rows - r >= RBM; r += RBM) group_rows8<KIND, SUB, BIAS, RBM, 1>(J, g, r, half);
+      if (rows - r >= 2) group_rows8<KIND, SUB, BIAS, 2, 1>(J, g, r, half);
     }
+    if (single) group_rows8<KIND, SUB, BIAS, 1, 2>(J, g, J.R - 1, 0);   // a single row: both halves at once
 #else
     int64_t r = 0;
     for (; J.R - r >= 4; r += 4) group_rows<KIND, SUB, BIAS, 4>(J, g, r);
