@@ -2,7 +2,7 @@
 // y[r, o] = sum_i x[r, i] * w[o, i],  w[o, i] = scale[o, i/SUB] * (code - off) (+ bias[o, i/SUB])
 // kind 0: int8 codes [O, I]; kind 1: row-pair nibbles uint8 [O/2, I] (row o low, row o+O/2
 // high); kind 2: dense f32 weights [O, I] (scale, bias unused).
-// act 0: f32 activations (exact: weights formed in f32); act 1 (codes, I % 64 == 0, AVX512-VNNI):
+// act 0: f32 activations (exact: weights formed in f32); act 1 (codes, I % 64 == 0, AVX512-VNNI or AVX2):
 // int8 activations, as llama.cpp multiplies its quantized weights (see "int8 activations" below).
 // grouped: codes, scales and biases in the grouped layout (see "The grouped layout" below).
 #include <algorithm>
@@ -569,10 +569,12 @@ static inline void group_rows(const Q8Job& J, int64_t g, int64_t r0) {
 #if defined(WOOLLY_AVX2)
 // group_rows for AVX2 (no VNNI), as llama.cpp's AVX2 path: _mm256_maddubs_epi16 (u8 x i8 -> pairs
 // summed to int16) then _mm256_madd_epi16 with ones (pairs -> int32). A 64-byte dword column is
-// 16 rows: this does one 8-row half (HALF: lanes 8 * HALF ..), every lane the same integer dot
+// 16 rows: this does NH 8-row halves (lanes 8 * half0 ..), every lane the same integer dot
 // as the VNNI one and then the same float operations in the same order, so the results are the
 // AVX-512 build's bit for bit. Nibbles (<= 15) with |x| <= 127: one column's pair sum is at most
 // 3810 in magnitude, so a sub-block's JS <= 8 columns sum in int16 (<= 30480) before one madd.
+// (|x| <= 127: quantize_x rounds x / d, |x| <= 127 d; only a block whose d is subnormal, 1 / d
+// infinite, can give -128, where this and the VNNI product differ.)
 // Int8 codes would saturate maddubs once made unsigned (255 * 127 * 2), so the signed dot is
 // formed as |code| * (x signed by code) (a pair at most 2 * 128 * 127 = 32512) and made the
 // unsigned one exactly in int32: dot(code ^ 0x80, x) = dot(code, x) + 128 * sum(x).
