@@ -36,9 +36,10 @@ int main() {
     for (auto& v : x) v = (int)(gen() % 2000) / 1000.f - 1.f;
     std::vector<int8_t> xq(R * I);
     std::vector<float> dxv(R * (I / 64) * 16), xs(R * nsp);
-    quantize_x(x.data(), R, I, SUB, xq.data(), dxv.data(), xs.data(), nsp);
-    Q8Job J{xq.data(), dxv.data(), xs.data(), q.data(), s.data(), b.data(), y.data(), R, I, O, nsub, nsp, 8};
-    Q8Job J2{xq.data(), dxv.data(), xs.data(), qg.data(), sg.data(), bg.data(), y2.data(), R, I, O, nsub, nsp, 8};
+    std::vector<int32_t> xsi(R * nsp);
+    quantize_x(x.data(), R, I, SUB, xq.data(), dxv.data(), xs.data(), xsi.data(), nsp);
+    Q8Job J{xq.data(), dxv.data(), xs.data(), xsi.data(), q.data(), s.data(), b.data(), y.data(), R, I, O, nsub, nsp, 8};
+    Q8Job J2{xq.data(), dxv.data(), xs.data(), xsi.data(), qg.data(), sg.data(), bg.data(), y2.data(), R, I, O, nsub, nsp, 8};
     for (int variant = 0; variant < 2; ++variant) {
       int reps = 20000 / R + 10;
       auto t0 = std::chrono::steady_clock::now();

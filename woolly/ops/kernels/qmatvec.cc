@@ -2,7 +2,7 @@
 // y[r, o] = sum_i x[r, i] * w[o, i],  w[o, i] = scale[o, i/SUB] * (code - off) (+ bias[o, i/SUB])
 // kind 0: int8 codes [O, I]; kind 1: row-pair nibbles uint8 [O/2, I] (row o low, row o+O/2
 // high); kind 2: dense f32 weights [O, I] (scale, bias unused).
-// act 0: f32 activations (exact: weights formed in f32); act 1 (codes, I % 64 == 0, AVX512-VNNI):
+// act 0: f32 activations (exact: weights formed in f32); act 1 (codes, I % 64 == 0, AVX512-VNNI or AVX2):
 // int8 activations, as llama.cpp multiplies its quantized weights (see "int8 activations" below).
 // grouped: codes, scales and biases in the grouped layout (see "The grouped layout" below).
 #include <algorithm>
@@ -162,14 +162,31 @@ using RangeFn = void (*)(const Job&, int64_t, int64_t);
 template <int KIND, int HALF, int SUB, bool BIAS>
 static inline void deq_row(const Job& J, const uint8_t* q, int64_t o) {
   const int64_t I = J.I, nsub = I / SUB;
-  const __m512 offv = _mm512_set1_ps((float)J.off);
   float* y = J.y + o * I;
+#if defined(WOOLLY_AVX2)   // the same operations per element, 8 at a time
+  const __m256 off8 = _mm256_set1_ps((float)J.off);
+  for (int64_t e = 0; e < I; e += 8) {
+    __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + e));
+    __m256i ci;
+    if (KIND == 0) {
+      ci = _mm256_cvtepi8_epi32(v);
+    } else {
+      if (HALF) v = _mm_srli_epi16(v, 4);
+      ci = _mm256_cvtepu8_epi32(_mm_and_si128(v, _mm_set1_epi8(15)));
+    }
+    __m256 w = _mm256_mul_ps(_mm256_set1_ps(J.s[o * nsub + e / SUB]), _mm256_sub_ps(_mm256_cvtepi32_ps(ci), off8));
+    if (BIAS) w = _mm256_add_ps(w, _mm256_set1_ps(J.b[o * nsub + e / SUB]));
+    _mm256_storeu_ps(y + e, w);
+  }
+#else
+  const __m512 offv = _mm512_set1_ps((float)J.off);
   for (int64_t e = 0; e < I; e += 16) {
     const __m512 c = _mm512_sub_ps((codes16<KIND, HALF>(q, e)), offv);  // small integers: exact
     __m512 w = _mm512_mul_ps(_mm512_set1_ps(J.s[o * nsub + e / SUB]), c);
     if (BIAS) w = _mm512_add_ps(w, _mm512_set1_ps(J.b[o * nsub + e / SUB]));
     _mm512_storeu_ps(y + e, w);
   }
+#endif
 }
 
 template <int KIND, int SUB, bool BIAS>
@@ -237,6 +254,27 @@ static inline void transpose16(__m512i m[16]) {
   }
 }
 
+#if defined(WOOLLY_AVX2)
+// In-register transpose of 8 rows of 8 dwords (moved as floats: bits unchanged).
+static inline void transpose8(__m256 r[8]) {
+  __m256 t[8], u[8];
+  for (int k = 0; k < 4; ++k) {
+    t[2 * k] = _mm256_unpacklo_ps(r[2 * k], r[2 * k + 1]);
+    t[2 * k + 1] = _mm256_unpackhi_ps(r[2 * k], r[2 * k + 1]);
+  }
+  for (int k = 0; k < 2; ++k) {   // pairs (t0, t2), (t1, t3) and (t4, t6), (t5, t7)
+    u[4 * k] = _mm256_shuffle_ps(t[4 * k], t[4 * k + 2], 0x44);
+    u[4 * k + 1] = _mm256_shuffle_ps(t[4 * k], t[4 * k + 2], 0xEE);
+    u[4 * k + 2] = _mm256_shuffle_ps(t[4 * k + 1], t[4 * k + 3], 0x44);
+    u[4 * k + 3] = _mm256_shuffle_ps(t[4 * k + 1], t[4 * k + 3], 0xEE);
+  }
+  for (int k = 0; k < 4; ++k) {
+    r[k] = _mm256_permute2f128_ps(u[k], u[k + 4], 0x20);
+    r[k + 4] = _mm256_permute2f128_ps(u[k], u[k + 4], 0x31);
+  }
+}
+#endif
+
 // Group g in plain layout: codes [16, I] (rows or row pairs) and scale/bias [NR * 16, nsub]
 // (half h's row i at h * 16 + i), the operands of a 16-row (pair) matrix with O' = NR * 16.
 struct PlainGroup {
@@ -249,12 +287,23 @@ static void ungroup(const uint8_t* q, const float* s, const float* b, int64_t NR
   p.q.resize(16 * I);
   p.s.resize(NR * 16 * nsub);
   const uint8_t* qg = q + g * 16 * I;
+#if defined(WOOLLY_AVX2)   // four 8x8 transposes per 16x16 block (rows hi, columns jh)
+  for (int64_t c = 0; c < I / 64; ++c)
+    for (int hi = 0; hi < 2; ++hi)
+      for (int jh = 0; jh < 2; ++jh) {
+        __m256 m[8];   // m[j]: dwords of rows 8hi .. 8hi + 7 in column 16c + 8jh + j
+        for (int j = 0; j < 8; ++j) m[j] = _mm256_loadu_ps(reinterpret_cast<const float*>(qg + (c * 16 + jh * 8 + j) * 64 + hi * 32));
+        transpose8(m);   // m[i]: row 8hi + i's dwords 8jh .. 8jh + 7 of this block
+        for (int i = 0; i < 8; ++i) _mm256_storeu_ps(reinterpret_cast<float*>(p.q.data() + (hi * 8 + i) * I + c * 64 + jh * 32), m[i]);
+      }
+#else
   for (int64_t c = 0; c < I / 64; ++c) {
     __m512i m[16];
     for (int j = 0; j < 16; ++j) m[j] = _mm512_loadu_si512(qg + (c * 16 + j) * 64);
     transpose16(m);   // m[i]: bytes 64c .. 64c + 63 of row (pair) i
     for (int i = 0; i < 16; ++i) _mm512_storeu_si512(p.q.data() + i * I + c * 64, m[i]);
   }
+#endif
   auto rows = [&](const float* src, std::vector<float>& dst) {
     const float* sg = src + g * NR * nsub * 16;
     for (int64_t h = 0; h < NR; ++h)
@@ -301,6 +350,7 @@ struct Q8Job {
   const int8_t* xq;   // [R, I]
   const float* dxv;   // [R, I/64, 16]: each lane's activation scale
   const float* xs;    // [R, NSP]: d * sum(xq) per sub-block, zero-padded to NSP (multiple of 16)
+  const int32_t* xsi; // [R, NSP]: sum(xq) per sub-block (the AVX2 int8-code product's correction)
   const uint8_t* q;
   const float* s;
   const float* b;
@@ -308,14 +358,44 @@ struct Q8Job {
   int64_t R, I, O, nsub, nsp, K;
 };
 
+#if defined(WOOLLY_AVX2)
+static inline int32_t woolly_hsum_epi32(__m256i v) {   // exact in any order
+  __m128i t = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
+  return _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1)));
+}
+static inline float woolly_hmax_ps(__m256 v) {   // exact in any order (no NaN in x)
+  __m128 t = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  t = _mm_max_ps(t, _mm_movehl_ps(t, t));
+  return _mm_cvtss_f32(_mm_max_ss(t, _mm_movehdup_ps(t)));
+}
+#endif
+
 static void quantize_x(const float* x, int64_t R, int64_t I, int SUB, int8_t* xq, float* dxv, float* xs,
-                       int64_t nsp) {
+                       int32_t* xsi, int64_t nsp) {
   const int64_t nch = I / 64, nblk = I / 32;
   for (int64_t r = 0; r < R; ++r) {
     float* xsr = xs + r * nsp;
-    for (int64_t j = 0; j < nsp; ++j) xsr[j] = 0.f;
+    int32_t* xir = xsi + r * nsp;
+    for (int64_t j = 0; j < nsp; ++j) xsr[j] = 0.f, xir[j] = 0;
     for (int64_t k = 0; k < nblk; ++k) {
       const float* xb = x + r * I + k * 32;
+#if defined(WOOLLY_AVX2)   // the same per-element operations, 8 lanes at a time
+      __m256 a[4];
+      const __m256 absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+      for (int i = 0; i < 4; ++i) a[i] = _mm256_loadu_ps(xb + 8 * i);
+      const float amax = woolly_hmax_ps(_mm256_max_ps(_mm256_max_ps(_mm256_and_ps(a[0], absm), _mm256_and_ps(a[1], absm)),
+                                                      _mm256_max_ps(_mm256_and_ps(a[2], absm), _mm256_and_ps(a[3], absm))));
+      const float d = amax / 127.f, id = d != 0.f ? 1.f / d : 0.f;
+      __m256i qi[4];
+      for (int i = 0; i < 4; ++i) qi[i] = _mm256_cvtps_epi32(_mm256_mul_ps(a[i], _mm256_set1_ps(id)));
+      // signed saturation 32 -> 16 -> 8 bits (as vpmovsdb), then the 128-bit lanes' dwords in order
+      const __m256i p8 = _mm256_packs_epi16(_mm256_packs_epi32(qi[0], qi[1]), _mm256_packs_epi32(qi[2], qi[3]));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + r * I + k * 32),
+                          _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+      const int sa = woolly_hsum_epi32(_mm256_add_epi32(qi[0], qi[1]));
+      const int sc = woolly_hsum_epi32(_mm256_add_epi32(qi[2], qi[3]));
+#else
       const __m512 a = _mm512_loadu_ps(xb), c = _mm512_loadu_ps(xb + 16);
       const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(c)));
       const float d = amax / 127.f, id = d != 0.f ? 1.f / d : 0.f;
@@ -324,11 +404,14 @@ static void quantize_x(const float* x, int64_t R, int64_t I, int SUB, int8_t* xq
       _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + r * I + k * 32), _mm512_cvtsepi32_epi8(qa));
       _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + r * I + k * 32 + 16), _mm512_cvtsepi32_epi8(qc));
       const int sa = _mm512_reduce_add_epi32(qa), sc = _mm512_reduce_add_epi32(qc);
+#endif
       if (SUB == 32) {
         xsr[k] = d * (float)(sa + sc);
+        xir[k] = sa + sc;
       } else {
         xsr[2 * k] = d * (float)sa;
         xsr[2 * k + 1] = d * (float)sc;
+        xir[2 * k] = sa, xir[2 * k + 1] = sc;
       }
       float* dv = dxv + (r * nch + k / 2) * 16 + (k % 2) * 8;
       for (int l = 0; l < 8; ++l) dv[l] = d;
@@ -483,6 +566,96 @@ static inline void group_rows(const Q8Job& J, int64_t g, int64_t r0) {
   }
 }
 
+#if defined(WOOLLY_AVX2)
+// group_rows for AVX2 (no VNNI), as llama.cpp's AVX2 path: _mm256_maddubs_epi16 (u8 x i8 -> pairs
+// summed to int16) then _mm256_madd_epi16 with ones (pairs -> int32). A 64-byte dword column is
+// 16 rows: this does NH 8-row halves (lanes 8 * half0 ..), every lane the same integer dot
+// as the VNNI one and then the same float operations in the same order, so the results are the
+// AVX-512 build's bit for bit. Nibbles (<= 15) with |x| <= 127: one column's pair sum is at most
+// 3810 in magnitude, so a sub-block's JS <= 8 columns sum in int16 (<= 30480) before one madd.
+// (|x| <= 127: quantize_x rounds x / d, |x| <= 127 d; only a block whose d is subnormal, 1 / d
+// infinite, can give -128, where this and the VNNI product differ.)
+// Int8 codes would saturate maddubs once made unsigned (255 * 127 * 2), so the signed dot is
+// formed as |code| * (x signed by code) (a pair at most 2 * 128 * 127 = 32512) and made the
+// unsigned one exactly in int32: dot(code ^ 0x80, x) = dot(code, x) + 128 * sum(x).
+// Registers (16 ymm): NR * RB int accumulators + NR * RB float ones + codes, x, masks.
+// A register the compiler must materialize here: keeps each column's sums in order, not all
+// of a sub-block's products formed first and summed as a tree (which spilled them to the stack).
+#define WOOLLY_KEEP(v) __asm__("" : "+x"(v))
+template <int KIND, int SUB, bool BIAS, int RB, int NH>
+static inline void group_rows8(const Q8Job& J, int64_t g, int64_t r0, int half0) {
+  constexpr int NR = KIND == 1 ? 2 : 1, JS = SUB / 4;   // NH: halves in this pass (from half0)
+  const int64_t I = J.I, nch = I / 64, nsub = J.nsub;
+  const uint8_t* qg = J.q + g * 16 * I + half0 * 32;
+  const float* sg = J.s + g * NR * nsub * 16 + half0 * 8;
+  const float* bg = BIAS ? J.b + g * NR * nsub * 16 + half0 * 8 : nullptr;
+  const __m256i m4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+  __m256 acc[NH][NR][RB];
+  for (int f = 0; f < NH; ++f)
+    for (int h = 0; h < NR; ++h)
+      for (int r = 0; r < RB; ++r) acc[f][h][r] = _mm256_setzero_ps();
+  for (int64_t sb = 0; sb < nsub; ++sb) {
+    __m256i dot[NH][NR][RB];   // int16 pair sums (nibbles) or int32 lanes (int8 codes)
+    for (int f = 0; f < NH; ++f)
+      for (int h = 0; h < NR; ++h)
+        for (int r = 0; r < RB; ++r) dot[f][h][r] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+    for (int jj = 0; jj < JS; ++jj) {
+      const int64_t col = sb * JS + jj;
+      for (int f = 0; f < NH; ++f) {
+        const __m256i t = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qg + col * 64 + f * 32));
+        if (KIND == 1) {
+          const __m256i c0 = _mm256_and_si256(t, m4), c1 = _mm256_and_si256(_mm256_srli_epi16(t, 4), m4);
+          for (int r = 0; r < RB; ++r) {
+            int32_t x4;
+            std::memcpy(&x4, J.xq + (r0 + r) * I + 4 * col, 4);
+            const __m256i xb = _mm256_set1_epi32(x4);
+            dot[f][0][r] = _mm256_add_epi16(dot[f][0][r], _mm256_maddubs_epi16(c0, xb));
+            dot[f][NR - 1][r] = _mm256_add_epi16(dot[f][NR - 1][r], _mm256_maddubs_epi16(c1, xb));
+            WOOLLY_KEEP(dot[f][0][r]);
+            WOOLLY_KEEP(dot[f][NR - 1][r]);
+          }
+        } else {
+          const __m256i ca = _mm256_abs_epi8(t);   // -128 -> 0x80, read unsigned: 128
+          for (int r = 0; r < RB; ++r) {
+            int32_t x4;
+            std::memcpy(&x4, J.xq + (r0 + r) * I + 4 * col, 4);
+            const __m256i xs = _mm256_sign_epi8(_mm256_set1_epi32(x4), t);
+            dot[f][0][r] = _mm256_add_epi32(dot[f][0][r], _mm256_madd_epi16(_mm256_maddubs_epi16(ca, xs), ones));
+            WOOLLY_KEEP(dot[f][0][r]);
+          }
+        }
+      }
+    }
+    const int64_t blk = sb * SUB / 32;
+    for (int r = 0; r < RB; ++r) {
+      const __m256 d = _mm256_set1_ps(J.dxv[((r0 + r) * nch + blk / 2) * 16 + (blk % 2) * 8]);
+      const __m256i corr = _mm256_set1_epi32(128 * J.xsi[(r0 + r) * J.nsp + sb]);
+      for (int f = 0; f < NH; ++f)
+        for (int h = 0; h < NR; ++h) {
+          const __m256i sum = KIND == 1 ? _mm256_madd_epi16(dot[f][h][r], ones) : _mm256_add_epi32(dot[f][h][r], corr);
+          const __m256 sd = _mm256_mul_ps(_mm256_loadu_ps(sg + (h * nsub + sb) * 16 + f * 8), d);
+          acc[f][h][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), sd, acc[f][h][r]);
+        }
+    }
+  }
+  const __m256 kv = _mm256_set1_ps((float)J.K);
+  for (int64_t sb = 0; sb < nsub; ++sb)
+    for (int f = 0; f < NH; ++f)
+      for (int h = 0; h < NR; ++h) {
+        const __m256 b8 = BIAS ? _mm256_loadu_ps(bg + (h * nsub + sb) * 16 + f * 8) : _mm256_setzero_ps();
+        const __m256 tb = _mm256_fnmadd_ps(kv, _mm256_loadu_ps(sg + (h * nsub + sb) * 16 + f * 8), b8);  // bias - K * scale
+        for (int r = 0; r < RB; ++r)
+          acc[f][h][r] = _mm256_fmadd_ps(tb, _mm256_set1_ps(J.xs[(r0 + r) * J.nsp + sb]), acc[f][h][r]);
+      }
+  for (int f = 0; f < NH; ++f)
+    for (int h = 0; h < NR; ++h) {
+      const int64_t o0 = (h == 0 ? 16 * g : 16 * g + J.O / 2) + 8 * (half0 + f);
+      for (int r = 0; r < RB; ++r) _mm256_storeu_ps(J.y + (r0 + r) * J.O + o0, acc[f][h][r]);
+    }
+}
+#endif
+
 // Groups [a, z): all R activation rows, in passes of up to 4 (the group's codes stay in cache).
 template <int KIND, int SUB, bool BIAS>
 static void group_range(const Q8Job& J, int64_t a, int64_t z) {
@@ -501,6 +674,18 @@ static void group_range(const Q8Job& J, int64_t a, int64_t z) {
       }
     }
 #endif
+#if defined(WOOLLY_AVX2)
+    constexpr int RBM = KIND == 1 ? 2 : 4;   // what fits 16 ymm registers
+    int64_t rows = J.R;   // all but a last single row: passes over one 8-row half (its codes stay in L1)
+    const bool single = J.R % 2 == 1;
+    if (single) --rows;
+    for (int half = 0; half < 2 && rows > 0; ++half) {
+      int64_t r = 0;
+      for (; rows - r >= RBM; r += RBM) group_rows8<KIND, SUB, BIAS, RBM, 1>(J, g, r, half);
+      if (rows - r >= 2) group_rows8<KIND, SUB, BIAS, 2, 1>(J, g, r, half);
+    }
+    if (single) group_rows8<KIND, SUB, BIAS, 1, 2>(J, g, J.R - 1, 0);   // a single row: both halves at once
+#else
     int64_t r = 0;
     for (; J.R - r >= 4; r += 4) group_rows<KIND, SUB, BIAS, 4>(J, g, r);
     if (J.R - r >= 2) {
@@ -508,6 +693,7 @@ static void group_range(const Q8Job& J, int64_t a, int64_t z) {
       r += 2;
     }
     if (J.R - r >= 1) group_rows<KIND, SUB, BIAS, 1>(J, g, r);
+#endif
   }
 }
 
@@ -550,8 +736,9 @@ static ffi::Error matvec_rows(ffi::ThreadPool& pool, const float* x, const void*
     const int64_t nsub = I / sub, nsp = (nsub + 15) / 16 * 16;
     std::vector<int8_t> xq(R * I);
     std::vector<float> dxv(R * (I / 64) * 16), xs(R * nsp);
-    quantize_x(x, R, I, (int)sub, xq.data(), dxv.data(), xs.data(), nsp);
-    const Q8Job job{xq.data(), dxv.data(), xs.data(), q, s, bias ? b : nullptr, y, R, I, O, nsub, nsp,
+    std::vector<int32_t> xsi(R * nsp);
+    quantize_x(x, R, I, (int)sub, xq.data(), dxv.data(), xs.data(), xsi.data(), nsp);
+    const Q8Job job{xq.data(), dxv.data(), xs.data(), xsi.data(), q, s, bias ? b : nullptr, y, R, I, O, nsub, nsp,
                     kind == 0 ? off + 128 : off};
     woolly::run_parallel(pool, grouped ? G : units, par, [&](int64_t a, int64_t z) { fn(job, a, z); }, small);
     return ffi::Error::Success();
@@ -575,10 +762,17 @@ static ffi::Error matvec_rows(ffi::ThreadPool& pool, const float* x, const void*
 }
 
 static bool row_is_zero(const float* xr, int64_t I) {
+#if defined(WOOLLY_AVX2)
+  __m256 any = _mm256_setzero_ps();
+  for (int64_t e = 0; e < I; e += 8)
+    any = _mm256_or_ps(any, _mm256_cmp_ps(_mm256_loadu_ps(xr + e), _mm256_setzero_ps(), _CMP_NEQ_UQ));
+  return _mm256_movemask_ps(any) == 0;
+#else
   __mmask16 any = 0;
   for (int64_t e = 0; e < I; e += 16)
     any |= _mm512_cmpneq_ps_mask(_mm512_loadu_ps(xr + e), _mm512_setzero_ps());
   return any == 0;
+#endif
 }
 
 // Rows of x that are exactly zero (an idle slot, prompt padding: the model keeps their hidden
