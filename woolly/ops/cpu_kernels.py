@@ -12,7 +12,9 @@ the CPU's flags, or `WOOLLY_CPU_ISA` (auto | avx512 | avx2 | neon | portable): "
 compiles them natively (-march=native); every other target defines WOOLLY_PORTABLE and takes
 the same intrinsics from SIMDe (pip simde-py), which maps them onto AVX2 (-march=native
 -mno-avx512f: AVX-512 switched off even where the CPU has it), NEON (-mcpu=native) or
-scalar code, with the same results.
+scalar code, with the same results. The AVX2 build also defines WOOLLY_AVX2: the hot loops
+(qmatvec's int8 product, the decode attention) have native 256-bit versions, bit for bit equal.
+A first run builds every kernel at once (`_build_the_others`).
 """
 from __future__ import annotations
 
@@ -36,7 +38,8 @@ import jax
 KERNEL_DIR = os.path.join(os.path.dirname(__file__), "kernels")
 FLAGS = ["-O3", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC", "-w"]
 ISAS = ("avx512", "avx2", "neon", "portable")
-_ISA_FLAGS = {"avx512": ["-march=native"], "avx2": ["-march=native", "-mno-avx512f", "-mavx2", "-mfma", "-mf16c", "-DWOOLLY_AVX2"],
+_ISA_FLAGS = {"avx512": ["-march=native"],
+              "avx2": ["-march=native", "-mno-avx512f", "-mavx2", "-mfma", "-mf16c", "-DWOOLLY_AVX2"],
               "neon": ["-mcpu=native"], "portable": []}
 
 _xla_only = contextvars.ContextVar("woolly_xla_only", default=False)
