@@ -63,3 +63,18 @@ def test_the_compile_cache_has_a_budget(tmp_path):
     env = dict(os.environ, WOOLLY_COMPILE_CACHE_MAX_BYTES="12345")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.split()[-1] == "12345", out.stderr[-2000:]
+
+
+def test_entries_from_before_the_budget_do_not_break_writes(tmp_path):
+    """A cache written with eviction off has no -atime files, which JAX's eviction reads for every
+    entry on each write: they are added once, and new programs are written as before."""
+    (tmp_path / "jit_old-0123-cache").write_bytes(b"x" * 10)   # an entry from an older Woolly
+    code = ("import warnings, jax, jax.numpy as jnp; warnings.simplefilter('error'); "
+            "from woolly.runtime.compile_cache import enable_compile_cache; "
+            f"enable_compile_cache({str(tmp_path)!r}); jax.jit(lambda x: x * 3 + 1)(jnp.ones(7)).block_until_ready()")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "Error writing" not in out.stderr, out.stderr[-2000:]
+    names = {p.name for p in tmp_path.iterdir()}
+    assert "jit_old-0123-atime" in names
+    entries = {n[:-len("-cache")] for n in names if n.endswith("-cache")}
+    assert len(entries) >= 2 and entries == {n[:-len("-atime")] for n in names if n.endswith("-atime")}
