@@ -1,6 +1,6 @@
 """Seconds to the first token of `woolly run MODEL "Hi" -n 1` in a new process.
 
-    python benchmarks/first_token.py [MODEL] [--runs 3] [--cold] [--kv f16]
+    python benchmarks/first_token.py [MODEL] [--runs 3] [--cold] [--kv f16] [--prompt TEXT]
     python benchmarks/first_token.py [MODEL] --phases      # where one warm process spends it
 
 Warm (default): the caches as they are (kernels in ~/.cache/woolly/kernels, compiled XLA
@@ -114,6 +114,8 @@ def main() -> None:
     ap.add_argument("--residency", default="quantized", choices=("dense", "quantized"))
     ap.add_argument("--kv", default=None, choices=("f32", "f16", "bf16"), help="WOOLLY_KV_CACHE_TYPE for the runs")
     ap.add_argument("--phases", action="store_true", help="split one warm process's time (see the docstring)")
+    ap.add_argument("--prompt", default="Hi", help="the prompt (default Hi: one token, no prefill; a longer one is "
+                                                    "prefilled first, e.g. woolly bench's 14-token prompt)")
     a = ap.parse_args()
     env = dict(os.environ)
     if a.kv:
@@ -122,7 +124,7 @@ def main() -> None:
         os.environ.update(env)
         phases(a.model, a.residency)
         return
-    cmd = [sys.executable, "-m", "woolly.cli", "run", a.model, "Hi", "-n", "1", "--residency", a.residency]
+    cmd = [sys.executable, "-m", "woolly.cli", "run", a.model, a.prompt, "-n", "1", "--residency", a.residency]
     if not a.cold:
         _timed(cmd, env)   # fill the caches
     first, total, cpu = [], [], []
@@ -138,7 +140,7 @@ def main() -> None:
 
     def median(xs):
         return sorted(xs)[len(xs) // 2]
-    print(json.dumps({"model": a.model, "residency": a.residency, "cold": a.cold, "kv": a.kv or "default",
+    print(json.dumps({"model": a.model, "residency": a.residency, "cold": a.cold, "kv": a.kv or "default", "prompt": a.prompt,
                       "first_token_s": first, "exit_s": total, "cpu_s": cpu, "import_woolly_cli_s": imp,
                       "median_first_token_s": median(first), "median_cpu_s": median(cpu),
                       "load_average": os.getloadavg()[0]}))

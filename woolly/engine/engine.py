@@ -86,14 +86,14 @@ class Engine:
         from woolly.model_file import Model
         from woolly.model_store import resolve_model_path
         from woolly.runtime import Runner
-        from woolly.runtime.runner import early_decode_step
+        from woolly.runtime.runner import early_load
 
         t0 = time.perf_counter()
         cfg = self.config
-        early = None   # the decode step, loading from before the file is read (one device only)
+        early = None   # the first request's executables, loading before the file is read (one device only)
         if cfg.mesh is None and cfg.tensor_parallel == 1 and cfg.data_parallel == 1:
             try:
-                early = early_decode_step(resolve_model_path(path_or_name), cfg.max_batch_size,
+                early = early_load(resolve_model_path(path_or_name), cfg.max_batch_size,
                                           cfg.max_sequence_length, cfg.residency, cfg.kv_cache_type)
             except Exception:   # a bad name or path: Model.from_file says what is wrong
                 early = None
@@ -107,9 +107,9 @@ class Engine:
             if mesh is not None:   # whole slots per data-parallel device
                 dp = int(mesh.shape["data"])
                 slots = -(-slots // dp) * dp
-            # the runner first: it starts loading the decode step while the tokenizer is built
+            # the runner first: it starts loading the first steps' executables while the tokenizer is built
             runner = Runner(model, residency=cfg.residency, slots=slots, cache_length=length, mesh=mesh,
-                            kv_cache_type=cfg.kv_cache_type, load_decode_step=early or True)
+                            kv_cache_type=cfg.kv_cache_type, load_first_steps=early or True)
             tokenizer = model.tokenizer
         except WoollyError:
             model.close()

@@ -173,12 +173,12 @@ class Exported:
                                     tuple(sorted(_kernels().items())), source_hash(), jax.__version__,
                                     jax.default_backend(), *extra)).encode()).hexdigest()[:32]
 
-    def executable(self, *args, early: "EarlyLoad | None" = None, **static):
+    def executable(self, *args, early: "_EarlyEntry | None" = None, **static):
         """The compiled executable for exactly this signature, called with the non-static
         arguments (`exe(*args)`), donating as the entry point does: deserialized from disk, or
         compiled through the exported lowering (and the compile cache) and written there. None
         where `__call__` would not take the exported path, or on any failure (the caller then
-        calls the entry point as usual). `early`: an `EarlyLoad` of this entry point, used when
+        calls the entry point as usual). `early`: this entry point's `EarlyLoad.entry`, used when
         it loaded this very signature's file; its hint is pointed at this signature's file."""
         if (not enabled() or not cpu_kernels.in_use() or not static.keys() <= self.static_argnames
                 or not _plain_args(args)):
@@ -296,15 +296,26 @@ def _wait_for_background() -> None:
 
 
 class EarlyLoad:
-    """An entry point's executable loaded before its arguments exist (a new process's decode
-    step, while the model file is still being read): `hint` names what the caller knows early
-    (model file, engine settings); a small file under it records the signature key its
-    executable had last time, and that file is deserialized now, in the background.
-    `Exported.executable(..., early=)` takes it only if the real arguments give the same key,
-    and points the hint at the key they give."""
+    """Entry points' executables loaded before their arguments exist (a new process's decode step
+    and short prefill, while the model file is still being read): `hint` names what the caller
+    knows early (model file, engine settings); per entry point a small file under it records the
+    signature key its executable had last time, and that file is deserialized now, in the
+    background. `Exported.executable(..., early=entry(name))` takes it only if the real arguments
+    give the same key, and points the hint at the key they give."""
+
+    def __init__(self, hint: str, names: tuple[str, ...]):
+        self.hint = hint
+        self._entries = {name: _EarlyEntry(name, hint) for name in names}
+
+    def entry(self, name: str) -> "_EarlyEntry | None":
+        return self._entries.get(name)
+
+
+class _EarlyEntry:
+    """One entry point's early load (see EarlyLoad)."""
 
     def __init__(self, name: str, hint: str):
-        self.name, self.hint = name, hint
+        self.name = name
         self._hint_file = Path(compile_cache_dir()) / "woolly-aot" / f"{name}-hint-{hint}.txt"
         self._future: concurrent.futures.Future | None = None
         if not enabled():

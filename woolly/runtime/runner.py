@@ -47,19 +47,20 @@ class PendingStep(NamedTuple):
     floats: jax.Array      # f32 [B, 6]: this step's sampling floats (the next one's too)
 
 
-def early_decode_step(path: str | os.PathLike, slots: int, cache_length: int, residency: str,
-                      kv_cache_type: str) -> aot.EarlyLoad | None:
-    """Start loading the decode step of a runner about to be made with these settings for the model
-    file at `path`, before the file is read (`aot.EarlyLoad`: what the executable's key needs,
-    the prepared weights' shapes, is only known once it is). The hint is the file's identity,
-    the settings and the code; None for a file that is not there (its error comes from opening it)."""
+def early_load(path: str | os.PathLike, slots: int, cache_length: int, residency: str,
+               kv_cache_type: str) -> aot.EarlyLoad | None:
+    """Start loading what `_load_first_steps` loads for a runner about to be made with these
+    settings for the model file at `path`, before the file is read (`aot.EarlyLoad`: what the
+    executables' keys need, the prepared weights' shapes, is only known once it is). The hint is
+    the file's identity, the settings and the code; None for a file that is not there (its error
+    comes from opening it)."""
     try:
         st = os.stat(path)
     except OSError:
         return None
     hint = hashlib.sha256(repr((os.path.realpath(path), st.st_size, st.st_mtime_ns, slots, cache_length, residency,
                                 kv_cache_type, aot.source_hash())).encode()).hexdigest()[:32]
-    return aot.EarlyLoad("decode_and_sample_packed", hint)
+    return aot.EarlyLoad(hint, ("prefill", "decode_and_sample_packed"))
 
 
 class Runner:
@@ -67,13 +68,13 @@ class Runner:
 
     def __init__(self, model: Model, residency: str = "dense", slots: int = 1, cache_length: int = 512,
                  compile_cache: bool = True, params: dict | None = None, mesh=None, kv_cache_type: str = "f32",
-                 load_decode_step: "bool | aot.EarlyLoad" = False):
+                 load_first_steps: "bool | aot.EarlyLoad" = False):
         """`params`: an already loaded pytree of `model` (shared between runners), else loaded here.
         `mesh`: a ("data", "model") `jax.sharding.Mesh` (`sharding.make_mesh`): params and cache
         are placed on it and every computation is partitioned by XLA; None: one device, as ever.
-        `kv_cache_type`: the cache's element, one of cache.KV_CACHE_TYPES. `load_decode_step`:
-        start loading the decode step's executable now, in the background (`_load_decode_step`);
-        an `aot.EarlyLoad` of it (`early_decode_step`) is used where it loaded the right one."""
+        `kv_cache_type`: the cache's element, one of cache.KV_CACHE_TYPES. `load_first_steps`:
+        start loading the first request's executables now, in the background (`_load_first_steps`);
+        an `aot.EarlyLoad` of them (`early_load`) is used where it loaded the right ones."""
         if compile_cache:
             enable_compile_cache()
         self.model = model
@@ -97,9 +98,9 @@ class Runner:
         self.cache_dtype = KV_CACHE_TYPES[kv_cache_type]
         # (entry name, shapes, static) -> compiled executable, None, or a Future of one (`_call`)
         self._executables: dict = {}
-        self._early = load_decode_step
-        if load_decode_step and mesh is None:
-            self._load_decode_step()
+        self._early = load_first_steps
+        if load_first_steps and mesh is None:
+            self._load_first_steps()
         self.cache = self._new_cache()
 
     def _call(self, name: str, shape_key: tuple, *args, **static):
@@ -120,22 +121,33 @@ class Runner:
             return exe(*args)
         return fn(*args, **static)
 
-    def _load_decode_step(self) -> None:
-        """Load (or compile) the decode step's executable in a background thread from now, while
-        the caller builds the KV cache, the tokenizer and the scheduler: in a new process with warm
-        caches deserializing it is ~0.3 s of CPU that the first step would otherwise wait for. The
-        arguments are described by shape only (the cache does not exist yet)."""
+    def _load_first_steps(self) -> None:
+        """Load (or compile) in background threads from now, while the caller builds the KV cache,
+        the tokenizer and the scheduler, the executables a first request needs: the decode step
+        and the prefill of a short prompt (up to MIN_BUCKET tokens). In a new process with warm
+        caches deserializing each is ~0.3 s of CPU that the first token would otherwise wait for.
+        The arguments are described by shape only (the cache does not exist yet)."""
         cache_spec = jax.ShapeDtypeStruct((self.slots, self.cfg.n_kv_heads, self.cache_length, self.cfg.head_dim),
                                           self.cache_dtype)                                     # [B, K, S, H]
         layers = (cache_spec,) * self.cfg.n_layers
+        cache = KVCache(layers, layers)
         ints = jax.ShapeDtypeStruct((self.slots, entry.STEP_COLUMNS + RECENT_WINDOW), np.int32)   # pack_step
         floats = jax.ShapeDtypeStruct((self.slots, len(FLOAT_SETTINGS)), np.float32)
-        params, step, cfg = self.params, self._entry.decode_and_sample_packed, self.cfg
+        scalar = jax.ShapeDtypeStruct((), np.int32)
+        T = bucket(1)
+        calls = [("decode_and_sample_packed", (ints.shape, floats.shape), (ints, floats), {"cfg": self.cfg})]
+        if T <= self.cache_length:   # what `prefill` calls for a prompt of up to T tokens, as the scheduler does
+            calls.append(("prefill", (T,), (jax.ShapeDtypeStruct((T,), np.int32), scalar, scalar, scalar),
+                          {"cfg": self.cfg, "kv_len": T, "logits": False}))
         early = self._early if isinstance(self._early, aot.EarlyLoad) else None
-        # None (the step is then traced on first use, as without this) if that raises
-        self._executables[("decode_and_sample_packed", (ints.shape, floats.shape), (("cfg", cfg),))] = \
-            aot.in_background(lambda: step.executable(params, KVCache(layers, layers), ints, floats, early=early,
-                                                      cfg=cfg), "woolly-load-decode-step")
+        for name, shape_key, specs, static in calls:
+            fn = getattr(self._entry, name)
+            ahead = early.entry(name) if early is not None else None
+            # None (the entry point is then traced on first use, as without this) if that raises
+            self._executables[(name, shape_key, tuple(sorted(static.items())))] = aot.in_background(
+                lambda fn=fn, specs=specs, static=static, ahead=ahead:
+                    fn.executable(self.params, cache, *specs, early=ahead, **static),
+                f"woolly-load-{name}")
 
     def _new_cache(self):
         if self.mesh is None:
