@@ -14,8 +14,8 @@ One JSON line. Run it from outside the repository (or with the checkout to measu
 PYTHONPATH): `python -m` puts the current directory first on sys.path.
 
 --phases: one warm process, in-process timestamps of each step of the run path (imports,
-GGUF open, tokenizer, weight preparation, KV cache, first token) and JAX's compile events
-(compile-cache hits, lowering and deserialization seconds).
+GGUF open, tokenizer, weight preparation, KV cache, the executables loaded in the background,
+first token) and JAX's compile events (compile-cache hits, lowering and deserialization seconds).
 """
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def phases(model: str, residency: str) -> None:
     load_params, new_cache = runner.load_params, runner.Runner._new_cache
 
     def timed_load_params(*a, **k):
-        mark("load_model up to load_params (open, validate, tokenizer)")
+        mark("load_model up to load_params (open, validate)")
         out = jax.block_until_ready(load_params(*a, **k))
         mark("load_params (weights prepared and on device)")
         return out
@@ -86,9 +86,17 @@ def phases(model: str, residency: str) -> None:
         mark("KV cache")
         return out
     runner.load_params, runner.Runner._new_cache = timed_load_params, timed_new_cache
+    from woolly.runtime import aot
+    load_exe = aot._load_exe
+
+    def timed_load_exe(path):   # in the background threads load_model starts (aot.EarlyLoad)
+        out = load_exe(path)
+        mark(f"  (background) executable loaded: {path.name.rsplit('-', 1)[0]}")
+        return out
+    aot._load_exe = timed_load_exe
     engine = Engine(EngineConfig(max_batch_size=1, max_sequence_length=2048, residency=residency))
     engine.load_model(model)
-    mark("rest of load_model (scheduler)")
+    mark("rest of load_model (tokenizer, scheduler)")
     it = engine.create_session().stream_sync("Hi", max_tokens=1)
     next(it)
     mark("first token (tokenize, trace/lookup, first step)")
