@@ -100,7 +100,6 @@ class Engine:
         model = Model.from_file(path_or_name)
         try:
             model.validate()
-            cfg = self.config
             length = min(cfg.max_sequence_length, model.config.context_length or cfg.max_sequence_length)
             mesh = cfg.make_mesh()
             slots = cfg.max_batch_size
