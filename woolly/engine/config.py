@@ -61,11 +61,16 @@ class EngineConfig:
         if self.mesh is not None and tuple(getattr(self.mesh, "axis_names", ())) != ("data", "model"):
             raise ValueError("mesh must be a jax.sharding.Mesh with axes ('data', 'model') (sharding.make_mesh)")
 
+    @property
+    def single_device(self) -> bool:
+        """No mesh given or asked for: the single-device path (known before any device is asked)."""
+        return self.mesh is None and self.tensor_parallel == 1 and self.data_parallel == 1
+
     def make_mesh(self):
         """The mesh to run on, or None for the single-device path (built when a model loads)."""
         if self.mesh is not None:
             return self.mesh
-        if self.tensor_parallel == 1 and self.data_parallel == 1:
+        if self.single_device:
             return None
         import jax
 

@@ -91,10 +91,10 @@ class Engine:
         t0 = time.perf_counter()
         cfg = self.config
         early = None   # the first request's executables, loading before the file is read (one device only)
-        if cfg.mesh is None and cfg.tensor_parallel == 1 and cfg.data_parallel == 1:
+        if cfg.single_device:
             try:
                 early = early_load(resolve_model_path(path_or_name), cfg.max_batch_size,
-                                          cfg.max_sequence_length, cfg.residency, cfg.kv_cache_type)
+                                   cfg.max_sequence_length, cfg.residency, cfg.kv_cache_type)
             except Exception:   # a bad name or path: Model.from_file says what is wrong
                 early = None
         model = Model.from_file(path_or_name)

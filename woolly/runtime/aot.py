@@ -304,7 +304,6 @@ class EarlyLoad:
     give the same key, and points the hint at the key they give."""
 
     def __init__(self, hint: str, names: tuple[str, ...]):
-        self.hint = hint
         self._entries = {name: _EarlyEntry(name, hint) for name in names}
 
     def entry(self, name: str) -> "_EarlyEntry | None":
@@ -381,10 +380,10 @@ def _used(path: Path) -> None:
 def _trim(folder: Path, budget: int) -> None:
     """Remove the least recently used files of `folder` until the rest fit in `budget` bytes."""
     try:
-        files = [(e.stat().st_mtime, e.stat().st_size, e.path) for e in os.scandir(folder)
-                 if e.is_file() and not e.name.endswith(".tmp")]
+        found = [(e.stat(), e.path) for e in os.scandir(folder) if e.is_file() and not e.name.endswith(".tmp")]
     except OSError:
         return
+    files = [(st.st_mtime, st.st_size, name) for st, name in found]
     total = sum(size for _, size, _ in files)
     for _, size, name in sorted(files):
         if total <= budget:

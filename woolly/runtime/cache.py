@@ -21,8 +21,13 @@ def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
     return b
 
 
+def cache_shape(cfg: ModelConfig, slots: int, length: int) -> tuple[int, int, int, int]:
+    """One layer's K (or V) buffer: [B, K, S, H]."""
+    return (slots, cfg.n_kv_heads, length, cfg.head_dim)
+
+
 def new_cache(cfg: ModelConfig, slots: int, length: int, dtype=jnp.float32) -> KVCache:
     """Zeroed cache for `slots` concurrent sequences of up to `length` positions."""
-    shape = (slots, cfg.n_kv_heads, length, cfg.head_dim)                               # [B, K, S, H]
+    shape = cache_shape(cfg, slots, length)                                              # [B, K, S, H]
     return KVCache(tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)),
                    tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)))

@@ -16,7 +16,7 @@ import numpy as np
 
 from woolly.model_file import Model
 from woolly.runtime import aot, entry
-from woolly.runtime.cache import KV_CACHE_TYPES, KVCache, bucket, new_cache
+from woolly.runtime.cache import KV_CACHE_TYPES, KVCache, bucket, cache_shape, new_cache
 from woolly.runtime.compile_cache import enable_compile_cache
 from woolly.runtime.params import load_params
 from woolly.runtime.device_sampling import FLOAT_SETTINGS, SamplingParams
@@ -127,8 +127,7 @@ class Runner:
         and the prefill of a short prompt (up to MIN_BUCKET tokens). In a new process with warm
         caches deserializing each is ~0.3 s of CPU that the first token would otherwise wait for.
         The arguments are described by shape only (the cache does not exist yet)."""
-        cache_spec = jax.ShapeDtypeStruct((self.slots, self.cfg.n_kv_heads, self.cache_length, self.cfg.head_dim),
-                                          self.cache_dtype)                                     # [B, K, S, H]
+        cache_spec = jax.ShapeDtypeStruct(cache_shape(self.cfg, self.slots, self.cache_length), self.cache_dtype)
         layers = (cache_spec,) * self.cfg.n_layers
         cache = KVCache(layers, layers)
         ints = jax.ShapeDtypeStruct((self.slots, entry.STEP_COLUMNS + RECENT_WINDOW), np.int32)   # pack_step
