@@ -10,11 +10,11 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 
+from support.isa import isa_products
 from woolly.ops import attention
 
 _CHILD = r"""
@@ -70,22 +70,13 @@ np.savez(sys.argv[1], **out)
 """
 
 
-def _products(tmp_path, isa: str) -> dict:
-    env = dict(os.environ, WOOLLY_CPU_ISA=isa)
-    path = tmp_path / f"{isa}.npz"
-    r = subprocess.run([sys.executable, "-c", _CHILD, str(path)], env=env, capture_output=True, text=True,
-                       timeout=900, cwd=os.path.dirname(__file__))
-    assert r.returncode == 0, r.stderr[-3000:]
-    return dict(np.load(path))
-
-
 def test_avx2_build_gives_the_default_s_results_bit_for_bit(tmp_path):
     from woolly.ops import cpu_kernels
     if platform.machine().lower() not in ("x86_64", "amd64") or not {"avx512f", "avx512bw"} <= cpu_kernels.cpu_flags():
         pytest.skip("needs an AVX-512 x86-64 machine (elsewhere auto is not the AVX-512 build)")
     if not attention.kernel_available():
         pytest.skip(f"attention kernel unavailable: {attention.kernel_error()}")
-    base, other = _products(tmp_path, "auto"), _products(tmp_path, "avx2")
+    base, other = (isa_products(_CHILD, tmp_path, isa, timeout=900) for isa in ("auto", "avx2"))
     assert str(other.pop("isa")) == "avx2" and bool(other.pop("ok")), "the kernel did not build for avx2"
     base.pop("isa"), base.pop("ok")
     assert base.keys() == other.keys() and len(base) == 3 * 13 + 6

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from support.isa import isa_products
 from woolly.formats.quants import QuantizationType as Q
 from woolly.formats.quants import dequantize
 from woolly.ops import qmatmul as qm
@@ -355,18 +356,6 @@ np.savez(sys.argv[1], **out)
 """
 
 
-def _isa_products(tmp_path, isa: str) -> dict:
-    import os
-    import subprocess
-    import sys
-    env = dict(os.environ, WOOLLY_CPU_ISA=isa)
-    path = tmp_path / f"{isa}.npz"
-    r = subprocess.run([sys.executable, "-c", _ISA_CHILD, str(path)], env=env, capture_output=True, text=True,
-                       timeout=600, cwd=os.path.dirname(__file__))
-    assert r.returncode == 0, r.stderr[-3000:]
-    return dict(np.load(path))
-
-
 @pytest.mark.parametrize("isa", ["avx2", pytest.param("portable", marks=pytest.mark.slow)])
 def test_kernel_builds_for_other_isas_give_the_default_s_results(tmp_path, isa):
     """AVX-512 switched off (AVX2 through SIMDe) or no vector ISA at all: the kernels still
@@ -379,7 +368,7 @@ def test_kernel_builds_for_other_isas_give_the_default_s_results(tmp_path, isa):
         pytest.skip("the AVX2 build is an x86-64 one")
     if not qm.kernel_available():
         pytest.skip(f"CPU kernel unavailable: {qm.kernel_error()}")
-    base, other = _isa_products(tmp_path, "auto"), _isa_products(tmp_path, isa)
+    base, other = (isa_products(_ISA_CHILD, tmp_path, i, timeout=600) for i in ("auto", isa))
     assert str(other.pop("isa")) == isa and bool(other.pop("ok")), "the kernel did not build for " + isa
     base.pop("isa"), base.pop("ok")
     assert base.keys() == other.keys()
