@@ -17,6 +17,7 @@
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
 #include "simd.h"
 
@@ -71,6 +72,43 @@ struct Job {
   const Unit* units;
   float* parts;  // per unit: m [G], l [G], acc [G, H]
 };
+
+// Unit u's operands, its partial result reset (m = -inf, l = 0, acc = 0): both builds' run_unit.
+struct UnitView {
+  const float* q;         // [G, H]: this kv head's queries
+  const char* kb;         // [S, H] K rows of the query's cache slot and kv head
+  const char* vb;         // [S, H] V rows
+  float *m, *l, *acc;     // in parts: [G], [G], [G, H]
+};
+
+template <int DT>  // 0: f32, 1: f16, 2: bf16 cache
+static inline UnitView open_unit(const Job& J, int64_t u) {
+  const Unit& U = J.units[u];
+  const int64_t H = J.H, G = J.G;
+  constexpr int64_t esz = DT == 0 ? 4 : 2;
+  const int64_t rows = ((U.b / J.qps) * J.K + U.k) * J.S;           // the query's cache slot b / qps
+  UnitView v;
+  v.q = J.q + (U.b * J.K + U.k) * G * H;
+  v.kb = static_cast<const char*>(J.kc) + rows * H * esz;
+  v.vb = static_cast<const char*>(J.vc) + rows * H * esz;
+  v.m = J.parts + u * G * (H + 2);
+  v.l = v.m + G;
+  v.acc = v.l + G;
+  for (int64_t g = 0; g < G; ++g) v.m[g] = -INFINITY, v.l[g] = 0.f;
+  std::memset(v.acc, 0, sizeof(float) * G * H);
+  return v;
+}
+
+// f(std::integral_constant<int, gb>) for a block of gb = 1..4 query heads (the kernels' GB).
+template <class F>
+static inline void with_heads(int64_t gb, F f) {
+  switch (gb) {
+    case 1: f(std::integral_constant<int, 1>()); break;
+    case 2: f(std::integral_constant<int, 2>()); break;
+    case 3: f(std::integral_constant<int, 3>()); break;
+    default: f(std::integral_constant<int, 4>()); break;
+  }
+}
 
 #if !defined(WOOLLY_AVX2)
 // Sums of 16 vectors -> one vector: lane r holds the sum of v[r]'s lanes. A shuffle-add tree
@@ -181,17 +219,11 @@ static inline void accumulate_all(float* acc, const float (*pr)[16], const char*
 template <int DT>
 static void run_unit(const Job& J, int64_t u) {
   const Unit& U = J.units[u];
-  const int64_t H = J.H, G = J.G, S = J.S;
-  const float* q = J.q + (U.b * J.K + U.k) * G * H;                  // [G, H]: this kv head's queries
-  constexpr int64_t esz = DT == 0 ? 4 : 2;
-  const int64_t cb = U.b / J.qps;                                     // the query's cache slot
-  const char* kb = static_cast<const char*>(J.kc) + ((cb * J.K + U.k) * S) * H * esz;
-  const char* vb = static_cast<const char*>(J.vc) + ((cb * J.K + U.k) * S) * H * esz;
-  float* m = J.parts + u * G * (H + 2);
-  float* l = m + G;
-  float* acc = l + G;
-  for (int64_t g = 0; g < G; ++g) m[g] = -INFINITY, l[g] = 0.f;
-  std::memset(acc, 0, sizeof(float) * G * H);
+  const int64_t H = J.H, G = J.G;
+  const UnitView V = open_unit<DT>(J, u);
+  const float* q = V.q;
+  const char *kb = V.kb, *vb = V.vb;
+  float *m = V.m, *l = V.l, *acc = V.acc;
   alignas(64) float pr[64][16];  // G <= 64: each head's probabilities for the block's rows
   __m512 sc[4];
   const __m512 scale = _mm512_set1_ps(J.scale);
@@ -200,12 +232,7 @@ static void run_unit(const Job& J, int64_t u) {
     const __mmask16 live = nb == 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nb) - 1);
     for (int64_t g0 = 0; g0 < G; g0 += 4) {
       const int64_t gb = G - g0 < 4 ? G - g0 : 4;
-      switch (gb) {
-        case 1: scores16_any<DT, 1>(q + g0 * H, kb, H, r0, nb, sc); break;
-        case 2: scores16_any<DT, 2>(q + g0 * H, kb, H, r0, nb, sc); break;
-        case 3: scores16_any<DT, 3>(q + g0 * H, kb, H, r0, nb, sc); break;
-        default: scores16_any<DT, 4>(q + g0 * H, kb, H, r0, nb, sc); break;
-      }
+      with_heads(gb, [&](auto GB) { scores16_any<DT, decltype(GB)::value>(q + g0 * H, kb, H, r0, nb, sc); });
       for (int64_t j = 0; j < gb; ++j) {
         const int64_t g = g0 + j;
         const __m512 s = _mm512_mask_mul_ps(_mm512_set1_ps(-INFINITY), live, sc[j], scale);
@@ -222,12 +249,7 @@ static void run_unit(const Job& J, int64_t u) {
         l[g] += _mm512_reduce_add_ps(p);
         _mm512_store_ps(pr[g], p);
       }
-      switch (gb) {
-        case 1: accumulate_all<DT, 1>(acc + g0 * H, pr + g0, vb, H, r0, nb); break;
-        case 2: accumulate_all<DT, 2>(acc + g0 * H, pr + g0, vb, H, r0, nb); break;
-        case 3: accumulate_all<DT, 3>(acc + g0 * H, pr + g0, vb, H, r0, nb); break;
-        default: accumulate_all<DT, 4>(acc + g0 * H, pr + g0, vb, H, r0, nb); break;
-      }
+      with_heads(gb, [&](auto GB) { accumulate_all<DT, decltype(GB)::value>(acc + g0 * H, pr + g0, vb, H, r0, nb); });
     }
   }
 }
@@ -430,17 +452,11 @@ static inline void accumulate_all(float* acc, const float (*pr)[16], const char*
 template <int DT>
 static void run_unit(const Job& J, int64_t u) {
   const Unit& U = J.units[u];
-  const int64_t H = J.H, G = J.G, S = J.S;
-  const float* q = J.q + (U.b * J.K + U.k) * G * H;                  // [G, H]: this kv head's queries
-  constexpr int64_t esz = DT == 0 ? 4 : 2;
-  const int64_t cb = U.b / J.qps;                                     // the query's cache slot
-  const char* kb = static_cast<const char*>(J.kc) + ((cb * J.K + U.k) * S) * H * esz;
-  const char* vb = static_cast<const char*>(J.vc) + ((cb * J.K + U.k) * S) * H * esz;
-  float* m = J.parts + u * G * (H + 2);
-  float* l = m + G;
-  float* acc = l + G;
-  for (int64_t g = 0; g < G; ++g) m[g] = -INFINITY, l[g] = 0.f;
-  std::memset(acc, 0, sizeof(float) * G * H);
+  const int64_t H = J.H, G = J.G;
+  const UnitView V = open_unit<DT>(J, u);
+  const float* q = V.q;
+  const char *kb = V.kb, *vb = V.vb;
+  float *m = V.m, *l = V.l, *acc = V.acc;
   alignas(64) float pr[64][16];  // G <= 64: each head's probabilities for the block's rows
   __m256 sc[4][2];
   const __m256 scale = _mm256_set1_ps(J.scale), ninf = _mm256_set1_ps(-INFINITY);
@@ -452,12 +468,7 @@ static void run_unit(const Job& J, int64_t u) {
                             _mm256_castsi256_ps(_mm256_cmpgt_epi32(nbv, _mm256_add_epi32(lane, _mm256_set1_epi32(8))))};
     for (int64_t g0 = 0; g0 < G; g0 += 4) {
       const int64_t gb = G - g0 < 4 ? G - g0 : 4;
-      switch (gb) {
-        case 1: scores16_any<DT, 1>(q + g0 * H, kb, H, r0, nb, sc); break;
-        case 2: scores16_any<DT, 2>(q + g0 * H, kb, H, r0, nb, sc); break;
-        case 3: scores16_any<DT, 3>(q + g0 * H, kb, H, r0, nb, sc); break;
-        default: scores16_any<DT, 4>(q + g0 * H, kb, H, r0, nb, sc); break;
-      }
+      with_heads(gb, [&](auto GB) { scores16_any<DT, decltype(GB)::value>(q + g0 * H, kb, H, r0, nb, sc); });
       for (int64_t j = 0; j < gb; ++j) {
         const int64_t g = g0 + j;
         __m256 s[2];
@@ -478,12 +489,7 @@ static void run_unit(const Job& J, int64_t u) {
         _mm256_store_ps(pr[g], p[0]);
         _mm256_store_ps(pr[g] + 8, p[1]);
       }
-      switch (gb) {
-        case 1: accumulate_all<DT, 1>(acc + g0 * H, pr + g0, vb, H, r0, nb); break;
-        case 2: accumulate_all<DT, 2>(acc + g0 * H, pr + g0, vb, H, r0, nb); break;
-        case 3: accumulate_all<DT, 3>(acc + g0 * H, pr + g0, vb, H, r0, nb); break;
-        default: accumulate_all<DT, 4>(acc + g0 * H, pr + g0, vb, H, r0, nb); break;
-      }
+      with_heads(gb, [&](auto GB) { accumulate_all<DT, decltype(GB)::value>(acc + g0 * H, pr + g0, vb, H, r0, nb); });
     }
   }
 }
