@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
-import time
+
+from isa_rounds import rounds
 
 _CHILD = r"""
 import json, sys, time
@@ -68,23 +66,9 @@ def main() -> None:
         variants.insert(0, ("old-avx2", "avx2", a.old))
     ctxs = json.dumps([int(x) for x in a.ctx.split(",")])
     batches = json.dumps([int(x) for x in a.batch.split(",")])
-    env0 = dict(os.environ, XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
-    runs: dict[str, list[dict]] = {v[0]: [] for v in variants}
-    for r in range(a.rounds):
-        for name, isa, kdir in variants:
-            env = dict(env0, WOOLLY_CPU_ISA=isa)
-            if isa == "avx2":
-                env["XLA_FLAGS"] += " --xla_cpu_max_isa=AVX2"
-            t = time.time()
-            out = subprocess.run([sys.executable, "-c", _CHILD, kdir, ctxs, batches, str(a.reps)], env=env,
-                                 capture_output=True, text=True, timeout=1800)
-            if out.returncode != 0:
-                sys.exit(out.stderr[-3000:])
-            runs[name].append(json.loads(out.stdout.strip().splitlines()[-1])["us"])
-            print(f"round {r} {name}: {runs[name][-1]} ({time.time() - t:.0f} s)", file=sys.stderr)
-    keys = list(runs[variants[0][0]][0])
-    import statistics
-    med = {n: {k: statistics.median(x[k] for x in rs) for k in keys} for n, rs in runs.items()}
+    med = rounds(_CHILD, [(name, isa, [kdir, ctxs, batches, str(a.reps)]) for name, isa, kdir in variants], a.rounds,
+                 "us", xla_flags="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+    keys = list(med[variants[0][0]])
     names = [v[0] for v in variants]
     print("shape        " + "".join(f"{n:>12}" for n in names) + "   avx2/avx512" + ("   old/avx2" if a.old else ""))
     for k in keys:

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
-import subprocess
-import sys
+
+from isa_rounds import rounds
 
 _CHILD = r"""
 import json, os, sys, time
@@ -57,20 +55,9 @@ def main() -> None:
     variants = [("avx512", "auto", ""), ("avx2", "avx2", "")]
     if a.old:
         variants.insert(0, ("old-avx2", "avx2", a.old))
-    flags = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-    runs: dict[str, list[dict]] = {v[0]: [] for v in variants}
-    for r in range(a.rounds):
-        for name, isa, kdir in variants:
-            env = dict(os.environ, WOOLLY_CPU_ISA=isa,
-                       XLA_FLAGS=flags + (" --xla_cpu_max_isa=AVX2" if isa == "avx2" else ""))
-            out = subprocess.run([sys.executable, "-c", _CHILD, kdir], env=env, capture_output=True, text=True,
-                                 timeout=1800)
-            if out.returncode != 0:
-                sys.exit(out.stderr[-3000:])
-            runs[name].append(json.loads(out.stdout.strip().splitlines()[-1])["ms"])
-            print(f"round {r} {name}: {runs[name][-1]}", file=sys.stderr)
-    keys = list(runs[variants[0][0]][0])
-    med = {n: {k: statistics.median(x[k] for x in rs) for k in keys} for n, rs in runs.items()}
+    med = rounds(_CHILD, [(name, isa, [kdir]) for name, isa, kdir in variants], a.rounds, "ms",
+                 xla_flags="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+    keys = list(med[variants[0][0]])
     names = [v[0] for v in variants]
     print("ms per step     " + "".join(f"{n:>10}" for n in names))
     for k in keys:

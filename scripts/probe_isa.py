@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
+
+from isa_rounds import rounds
 
 # (label, qtype, [O, I], copies in the chain)
 SHAPES = [("gate 1536x576 Q4_1", "Q4_1", (1536, 576), 8), ("down 576x1536 Q4_1", "Q4_1", (576, 1536), 8),
@@ -27,7 +26,7 @@ from woolly.formats.quants import QuantizationType as Q
 from woolly.ops import cpu_kernels, qmatmul as qm
 shapes, rows_list, reps = json.loads(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3])
 assert qm.kernel_available(), qm.kernel_error()
-out = {"isa": cpu_kernels.isa()}
+out = {}
 for label, qt, (O, I), n in shapes:
     qt = Q[qt]
     ws = [qm.prepare_weight(random_raw(qt, (O, I), seed=i), qt, (O, I), "quantized") for i in range(n)]
@@ -44,7 +43,7 @@ for label, qt, (O, I), n in shapes:
         for _ in range(reps):
             t = time.perf_counter(); chain(x, ws).block_until_ready(); ts.append(time.perf_counter() - t)
         out[f"{label} R={rows}"] = 1e6 * float(np.median(ts)) / n
-print(json.dumps(out))
+print(json.dumps({"isa": cpu_kernels.isa(), "us": out}))
 """
 
 
@@ -57,27 +56,14 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="+", help="labels' first words to keep (gate down q k out)")
     a = ap.parse_args()
     shapes = [s for s in SHAPES if not a.shapes or s[0].split()[0] in a.shapes]
-    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-    res: dict[str, dict[str, list[float]]] = {i: {} for i in a.isas}
-    for _ in range(a.rounds):
-        for isa in a.isas:
-            env = dict(os.environ, WOOLLY_CPU_ISA=isa, PYTHONPATH=root)
-            if isa == "avx2":
-                env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_max_isa=AVX2").strip()
-            r = subprocess.run([sys.executable, "-c", CHILD, json.dumps(shapes), json.dumps(a.rows), str(a.reps)],
-                               env=env, cwd=root, capture_output=True, text=True, timeout=1200)
-            if r.returncode != 0:
-                sys.exit(r.stderr[-3000:])
-            d = json.loads(r.stdout.strip().splitlines()[-1])
-            assert d.pop("isa") == isa
-            for k, v in d.items():
-                res[isa].setdefault(k, []).append(v)
-    keys = list(res[a.isas[0]])
+    med = rounds(CHILD, [(isa, isa, [json.dumps(shapes), json.dumps(a.rows), str(a.reps)]) for isa in a.isas],
+                 a.rounds, "us", timeout=1200)
+    keys = list(med[a.isas[0]])
     print(f"{'us per call (median of rounds)':34}" + "".join(f"{i:>10}" for i in a.isas)
           + (f"{a.isas[1] + '/' + a.isas[0]:>14}" if len(a.isas) == 2 else ""))
     for k in keys:
-        med = [sorted(res[i][k])[len(res[i][k]) // 2] for i in a.isas]
-        print(f"{k:34}" + "".join(f"{m:10.1f}" for m in med) + (f"{med[1] / med[0]:14.2f}" if len(med) == 2 else ""))
+        m = [med[i][k] for i in a.isas]
+        print(f"{k:34}" + "".join(f"{x:10.1f}" for x in m) + (f"{m[1] / m[0]:14.2f}" if len(m) == 2 else ""))
 
 
 if __name__ == "__main__":
